@@ -1,0 +1,48 @@
+"""Alembic environment: the database URL comes from tunequeue's settings (or the caller), the schema from models."""
+
+from __future__ import annotations
+
+import logging
+
+from alembic import context
+
+from models import Base
+from models.base import make_engine
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _database_url() -> str:
+    url = config.attributes.get("database_url")
+    if url:
+        return url
+    from worker.settings import Settings
+
+    return Settings.from_env().database_url
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_database_url(), target_metadata=target_metadata, literal_binds=True,
+                      render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = make_engine(_database_url())
+    try:
+        with engine.connect() as connection:
+            # render_as_batch: SQLite cannot ALTER most things, batch mode rebuilds the table instead.
+            context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
+
+
+logging.getLogger("alembic").setLevel(logging.WARNING)
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

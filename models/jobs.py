@@ -1,0 +1,95 @@
+"""The jobs table: one row per fine-tune, generate or score job, with its validated spec and its lifecycle."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any, Optional
+
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Integer, String, Text, select, update
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from models.base import Base, utcnow
+
+
+class JobKind(str, enum.Enum):
+    finetune = "finetune"
+    generate = "generate"
+    score = "score"
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    skipped = "skipped"  # a parent job failed or was cancelled
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.skipped)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[JobKind] = mapped_column(Enum(JobKind, native_enum=False, length=16))
+    status: Mapped[JobStatus] = mapped_column(Enum(JobStatus, native_enum=False, length=16), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    celery_task_id: Mapped[Optional[str]] = mapped_column(String(64))
+    worker_host: Mapped[Optional[str]] = mapped_column(String(255))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    progress: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
+    result: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+
+    @property
+    def duration_s(self) -> Optional[float]:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+def claim(session: Session, job_id: int, task_id: str | None, host: str) -> bool:
+    """Move a queued job to running; False when another delivery already took it or it was cancelled."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(status=JobStatus.running, started_at=now, heartbeat_at=now, celery_task_id=task_id,
+                worker_host=host, attempts=Job.attempts + 1, error=None)
+    )
+    session.commit()
+    return result.rowcount == 1
+
+
+def finish(session: Session, job_id: int, status: JobStatus, *, error: str | None = None,
+           result: dict | None = None) -> bool:
+    """Record the outcome of a running job (guarded: only a running job can finish)."""
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
+    if result is not None:
+        values["result"] = result
+    updated = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(**values)
+    )
+    session.commit()
+    return updated.rowcount == 1
+
+
+def report_progress(session: Session, job_id: int, progress: dict) -> bool:
+    """Store progress and beat the heartbeat; returns whether a cancel was requested."""
+    session.execute(update(Job).where(Job.id == job_id).values(progress=progress, heartbeat_at=utcnow()))
+    session.commit()
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def children(session: Session, job_id: int) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.parent_id == job_id).order_by(Job.id)))

@@ -1,0 +1,78 @@
+"""Result tables: trained adapters, generated summaries, aggregated metrics and per-example scores.
+
+Every result row has a natural unique key (job, variant, example) or (job, variant, split, metric), where the
+variant is "base" or the adapter's name, so that a job that runs twice replaces its rows instead of duplicating them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Optional
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, utcnow
+
+BASE_VARIANT = "base"
+
+
+class Adapter(Base):
+    __tablename__ = "adapters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    base_model: Mapped[str] = mapped_column(String(512))
+    method: Mapped[str] = mapped_column(String(32))
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    path: Mapped[str] = mapped_column(String(1024))  # relative to TUNEQUEUE_HOME
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    trainable_params: Mapped[int] = mapped_column(BigInteger)
+    total_params: Mapped[int] = mapped_column(BigInteger)
+    train_loss: Mapped[Optional[float]] = mapped_column(Float)
+    duration_s: Mapped[Optional[float]] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+    __table_args__ = (UniqueConstraint("job_id", "variant", "example_id", name="uq_generation_example"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    variant: Mapped[str] = mapped_column(String(64))
+    adapter_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"))
+    split: Mapped[str] = mapped_column(String(64))
+    example_id: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(Text)
+    prediction: Mapped[str] = mapped_column(Text)
+    reference: Mapped[Optional[str]] = mapped_column(Text)
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    __table_args__ = (UniqueConstraint("job_id", "variant", "split", "name", name="uq_metric"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    generate_job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    variant: Mapped[str] = mapped_column(String(64))
+    adapter_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"))
+    base_model: Mapped[str] = mapped_column(String(512))
+    split: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    n_examples: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ExampleScore(Base):
+    __tablename__ = "example_scores"
+    __table_args__ = (UniqueConstraint("job_id", "generation_id", "name", name="uq_example_score"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)

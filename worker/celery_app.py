@@ -1,0 +1,40 @@
+"""The Celery application: Redis broker, JSON messages that carry only a job id, defaults for long GPU jobs.
+
+Pool choice: CUDA is not fork-safe, and the `solo` pool runs the task in the consumer's own thread, so the worker
+stops answering Flower and `celery inspect` while a job runs. The `threads` pool with concurrency 1 keeps the model
+cache in one long-lived process, runs one job at a time, and leaves the main thread free for remote control and
+heartbeats.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from worker.settings import Settings
+
+TWELVE_HOURS = 12 * 3600
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("tunequeue", broker=settings.redis_url, include=["worker.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # outcomes live in the SQL database
+        task_default_queue=settings.queue,
+        task_acks_late=True,  # a job is acknowledged only once it has run
+        task_reject_on_worker_lost=True,  # a killed worker's job goes back to the queue
+        worker_prefetch_multiplier=1,  # never hold a second long job hostage while running one
+        worker_concurrency=1,
+        worker_pool="threads",
+        worker_send_task_events=True,  # so Flower sees jobs start and finish
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": TWELVE_HOURS},  # longer than any job
+        worker_hijack_root_logger=False,
+    )
+    app.tunequeue_settings = settings
+    return app
+
+
+app = make_app(Settings.from_env())

@@ -1,0 +1,65 @@
+"""Starting a worker process, with rq-style `--burst`: exit once the queue is empty and no job is in hand."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+
+log = logging.getLogger("tunequeue.worker")
+
+
+def queue_length(app, queue: str) -> int:
+    from amqp.exceptions import ChannelError
+
+    with app.connection_for_read() as connection:
+        try:
+            return connection.default_channel.queue_declare(queue=queue, passive=True).message_count
+        except ChannelError as exc:
+            if "NOT_FOUND" in str(exc):  # Redis drops an empty list's key: an unknown queue is an empty one
+                return 0
+            raise
+
+
+class BurstWatcher(threading.Thread):
+    """Stops the worker (warm shutdown) after the queue has been seen empty, with nothing reserved or running."""
+
+    def __init__(self, app, queue: str, interval: float = 0.5, quiet_checks: int = 3):
+        super().__init__(daemon=True, name="burst-watcher")
+        self.app, self.queue, self.interval, self.quiet_checks = app, queue, interval, quiet_checks
+
+    def run(self) -> None:
+        from celery.worker import state
+
+        quiet = 0
+        while True:
+            time.sleep(self.interval)
+            try:
+                busy = bool(state.active_requests or state.reserved_requests) or queue_length(self.app, self.queue) > 0
+            except Exception as exc:  # broker hiccup: keep going rather than exit early
+                log.warning("burst watcher could not read the queue: %s", exc)
+                busy = True
+            quiet = 0 if busy else quiet + 1
+            if quiet >= self.quiet_checks:
+                log.info("burst: queue %s is empty, shutting down", self.queue)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
+def run_worker(app, *, burst: bool = False, loglevel: str = "INFO", hostname: str | None = None) -> None:
+    settings = app.tunequeue_settings
+    if burst:
+        BurstWatcher(app, settings.queue).start()
+    app.worker_main([
+        "worker",
+        "--pool=threads",
+        "--concurrency=1",
+        f"--queues={settings.queue}",
+        f"--loglevel={loglevel}",
+        f"--hostname={hostname or f'tunequeue-{uuid.uuid4().hex[:6]}@%h'}",
+        "--without-mingle",
+        "--without-gossip",
+    ])

@@ -1,0 +1,90 @@
+"""Enqueueing: insert the job row (the source of truth), then publish only its id to Redis.
+
+A job with an unfinished parent is stored but not published; the worker publishes it when the parent succeeds and
+marks it skipped when the parent fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from models.base import utcnow
+from models.jobs import Job, JobKind, JobStatus, children
+
+TASK_NAMES = {kind: f"worker.tasks.{kind.value}" for kind in JobKind}
+
+
+class BrokerUnavailable(RuntimeError):
+    pass
+
+
+def check_broker(app) -> None:
+    """Fail fast, before any row is written, when Redis cannot be reached."""
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+    except Exception as exc:
+        raise BrokerUnavailable(f"cannot reach the broker at {mask(app.conf.broker_url)}: {exc}") from None
+
+
+def mask(url: str) -> str:
+    from worker.settings import mask_url
+
+    return mask_url(url or "")
+
+
+def publish(session: Session, app, job: Job) -> None:
+    result = app.send_task(TASK_NAMES[job.kind], args=[job.id], queue=app.conf.task_default_queue)
+    job.celery_task_id = result.id
+    session.commit()
+
+
+def enqueue(session: Session, app, spec, parent: Job | None = None) -> Job:
+    job = Job(kind=JobKind(spec.kind), status=JobStatus.queued, spec=spec.model_dump(mode="json"),
+              parent_id=parent.id if parent else None, attempts=0, cancel_requested=False)
+    session.add(job)
+    session.commit()
+    if parent is None or parent.status == JobStatus.succeeded:
+        publish(session, app, job)
+    return job
+
+
+def release_children(session: Session, app, job_id: int) -> None:
+    for child in children(session, job_id):
+        if child.status == JobStatus.queued:
+            publish(session, app, child)
+
+
+def skip_descendants(session: Session, job_id: int, reason: str) -> None:
+    pending = [job_id]
+    while pending:
+        current = pending.pop()
+        for child in children(session, current):
+            session.execute(update(Job).where(Job.id == child.id, Job.status == JobStatus.queued)
+                            .values(status=JobStatus.skipped, error=reason, finished_at=utcnow()))
+            pending.append(child.id)
+    session.commit()
+
+
+def cancel(session: Session, job: Job) -> str:
+    """Cancel a queued job at once; ask a running one to stop at its next step. Returns what happened."""
+    if job.status == JobStatus.queued:
+        done = session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.queued)
+                               .values(status=JobStatus.cancelled, finished_at=utcnow(), error="cancelled by user"))
+        session.commit()
+        if done.rowcount:
+            skip_descendants(session, job.id, f"parent job {job.id} was cancelled")
+            return "cancelled"
+    if job.status in (JobStatus.queued, JobStatus.running):
+        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+        session.commit()
+        return "cancel requested"
+    return f"already {job.status.value}"
+
+
+def latest_jobs(session: Session, limit: int = 50, status: JobStatus | None = None) -> list[Job]:
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Job.status == status)
+    return list(session.scalars(query))

@@ -1,0 +1,96 @@
+"""Runs one job inside a worker: claim the row, call the plain function, record the outcome, release children.
+
+The worker's long-lived state (settings, session factory, model cache) is one `WorkerRuntime` object hung on the
+Celery app, created on the first job in the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import traceback
+from dataclasses import dataclass
+
+from sqlalchemy.orm import sessionmaker
+
+from models import make_session_factory
+from models.jobs import Job, JobStatus, claim, finish, report_progress
+from worker.model_cache import ModelCache
+from worker.queue import release_children, skip_descendants
+from worker.settings import Settings
+from worker.specs import parse_spec
+from worker.train import JobCancelled
+
+log = logging.getLogger("tunequeue.worker")
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    sessions: sessionmaker
+    cache: ModelCache
+
+
+def runtime_for(app) -> WorkerRuntime:
+    runtime = getattr(app, "tunequeue_runtime", None)
+    if runtime is None:
+        settings = app.tunequeue_settings
+        runtime = WorkerRuntime(settings, make_session_factory(settings.database_url), ModelCache(settings.home))
+        app.tunequeue_runtime = runtime
+    return runtime
+
+
+def _dispatch(kind: str, spec, session, runtime: WorkerRuntime, job_id: int, on_progress) -> dict:
+    if kind == "finetune":
+        from worker.train import train_adapter
+
+        return train_adapter(spec, session, runtime.cache, runtime.settings.home, job_id=job_id,
+                             on_progress=on_progress)
+    if kind == "generate":
+        from worker.generate import generate_summaries
+
+        return generate_summaries(spec, session, runtime.cache, runtime.settings.home, job_id=job_id,
+                                  on_progress=on_progress)
+    from worker.score import score_rows
+
+    return score_rows(spec, session, job_id=job_id, on_progress=on_progress)
+
+
+def run_job(app, job_id: int, kind: str, task_id: str | None) -> str:
+    if not isinstance(job_id, int) or job_id <= 0:
+        raise ValueError(f"job id must be a positive integer, got {job_id!r}")
+    runtime = runtime_for(app)
+    with runtime.sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.kind.value != kind:
+            log.error("job %s is not a %s job in the database; message dropped", job_id, kind)
+            return "missing"
+        if not claim(session, job_id, task_id, socket.gethostname()):
+            log.warning("job %s is %s, not queued; this delivery does nothing", job_id, job.status.value)
+            return "not-queued"
+        log.info("job %s (%s) started", job_id, kind)
+        progress_session = runtime.sessions()
+
+        def on_progress(progress: dict) -> bool:
+            return report_progress(progress_session, job_id, progress)
+
+        try:
+            spec = parse_spec(job.spec)
+            result = _dispatch(kind, spec, session, runtime, job_id, on_progress)
+        except JobCancelled as exc:
+            session.rollback()
+            finish(session, job_id, JobStatus.cancelled, error=str(exc))
+            skip_descendants(session, job_id, f"parent job {job_id} was cancelled")
+            return "cancelled"
+        except Exception as exc:
+            session.rollback()
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            finish(session, job_id, JobStatus.failed, error=f"{exc.__class__.__name__}: {exc}")
+            skip_descendants(session, job_id, f"parent job {job_id} failed")
+            return "failed"
+        finally:
+            progress_session.close()
+        finish(session, job_id, JobStatus.succeeded, result=result)
+        log.info("job %s (%s) succeeded: %s", job_id, kind, result)
+        release_children(session, app, job_id)
+        return "succeeded"

@@ -1,0 +1,21 @@
+"""Thin Celery tasks: each takes a job id and hands it to the runner, which calls one plain function."""
+
+from __future__ import annotations
+
+from worker.celery_app import app
+from worker.runner import run_job
+
+
+@app.task(name="worker.tasks.finetune", bind=True)
+def finetune(self, job_id: int) -> str:
+    return run_job(self.app, job_id, "finetune", self.request.id)
+
+
+@app.task(name="worker.tasks.generate", bind=True)
+def generate(self, job_id: int) -> str:
+    return run_job(self.app, job_id, "generate", self.request.id)
+
+
+@app.task(name="worker.tasks.score", bind=True)
+def score(self, job_id: int) -> str:
+    return run_job(self.app, job_id, "score", self.request.id)

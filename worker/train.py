@@ -1,0 +1,132 @@
+"""Fine-tuning: `train_adapter(spec, session, ...)` trains a LoRA adapter on the resident base and records it.
+
+Batches are built from length-sorted windows with dynamic padding (labels padded with -100), so the loss is the
+summary tokens' only and little compute goes to padding. The adapter is written in PEFT's own format
+(`adapter_config.json` + `adapter_model.safetensors`) under `TUNEQUEUE_HOME/adapters/NAME`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from models.results import Adapter
+from worker.data import load_examples
+from worker.model_cache import ModelCache
+from worker.specs import FinetuneSpec
+
+ProgressFn = Callable[[dict], bool]  # returns True when the job should stop (cancel requested)
+LOG_EVERY = 10
+
+
+class JobCancelled(Exception):
+    pass
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, window: int = 50) -> list[list[int]]:
+    """Indices shuffled, sorted by length inside windows of `window` batches, cut into batches, batches shuffled."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * window
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: lengths[i])
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def pad(sequences: list[list[int]], value: int):
+    import torch
+
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences])
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home: Path, *,
+                  job_id: Optional[int] = None, on_progress: Optional[ProgressFn] = None) -> dict:
+    import torch
+    from peft import LoraConfig, TaskType
+
+    started = time.monotonic()
+    random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    loaded = cache.get(spec.model)
+    tokenizer = loaded.tokenizer
+    examples = load_examples(spec.dataset, spec.train_split, spec.text_column, spec.summary_column,
+                             template=spec.prompt_template, seed=spec.seed, limit=spec.train_limit)
+    sources = tokenizer([e["source"] for e in examples], truncation=True,
+                        max_length=spec.max_source_length)["input_ids"]
+    targets = tokenizer([e["target"] for e in examples], truncation=True,
+                        max_length=spec.max_target_length)["input_ids"]
+    rng = random.Random(spec.seed)
+    steps_per_epoch = math.ceil(len(examples) / spec.per_device_train_batch_size)
+    total_steps = spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.num_train_epochs))
+
+    lora_config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=spec.lora_r, lora_alpha=spec.lora_alpha,
+                             lora_dropout=spec.lora_dropout, target_modules=spec.target_modules)
+    with cache.training_adapter(spec.model, lora_config) as model:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=spec.learning_rate)
+        warmup = min(spec.warmup_steps, total_steps // 10)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) * max(0.0, 1 - s / total_steps))
+        model.train()
+        step, recent = 0, []
+        pad_id = tokenizer.pad_token_id
+        lengths = [len(s) for s in sources]
+        while step < total_steps:
+            for batch in length_bucketed_batches(lengths, spec.per_device_train_batch_size, rng):
+                input_ids = pad([sources[i] for i in batch], pad_id).to(loaded.device)
+                labels = pad([targets[i] for i in batch], -100).to(loaded.device)
+                loss = model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long(), labels=labels).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                recent.append(loss.detach())
+                if step % LOG_EVERY == 0 or step == total_steps:
+                    recent = recent[-LOG_EVERY:]
+                    mean_loss = float(torch.stack(recent).mean())  # one sync per logging interval
+                    if on_progress and on_progress({"step": step, "total_steps": total_steps,
+                                                    "loss": round(mean_loss, 4)}):
+                        raise JobCancelled(f"cancelled at step {step}")
+                if step >= total_steps:
+                    break
+        final_loss = float(torch.stack(recent[-LOG_EVERY:]).mean())
+        model.eval()
+        out_dir = home / "adapters" / spec.name
+        staging = home / "adapters" / f".{spec.name}.staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+
+    duration = time.monotonic() - started
+    session.execute(delete(Adapter).where(Adapter.name == spec.name))  # a re-run of this job replaces its row
+    adapter = Adapter(name=spec.name, job_id=job_id, base_model=spec.model, method=spec.method,
+                      hyperparameters=spec.hyperparameters, path=str(out_dir.relative_to(home)),
+                      size_bytes=dir_size(out_dir), trainable_params=trainable, total_params=total,
+                      train_loss=final_loss, duration_s=duration)
+    session.add(adapter)
+    session.commit()
+    return {"adapter_id": adapter.id, "adapter": spec.name, "steps": total_steps, "train_loss": round(final_loss, 4),
+            "trainable_params": trainable, "total_params": total, "duration_s": round(duration, 2),
+            "base_loads": cache.loads}
