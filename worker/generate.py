@@ -38,7 +38,8 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
     was_loaded = cache.is_loaded(spec.model)
     loaded = cache.get(spec.model)
     tokenizer = loaded.tokenizer
-    encoded = tokenizer([e["source"] for e in todo], truncation=True, max_length=spec.max_source_length)["input_ids"]
+    encoded = tokenizer([e["source"] for e in todo], truncation=True,
+                        max_length=spec.max_source_length)["input_ids"] if todo else []
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
     adapter_path = home / adapter.path if adapter else None
     with cache.with_adapter(spec.model, adapter_path) as model, torch.inference_mode():

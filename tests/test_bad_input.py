@@ -1,0 +1,123 @@
+"""Bad input gets a one-line error and a non-zero exit before anything is enqueued or written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from manage import cli
+from models.jobs import Job, JobKind, JobStatus
+from tests.conftest import queue_length, session_of
+
+
+@pytest.fixture
+def sqlite_env(make_env, monkeypatch):
+    env = make_env("sqlite")
+    for key in ("TUNEQUEUE_HOME", "DATABASE_URL", "REDIS_URL", "TUNEQUEUE_QUEUE"):
+        monkeypatch.setenv(key, env[key])
+    return env
+
+
+def job_count(env) -> int:
+    with session_of(env) as session:
+        return session.scalar(select(func.count(Job.id)))
+
+
+def add_job(env, kind: JobKind, status: JobStatus, spec: dict) -> int:
+    with session_of(env) as session:
+        job = Job(kind=kind, status=status, spec=spec, attempts=0, cancel_requested=False)
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def run_rejected(env, args: list[str], expected: str) -> None:
+    before = job_count(env)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0, result.output
+    assert expected in result.output, result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert job_count(env) == before, "a job row was written"
+    assert queue_length(env) == 0, "a message was published"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["finetune", "--name", "a", "--model", "not-a-model"], "unknown model 'not-a-model'"),
+    (["finetune", "--name", "a", "--model", "./no/such/folder"], "does not exist or is not a folder"),
+    (["finetune", "--name", "a", "--dataset", "./missing.jsonl"], "dataset path './missing.jsonl' does not exist"),
+    (["finetune", "--name", "a", "--dataset", "no such dataset!"], "unknown dataset"),
+    (["finetune", "--name", "a", "--learning-rate", "-0.1"], "learning_rate: Input should be greater than 0"),
+    (["finetune", "--name", "a", "--learning-rate", "0"], "learning_rate: Input should be greater than 0"),
+    (["finetune", "--name", "a", "--epochs", "0"], "num_train_epochs: Input should be greater than 0"),
+    (["finetune", "--name", "a", "--batch-size", "0"], "per_device_train_batch_size: Input should be greater than 0"),
+    (["finetune", "--name", "a", "--text-column", "text"], "has columns dialogue, summary; no column 'text'"),
+    (["finetune", "--name", "../escape"], "name: must be 1-64 letters"),
+    (["finetune", "--name", "base"], "name: must be 1-64 letters"),
+    (["finetune", "--name", "a", "--prompt-template", "no slot"], "prompt_template: must contain {dialogue}"),
+    (["generate", "--batch-size", "-1"], "batch_size: Input should be greater than 0"),
+    (["generate", "--split", "dev"], "has splits train, validation, test, not 'dev'"),
+    (["generate", "--adapter", "nope"], "adapter 'nope' does not exist"),
+    (["score", "999"], "job 999 does not exist"),
+    (["jobs", "show", "999"], "job 999 does not exist"),
+    (["jobs", "cancel", "999"], "job 999 does not exist"),
+])
+def test_rejected_before_enqueue(sqlite_env, args, expected):
+    run_rejected(sqlite_env, args, expected)
+
+
+def test_missing_column_in_local_file(sqlite_env, tmp_path):
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps({"chat": f"A: hi {i}", "summary": "A greets."}) for i in range(20)))
+    run_rejected(sqlite_env, ["finetune", "--name", "a", "--dataset", str(data)],
+                 "has no column 'dialogue' (columns: chat, summary)")
+
+
+def test_model_folder_without_config(sqlite_env, tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    run_rejected(sqlite_env, ["generate", "--model", str(tmp_path / "empty-model")], "has no config.json")
+
+
+def test_scoring_a_finetune_job(sqlite_env):
+    job_id = add_job(sqlite_env, JobKind.finetune, JobStatus.succeeded, {"kind": "finetune", "name": "x"})
+    run_rejected(sqlite_env, ["score", str(job_id)], f"job {job_id} is a finetune job; score takes a generate job")
+
+
+def test_scoring_an_unfinished_generate_job(sqlite_env):
+    job_id = add_job(sqlite_env, JobKind.generate, JobStatus.running, {"kind": "generate"})
+    run_rejected(sqlite_env, ["score", str(job_id)], f"generate job {job_id} is running; only a succeeded")
+
+
+def test_adapter_name_already_queued(sqlite_env):
+    add_job(sqlite_env, JobKind.finetune, JobStatus.queued, {"kind": "finetune", "name": "taken", "model": "tiny-t5"})
+    run_rejected(sqlite_env, ["finetune", "--name", "taken"], "already used by a queued or running fine-tune job")
+
+
+def test_adapter_for_another_base(sqlite_env):
+    add_job(sqlite_env, JobKind.finetune, JobStatus.queued, {"kind": "finetune", "name": "pending", "model": "tiny-t5"})
+    # an adapter still being trained is not one that exists: generate refuses it outright
+    run_rejected(sqlite_env, ["generate", "--adapter", "pending"], "adapter 'pending' does not exist")
+
+
+def test_unknown_report_metric(sqlite_env):
+    result = CliRunner().invoke(cli, ["report", "--metric", "rouge"])
+    assert result.exit_code != 0 and "no scored results" in result.output
+
+
+def test_missing_database_tables(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNEQUEUE_HOME", str(tmp_path))
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
+    result = CliRunner().invoke(cli, ["jobs", "list"])
+    assert result.exit_code != 0 and "run 'python manage.py db upgrade' first" in result.output
+
+
+def test_broker_down_writes_nothing(sqlite_env, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens on port 1
+    before = job_count(sqlite_env)
+    result = CliRunner().invoke(cli, ["generate", "--limit", "2"])
+    assert result.exit_code != 0 and "cannot reach the broker at redis://127.0.0.1:1/0" in result.output
+    assert job_count(sqlite_env) == before
