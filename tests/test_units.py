@@ -1,0 +1,116 @@
+"""Small pieces: settings, the synthetic dataset, specs, data loading, the schema's unique keys, report deltas."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from models.jobs import Job, JobKind, JobStatus
+from models.report import comparison
+from models.results import Generation, Metric
+from tests.conftest import session_of
+from worker import synthetic
+from worker.data import load_examples
+from worker.settings import Settings, mask_url
+from worker.specs import FinetuneSpec, SpecError, parse_spec
+from worker.train import length_bucketed_batches
+
+
+def test_settings_defaults_and_overrides(tmp_path):
+    default = Settings.from_env({"TUNEQUEUE_HOME": str(tmp_path)})
+    assert default.database_url == f"sqlite:///{tmp_path / 'tunequeue.db'}"
+    assert default.redis_url == "redis://127.0.0.1:6379/0"
+    custom = Settings.from_env({"DATABASE_URL": "postgresql://u:secret@db/x", "REDIS_URL": "redis://r:1/2"})
+    assert custom.database_url == "postgresql+psycopg://u:secret@db/x"
+    assert custom.home.name == ".tunequeue"
+    assert mask_url(custom.database_url) == "postgresql+psycopg://u:***@db/x"
+    with pytest.raises(Exception):
+        custom.queue = "other"  # frozen
+
+
+def test_synthetic_dataset_is_deterministic_and_varied():
+    first = list(synthetic.generate_split("test"))
+    assert first == list(synthetic.generate_split("test"))
+    assert first != list(synthetic.generate_split("test", seed=7))
+    assert len(first) == synthetic.SPLIT_SIZES["test"]
+    assert len({e["summary"] for e in first}) == len(first)  # no two summaries alike
+    train_summaries = {e["summary"] for e in synthetic.generate_split("train")}
+    assert not train_summaries & {e["summary"] for e in first}
+    for example in first[:50]:
+        # every name in the summary is one of the two speakers: the summary can only be written by reading
+        speakers = {line.split(":")[0] for line in example["dialogue"].splitlines()}
+        named = {w.strip(".") for w in example["summary"].split() if w.strip(".") in synthetic.NAMES}
+        assert named and named <= speakers
+
+
+def test_spec_round_trip_and_unknown_fields():
+    spec = FinetuneSpec(name="a", learning_rate=1e-3)
+    assert parse_spec(spec.model_dump(mode="json")) == spec
+    with pytest.raises(SpecError, match="lora_rank: unknown field"):
+        parse_spec({"kind": "finetune", "name": "a", "lora_rank": 8})
+    with pytest.raises(SpecError, match="unknown job kind"):
+        parse_spec({"kind": "train"})
+
+
+def test_local_files_split_deterministically(tmp_path):
+    rows = [{"chat": f"A: hello {i}\nB: bye", "gist": f"greeting {i}"} for i in range(50)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text("chat,gist\n" + "\n".join(f'"{r["chat"]}",{r["gist"]}' for r in rows))
+    kwargs = dict(text_column="chat", summary_column="gist", template="S: {dialogue} =", seed=3)
+    splits = {s: load_examples(str(jsonl), s, **kwargs) for s in ("train", "validation", "test")}
+    assert [len(v) for v in splits.values()] == [40, 5, 5]
+    assert sorted(e["id"] for v in splits.values() for e in v) == sorted(str(i) for i in range(50))
+    assert load_examples(str(csv_file), "test", **kwargs) == splits["test"]
+    assert splits["test"][0]["source"].startswith("S: A: hello")
+
+
+def test_length_buckets_cover_every_example_once():
+    import random
+
+    lengths = [random.Random(i).randint(5, 200) for i in range(1000)]
+    batches = length_bucketed_batches(lengths, 16, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert sum(lengths) / padded > 0.9  # little padding inside each batch
+
+
+def test_unique_keys_reject_duplicate_results(make_env, backend):
+    env = make_env(backend)
+    with session_of(env) as session:
+        job = Job(kind=JobKind.generate, status=JobStatus.succeeded, spec={}, attempts=1, cancel_requested=False)
+        session.add(job)
+        session.commit()
+        row = dict(job_id=job.id, variant="base", split="test", example_id="1", source="s", prediction="p")
+        session.add(Generation(**row))
+        session.commit()
+        session.add(Generation(**row))
+        with pytest.raises(IntegrityError):
+            session.commit()
+        session.rollback()
+        metric = dict(job_id=job.id, generate_job_id=job.id, variant="base", base_model="m", split="test",
+                      name="rouge1", value=0.1, n_examples=1)
+        session.add(Metric(**metric))
+        session.commit()
+        session.add(Metric(**metric))
+        with pytest.raises(IntegrityError):
+            session.commit()
+
+
+def test_report_uses_newest_score_and_base_delta(make_env):
+    env = make_env("sqlite")
+    with session_of(env) as session:
+        jobs = [Job(kind=JobKind.score, status=JobStatus.succeeded, spec={}, attempts=1, cancel_requested=False)
+                for _ in range(3)]
+        session.add_all(jobs)
+        session.commit()
+        for job, variant, value in ((jobs[0], "base", 0.1), (jobs[1], "a", 0.5), (jobs[2], "a", 0.7)):
+            session.add(Metric(job_id=job.id, generate_job_id=job.id, variant=variant, base_model="m",
+                               split="test", name="rouge1", value=value, n_examples=10))
+        session.commit()
+        rows = comparison(session, ["rouge1"])
+    assert [(r["variant"], r["rouge1"]) for r in rows] == [("base", 0.1), ("a", 0.7)]
+    assert rows[1]["delta_rouge1"] == pytest.approx(0.6)
