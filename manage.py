@@ -15,13 +15,9 @@ from functools import cached_property
 
 import click
 
-from worker.builtin import BUILTIN_MODELS, DEFAULT_PROMPT_TEMPLATE
+from worker.builtin import DEFAULT_PROMPT_TEMPLATE
 from worker.settings import Settings, mask_url
 from worker.specs import SpecError, parse_spec
-
-BUILTIN_HELP = (f"Built-in offline models: {', '.join(BUILTIN_MODELS)} (built on first use under TUNEQUEUE_HOME, "
-                "no download). Built-in dataset: synthetic-dialogsum.")
-
 
 class Context:
     """Lazily opened settings, database and Celery app shared by the commands of one invocation."""
@@ -177,6 +173,9 @@ def finetune(ctx: Context, wait, as_json, target_modules, **options):
     """Queue a LoRA fine-tune of a base model on a dialogue-summary dataset.
 
     The adapter is saved in PEFT's format under TUNEQUEUE_HOME/adapters/NAME and recorded in the database.
+
+    Built-in offline model: tiny-t5 (built on first use under TUNEQUEUE_HOME, no download). Built-in dataset:
+    synthetic-dialogsum.
     """
     from worker.validate import validate_finetune
 
@@ -188,9 +187,6 @@ def finetune(ctx: Context, wait, as_json, target_modules, **options):
         except SpecError as exc:
             fail(str(exc))
         _submit(ctx, session, spec, wait=wait, as_json=as_json)
-
-
-finetune.help += "\n\n" + BUILTIN_HELP
 
 
 @cli.command()
@@ -205,7 +201,11 @@ finetune.help += "\n\n" + BUILTIN_HELP
 @_data_options
 @pass_ctx
 def generate(ctx: Context, wait, as_json, model, **options):
-    """Queue batched greedy generation for every example of a split (one row per example)."""
+    """Queue batched greedy generation for every example of a split (one row per example).
+
+    Built-in offline model: tiny-t5 (built on first use under TUNEQUEUE_HOME, no download). Built-in dataset:
+    synthetic-dialogsum.
+    """
     from worker.validate import validate_generate
 
     spec = _build({"kind": "generate", "model": model or "tiny-t5", **options})
@@ -215,9 +215,6 @@ def generate(ctx: Context, wait, as_json, model, **options):
         except SpecError as exc:
             fail(str(exc))
         _submit(ctx, session, spec, wait=wait, as_json=as_json)
-
-
-generate.help += "\n\n" + BUILTIN_HELP
 
 
 @cli.command()

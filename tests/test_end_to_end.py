@@ -88,3 +88,34 @@ def test_cancelled_queued_job_never_runs(env, tmp_path):
     with session_of(env) as session:
         assert session.get(Job, job_id).status == JobStatus.cancelled
         assert session.scalar(select(func.count(Generation.id))) == 0
+
+
+def test_cancel_running_training(make_env, tmp_path):
+    import time
+
+    env = make_env("sqlite")
+    worker = start_worker(env, log=tmp_path / "worker.log")
+    try:
+        queued = cli(env, "finetune", "--name", "long", "--epochs", "100")
+        job_id = int(queued.stdout.split()[1])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            job = ok_json(cli(env, "jobs", "show", str(job_id), "--json"))
+            if job["progress"] and job["progress"]["step"] > 0:
+                break
+            time.sleep(0.5)
+        assert job["status"] == "running", job
+        assert "cancel requested" in cli(env, "jobs", "cancel", str(job_id)).stdout
+        while time.monotonic() < deadline:
+            job = ok_json(cli(env, "jobs", "show", str(job_id), "--json"))
+            if job["status"] != "running":
+                break
+            time.sleep(0.5)
+        assert job["status"] == "cancelled" and job["error"].startswith("cancelled at step")
+        assert job["progress"]["step"] < job["progress"]["total_steps"]
+        # the worker is free for the next job
+        after = ok_json(cli(env, "generate", "--limit", "5", "--wait", "--json"))
+        assert after["status"] == "succeeded"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
