@@ -141,11 +141,16 @@ def _submit(ctx: Context, session, spec, parent=None, *, wait: bool, as_json: bo
     return job
 
 
-def _build(data: dict):
+def _check(validate, *args, **kwargs):
+    """Run a validate_* function; its SpecError becomes the one-line CLI error."""
     try:
-        return parse_spec(data)
+        return validate(*args, **kwargs)
     except SpecError as exc:
         fail(str(exc))
+
+
+def _build(data: dict):
+    return _check(parse_spec, data)
 
 
 @cli.command()
@@ -182,10 +187,7 @@ def finetune(ctx: Context, wait, as_json, target_modules, **options):
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
     spec = _build({"kind": "finetune", "target_modules": targets, **options})
     with ctx.session() as session:
-        try:
-            validate_finetune(spec, session)
-        except SpecError as exc:
-            fail(str(exc))
+        _check(validate_finetune, spec, session)
         _submit(ctx, session, spec, wait=wait, as_json=as_json)
 
 
@@ -210,10 +212,7 @@ def generate(ctx: Context, wait, as_json, model, **options):
 
     spec = _build({"kind": "generate", "model": model or "tiny-t5", **options})
     with ctx.session() as session:
-        try:
-            spec, _ = validate_generate(spec, session, ctx.settings.home, model_given=model is not None)
-        except SpecError as exc:
-            fail(str(exc))
+        spec, _ = _check(validate_generate, spec, session, ctx.settings.home, model_given=model is not None)
         _submit(ctx, session, spec, wait=wait, as_json=as_json)
 
 
@@ -230,10 +229,7 @@ def score(ctx: Context, generate_job_id, metrics, wait, as_json):
 
     spec = _build({"kind": "score", "generate_job_id": generate_job_id, "metrics": list(metrics)})
     with ctx.session() as session:
-        try:
-            validate_score(spec, session)
-        except SpecError as exc:
-            fail(str(exc))
+        _check(validate_score, spec, session)
         _submit(ctx, session, spec, wait=wait, as_json=as_json)
 
 

@@ -7,12 +7,14 @@ import csv
 import io
 import json
 import signal
+import subprocess
+import sys
 
 from sqlalchemy import func, select
 
 from models.jobs import Job, JobStatus
 from models.results import Adapter, ExampleScore, Generation, Metric
-from tests.conftest import cli, queue_length, session_of, start_worker
+from tests.conftest import REPO, cli, queue_length, session_of, start_worker
 
 LIMIT = 30
 
@@ -105,6 +107,13 @@ def test_cancel_running_training(make_env, tmp_path):
                 break
             time.sleep(0.5)
         assert job["status"] == "running", job
+        # the threads pool keeps answering remote control while a job runs (Flower, celery inspect)
+        inspect = subprocess.run([sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "inspect", "active",
+                                  "--json", "--timeout", "10"], env=env, cwd=REPO, capture_output=True, text=True,
+                                 timeout=60)
+        assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+        active = [task for tasks in json.loads(inspect.stdout.strip().splitlines()[-1]).values() for task in tasks]
+        assert [task["args"] for task in active] == [[job_id]]
         assert "cancel requested" in cli(env, "jobs", "cancel", str(job_id)).stdout
         while time.monotonic() < deadline:
             job = ok_json(cli(env, "jobs", "show", str(job_id), "--json"))
