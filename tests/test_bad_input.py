@@ -97,13 +97,13 @@ def test_adapter_name_already_queued(sqlite_env):
     run_rejected(sqlite_env, ["finetune", "--name", "taken"], "already used by a queued or running fine-tune job")
 
 
-def test_adapter_for_another_base(sqlite_env):
+def test_adapter_still_training(sqlite_env):
     add_job(sqlite_env, JobKind.finetune, JobStatus.queued, {"kind": "finetune", "name": "pending", "model": "tiny-t5"})
     # an adapter still being trained is not one that exists: generate refuses it outright
     run_rejected(sqlite_env, ["generate", "--adapter", "pending"], "adapter 'pending' does not exist")
 
 
-def test_unknown_report_metric(sqlite_env):
+def test_report_before_any_score(sqlite_env):
     result = CliRunner().invoke(cli, ["report", "--metric", "rouge"])
     assert result.exit_code != 0 and "no scored results" in result.output
 
@@ -121,3 +121,18 @@ def test_broker_down_writes_nothing(sqlite_env, monkeypatch):
     result = CliRunner().invoke(cli, ["generate", "--limit", "2"])
     assert result.exit_code != 0 and "cannot reach the broker at redis://127.0.0.1:1/0" in result.output
     assert job_count(sqlite_env) == before
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["finetune", "--name", "a", "--dataset", "knkarthick/dialogsum"], "hub to check dataset 'knkarthick/dialogsum'"),
+    (["generate", "--model", "google/flan-t5-base"], "hub to check model 'google/flan-t5-base'"),
+])
+def test_hub_unreachable(sqlite_env, args, expected):
+    from tests.conftest import cli
+
+    before = job_count(sqlite_env)
+    result = cli({**sqlite_env, "HF_HUB_OFFLINE": "1"}, *args, timeout=60)
+    assert result.returncode != 0
+    assert expected in result.stderr and "download it first" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert job_count(sqlite_env) == before and queue_length(sqlite_env) == 0
