@@ -6,8 +6,6 @@ only by the worker), so `--help`, `jobs` and `report` start fast.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import sys
 import time
@@ -100,6 +98,10 @@ def db_upgrade(ctx: Context, revision):
 
 
 # ------------------------------------------------------------------------------------------------ enqueueing
+PRIORITY_OPTION = click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True,
+                               help="0..9; a job of higher priority is taken before queued jobs of lower.")
+
+
 def _data_options(func):
     options = [
         click.option("--dataset", default="synthetic-dialogsum", show_default=True,
@@ -113,20 +115,21 @@ def _data_options(func):
         click.option("--seed", default=42, show_default=True, type=int),
         click.option("--wait", is_flag=True, help="Block until the job finishes, showing progress."),
         click.option("--json", "as_json", is_flag=True, help="Print the job as JSON."),
+        PRIORITY_OPTION,
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _submit(ctx: Context, session, spec, parent=None, *, wait: bool, as_json: bool):
+def _submit(ctx: Context, session, spec, *, wait: bool, as_json: bool, priority: int = 0):
     from worker.queue import BrokerUnavailable, check_broker, enqueue
 
     try:
         check_broker(ctx.app)
     except BrokerUnavailable as exc:
         fail(str(exc))
-    job = enqueue(session, ctx.app, spec, parent)
+    job = enqueue(session, ctx.app, spec, priority=priority)
     if as_json and not wait:
         echo_json(_job_dict(job))
     elif not as_json:
@@ -174,7 +177,7 @@ def _build(data: dict):
 @click.option("--train-limit", type=int, default=None, help="Use only the first N training examples.")
 @_data_options
 @pass_ctx
-def finetune(ctx: Context, wait, as_json, target_modules, **options):
+def finetune(ctx: Context, wait, as_json, priority, target_modules, **options):
     """Queue a LoRA fine-tune of a base model on a dialogue-summary dataset.
 
     The adapter is saved in PEFT's format under TUNEQUEUE_HOME/adapters/NAME and recorded in the database.
@@ -188,7 +191,7 @@ def finetune(ctx: Context, wait, as_json, target_modules, **options):
     spec = _build({"kind": "finetune", "target_modules": targets, **options})
     with ctx.session() as session:
         _check(validate_finetune, spec, session)
-        _submit(ctx, session, spec, wait=wait, as_json=as_json)
+        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority)
 
 
 @cli.command()
@@ -202,7 +205,7 @@ def finetune(ctx: Context, wait, as_json, target_modules, **options):
               help="Never repeat an n-gram of this size (0: off).")
 @_data_options
 @pass_ctx
-def generate(ctx: Context, wait, as_json, model, **options):
+def generate(ctx: Context, wait, as_json, priority, model, **options):
     """Queue batched greedy generation for every example of a split (one row per example).
 
     Built-in offline model: tiny-t5 (built on first use under TUNEQUEUE_HOME, no download). Built-in dataset:
@@ -212,8 +215,8 @@ def generate(ctx: Context, wait, as_json, model, **options):
 
     spec = _build({"kind": "generate", "model": model or "tiny-t5", **options})
     with ctx.session() as session:
-        spec, _ = _check(validate_generate, spec, session, ctx.settings.home, model_given=model is not None)
-        _submit(ctx, session, spec, wait=wait, as_json=as_json)
+        spec = _check(validate_generate, spec, session, ctx.settings.home, model_given=model is not None)
+        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority)
 
 
 @cli.command()
@@ -222,15 +225,16 @@ def generate(ctx: Context, wait, as_json, model, **options):
               show_default=True, help="ROUGE-1/2/L/Lsum F-measure with stemming (rouge_score, offline).")
 @click.option("--wait", is_flag=True, help="Block until the job finishes.")
 @click.option("--json", "as_json", is_flag=True)
+@PRIORITY_OPTION
 @pass_ctx
-def score(ctx: Context, generate_job_id, metrics, wait, as_json):
+def score(ctx: Context, generate_job_id, metrics, wait, as_json, priority):
     """Queue scoring of a finished generate job's rows against their references."""
     from worker.validate import validate_score
 
     spec = _build({"kind": "score", "generate_job_id": generate_job_id, "metrics": list(metrics)})
     with ctx.session() as session:
         _check(validate_score, spec, session)
-        _submit(ctx, session, spec, wait=wait, as_json=as_json)
+        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority)
 
 
 # ---------------------------------------------------------------------------------------------------- jobs
@@ -326,14 +330,41 @@ def jobs_cancel(ctx: Context, job_id):
     click.echo(f"job {job_id}: {outcome}")
 
 
-def _wait_for(ctx: Context, job_ids: list[int], quiet: bool = False, poll: float = 0.5, give_up=None) -> None:
+@jobs.command("watch")
+@click.argument("job_id", type=int, required=False)
+@click.option("--sweep", default=None, help="Watch every job of this sweep.")
+@pass_ctx
+def jobs_watch(ctx: Context, job_id, sweep):
+    """Live progress bars until the job (or every job of the sweep) has finished."""
+    if (job_id is None) == (sweep is None):
+        fail("give a JOB_ID or --sweep NAME")
+    with ctx.session() as session:
+        if sweep:
+            from models.report import ReportError, sweep_by_name, sweep_jobs
+
+            try:
+                ids = [job.id for job in sweep_jobs(session, sweep_by_name(session, sweep))]
+            except ReportError as exc:
+                fail(str(exc))
+        else:
+            ids = [_get_job(session, job_id).id]
+    _wait_for(ctx, ids, force_bars=True)
+    with ctx.sessions() as session:
+        from models.jobs import Job
+
+        states = [session.get(Job, i).status.value for i in ids]
+    click.echo(", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))))
+
+
+def _wait_for(ctx: Context, job_ids: list[int], quiet: bool = False, poll: float = 0.5, give_up=None,
+              force_bars: bool = False) -> None:
     """Poll the job rows until all are finished (or `give_up()` says so), with a progress bar per job."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from models.jobs import Job
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), disable=quiet or not sys.stderr.isatty(),
+                  TimeElapsedColumn(), disable=quiet or not (force_bars or sys.stderr.isatty()),
                   console=None) as progress, ctx.sessions() as session:
         bars = {job_id: progress.add_task(f"job {job_id}", total=None, info="") for job_id in job_ids}
         while True:
@@ -348,6 +379,152 @@ def _wait_for(ctx: Context, job_ids: list[int], quiet: bool = False, poll: float
             if all(job.status.finished for job in found.values()) or (give_up and give_up()):
                 return
             time.sleep(poll)
+
+
+# -------------------------------------------------------------------------------------------------- sweeps
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--name", default=None, help="Sweep name [default: 'name:' in the file].")
+@click.option("--dry-run", is_flag=True, help="Print the expanded jobs and enqueue nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@PRIORITY_OPTION
+@pass_ctx
+def sweep(ctx: Context, file, overrides, name, dry_run, as_json, priority):
+    """Queue a sweep from a YAML file: every point becomes fine-tune → generate → score, plus one base row.
+
+    OVERRIDES are key=value (into base, replacing a grid list of that key) or block.key=value, e.g.
+    num_train_epochs=1 grid.learning_rate=[1e-3,3e-3]. The whole file is checked before anything is enqueued.
+    """
+    from worker.sweep import apply_overrides, expand, load_sweep_file
+
+    from worker.pipelines import enqueue_sweep, validate_sweep
+
+    plan = _check(lambda: expand(apply_overrides(load_sweep_file(file), list(overrides)), name))
+    with ctx.session() as session:
+        _check(validate_sweep, session, ctx.settings.home, plan)
+    if dry_run:
+        points = [{"point": p.index, "adapter": p.finetune.name, **p.varied} for p in plan.points]
+        if as_json:
+            echo_json({"sweep": plan.name, "points": points, "jobs": 2 + 3 * len(points)})
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        keys = sorted({k for p in plan.points for k in p.varied})
+        table = Table("point", "adapter", *keys, "jobs", title=f"sweep {plan.name} (dry run: nothing enqueued)")
+        table.add_row("base", "—", *["" for _ in keys], "generate → score")
+        for p in plan.points:
+            table.add_row(str(p.index), p.finetune.name, *[str(p.varied.get(k, "")) for k in keys],
+                          "finetune → generate → score")
+        Console().print(table)
+        click.echo(f"{len(plan.points)} points, {2 + 3 * len(plan.points)} jobs")
+        return
+    from worker.queue import BrokerUnavailable, check_broker
+
+    with ctx.session() as session:
+        try:
+            check_broker(ctx.app)
+        except BrokerUnavailable as exc:
+            fail(str(exc))
+        row, jobs = enqueue_sweep(session, ctx.app, ctx.settings.home, plan, priority)
+    if as_json:
+        echo_json({"sweep": row.name, "id": row.id, "points": row.points, "jobs": [j.id for j in jobs]})
+    else:
+        click.echo(f"sweep {row.name!r} queued: {row.points} points, {len(jobs)} jobs ({jobs[0].id}..{jobs[-1].id}); "
+                   f"watch with 'jobs watch --sweep {row.name}'")
+
+
+@cli.group()
+def sweeps():
+    """List, show and cancel sweeps."""
+
+
+def _sweep_counts(session, sweep_row) -> dict:
+    from models.report import sweep_jobs
+
+    counts: dict[str, int] = {}
+    for job in sweep_jobs(session, sweep_row):
+        counts[job.status.value] = counts.get(job.status.value, 0) + 1
+    return counts
+
+
+@sweeps.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def sweeps_list(ctx: Context, as_json):
+    """Every sweep with its job counts by status."""
+    from sqlalchemy import select
+
+    from models.sweeps import Sweep
+
+    with ctx.session() as session:
+        found = [(s, _sweep_counts(session, s)) for s in session.scalars(select(Sweep).order_by(Sweep.id.desc()))]
+    if as_json:
+        echo_json([{"name": s.name, "points": s.points, "priority": s.priority, "created_at": s.created_at,
+                    "jobs": counts} for s, counts in found])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "points", "priority", "created", "jobs")
+    for s, counts in found:
+        table.add_row(s.name, str(s.points), str(s.priority), f"{s.created_at:%Y-%m-%d %H:%M}",
+                      ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    Console().print(table)
+
+
+def _get_sweep(session, name: str):
+    from models.report import ReportError, sweep_by_name
+
+    try:
+        return sweep_by_name(session, name)
+    except ReportError as exc:
+        fail(str(exc))
+
+
+@sweeps.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def sweeps_show(ctx: Context, name, as_json):
+    """The sweep's file (as parsed) and its jobs."""
+    from models.report import sweep_jobs
+
+    with ctx.session() as session:
+        row = _get_sweep(session, name)
+        found = sweep_jobs(session, row)
+    if as_json:
+        echo_json({"name": row.name, "spec": row.spec, "priority": row.priority,
+                   "jobs": [_job_dict(j) for j in found]})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    click.echo(f"sweep {row.name}: {row.points} points, priority {row.priority}, created {row.created_at:%Y-%m-%d %H:%M}")
+    table = Table("id", "kind", "status", "what", "parent", "duration", "error")
+    for job in found:
+        table.add_row(str(job.id), job.kind.value, job.status.value, _describe(job), str(job.parent_id or ""),
+                      f"{job.duration_s:.1f}s" if job.duration_s else "", (job.error or "")[:60])
+    Console().print(table)
+
+
+@sweeps.command("cancel")
+@click.argument("name")
+@pass_ctx
+def sweeps_cancel(ctx: Context, name):
+    """Cancel every queued job of the sweep and ask its running job to stop."""
+    from models.report import sweep_jobs
+    from worker.queue import cancel
+
+    with ctx.session() as session:
+        outcomes: dict[str, int] = {}
+        for job in sweep_jobs(session, _get_sweep(session, name)):
+            session.refresh(job)  # cancelling a parent may have skipped this job already
+            if not job.status.finished:
+                outcome = cancel(session, job)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    click.echo(f"sweep {name}: " + (", ".join(f"{n} {k}" for k, n in outcomes.items()) or "nothing left to cancel"))
 
 
 # -------------------------------------------------------------------------------------------------- worker
@@ -377,50 +554,74 @@ def flower(ctx: Context, port, address):
 
 
 # -------------------------------------------------------------------------------------------------- report
-def render_report(rows: list[dict], metrics: list[str], fmt: str) -> str:
-    columns = ["model", "variant", *metrics, "examples", *[f"delta_{m}" for m in metrics]]
-    if fmt == "json":
-        return json.dumps([{c: row.get(c) for c in columns} for row in rows], indent=2)
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return out.getvalue()
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(*["model", "variant", *metrics, "examples", *[f"Δ {m}" for m in metrics]],
-                  title="ROUGE F-measure vs base" if metrics and metrics[0].startswith("rouge") else None)
-    for row in rows:
-        values = [f"{row[m]:.4f}" if row.get(m) is not None else "" for m in metrics]
-        deltas = [f"{row[f'delta_{m}']:+.4f}" if row.get(f"delta_{m}") is not None else "" for m in metrics]
-        table.add_row(row["model"], row["variant"], *values, str(row["examples"]), *deltas)
-    console = Console(file=io.StringIO(), width=160, force_terminal=False)
-    console.print(table)
-    return console.file.getvalue()
-
-
 @cli.command()
 @click.option("--metric", "metric_names", multiple=True, default=["rouge"], show_default=True,
               help="'rouge' (rouge1, rouge2, rougeL, rougeLsum) or any stored metric name; repeatable.")
+@click.option("--sweep", default=None, help="Only the base row and adapters of this sweep.")
 @click.option("--split", default="test", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--sort", default=None, help="Sort rows by this metric, best first.")
+@click.option("--top", type=int, default=None, help="Keep the base row and the N best adapters.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write box plots of per-example scores (one box per run) to this PNG.")
+@click.option("--plot-loss", "plot_loss_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the runs' training / eval loss curves to this PNG.")
+@click.option("--compare", nargs=2, default=None, metavar="A B",
+              help="Show the examples where variants A and B differ most (use 'base' for the base model).")
+@click.option("--limit", type=int, default=5, show_default=True, help="Examples shown by --compare.")
 @pass_ctx
-def report(ctx: Context, metric_names, split, fmt):
-    """Compare base and adapters: one row per base/adapter with each metric and its delta vs the base row."""
-    from models.report import comparison, expand_metrics, known_metric_names
+def report(ctx: Context, metric_names, sweep, split, sort, top, fmt, plot_path, plot_loss_path, compare, limit):
+    """Compare base and adapters: one row per run with each metric's mean, 95% bootstrap interval and delta vs the
+    base row, examples scored, training time and the hyperparameters that vary; the best row is marked."""
+    from api.render import box_plot, loss_plot, render_report
+    from models.report import (ReportError, compare_variants, comparison, expand_metrics, known_metric_names,
+                               loss_curves, per_example_scores)
 
     metrics = expand_metrics(list(metric_names))
+    if top is not None and top <= 0:
+        fail("--top must be a positive number")
     with ctx.session() as session:
         known = known_metric_names(session)
         unknown = [m for m in metrics if known and m not in known]
         if unknown:
             fail(f"no metric named {unknown[0]!r} in the database (known: {', '.join(sorted(known))})")
-        rows = comparison(session, metrics, split)
-    if not rows:
-        fail(f"no scored results on split {split!r} yet; run generate and score jobs first")
-    click.echo(render_report(rows, metrics, fmt), nl=False)
+        try:
+            if compare:
+                pairs = compare_variants(session, compare[0], compare[1], metrics[0], split, limit)
+                click.echo(render_comparison(pairs, compare, metrics[0], fmt), nl=False)
+                return
+            rows = comparison(session, metrics, split, sweep=sweep, sort=sort, top=top)
+        except ReportError as exc:
+            fail(str(exc))
+        if not rows:
+            fail(f"no scored results on split {split!r}{f' in sweep {sweep!r}' if sweep else ''} yet; "
+                 "run generate and score jobs first")
+        click.echo(render_report(rows, metrics, fmt), nl=False)
+        if plot_path:
+            box_plot(per_example_scores(session, rows, sort or metrics[0], split, sweep), sort or metrics[0],
+                     plot_path, title=f"{sort or metrics[0]} per example" + (f", sweep {sweep}" if sweep else ""))
+            click.echo(f"box plot written to {plot_path}", err=True)
+        if plot_loss_path:
+            curves = loss_curves(session, [r["variant"] for r in rows if r["variant"] != "base"])
+            if not any(curves.values()):
+                fail("no loss curves recorded for these runs")
+            loss_plot(curves, plot_loss_path, title="loss curves" + (f", sweep {sweep}" if sweep else ""))
+            click.echo(f"loss curves written to {plot_loss_path}", err=True)
+
+
+def render_comparison(pairs: list[dict], variants, metric: str, fmt: str) -> str:
+    if fmt in ("json", "csv"):
+        return json.dumps(pairs, indent=2) + "\n"
+    a, b = variants
+    blocks = []
+    for pair in pairs:
+        blocks.append("\n".join([
+            f"── example {pair['example_id']}: {metric} {a}={pair[f'{metric}_{a}']:.3f} "
+            f"{b}={pair[f'{metric}_{b}']:.3f} (Δ {pair['difference']:+.3f})",
+            pair["source"], f"reference: {pair['reference']}", f"{a}: {pair[f'prediction_{a}']}",
+            f"{b}: {pair[f'prediction_{b}']}"]))
+    return "\n\n".join(blocks) + "\n" if blocks else "the two runs share no scored examples\n"
 
 
 # ---------------------------------------------------------------------------------------------------- demo
@@ -437,6 +638,8 @@ def demo(ctx: Context, epochs, learning_rates):
     from worker.demo import run_demo
 
     rates = [float(x) for x in learning_rates.split(",") if x.strip()]
+    from api.render import render_report
+
     run_demo(ctx, rates, epochs, wait=_wait_for, render=render_report)
 
 

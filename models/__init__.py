@@ -2,9 +2,10 @@
 
 from models.base import Base, make_engine, make_session_factory
 from models.jobs import Job, JobKind, JobStatus
-from models.results import Adapter, ExampleScore, Generation, Metric
+from models.results import Adapter, ExampleScore, Generation, LossPoint, Metric
+from models.sweeps import Sweep
 
 __all__ = [
-    "Adapter", "Base", "ExampleScore", "Generation", "Job", "JobKind", "JobStatus", "Metric", "make_engine",
-    "make_session_factory",
+    "Adapter", "Base", "ExampleScore", "Generation", "Job", "JobKind", "JobStatus", "LossPoint", "Metric", "Sweep",
+    "make_engine", "make_session_factory",
 ]

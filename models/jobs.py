@@ -39,6 +39,8 @@ class Job(Base):
     status: Mapped[JobStatus] = mapped_column(Enum(JobStatus, native_enum=False, length=16), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    sweep_id: Mapped[Optional[int]] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # 0..9, higher runs first
     celery_task_id: Mapped[Optional[str]] = mapped_column(String(64))
     worker_host: Mapped[Optional[str]] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0)

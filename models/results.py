@@ -31,6 +31,8 @@ class Adapter(Base):
     trainable_params: Mapped[int] = mapped_column(BigInteger)
     total_params: Mapped[int] = mapped_column(BigInteger)
     train_loss: Mapped[Optional[float]] = mapped_column(Float)
+    eval_loss: Mapped[Optional[float]] = mapped_column(Float)
+    best_eval_loss: Mapped[Optional[float]] = mapped_column(Float)
     duration_s: Mapped[Optional[float]] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -76,3 +78,16 @@ class ExampleScore(Base):
     generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
+
+
+class LossPoint(Base):
+    """One point of a training run's loss curve (train loss at logging steps, eval loss at evaluation steps)."""
+
+    __tablename__ = "loss_points"
+    __table_args__ = (UniqueConstraint("job_id", "step", name="uq_loss_point"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[Optional[float]] = mapped_column(Float)
+    eval_loss: Mapped[Optional[float]] = mapped_column(Float)

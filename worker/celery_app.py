@@ -16,11 +16,14 @@ TWELVE_HOURS = 12 * 3600
 
 
 def make_app(settings: Settings) -> Celery:
-    app = Celery("tunequeue", broker=settings.redis_url, include=["worker.tasks"])
+    # The result backend only mirrors task state (PROGRESS with step/loss meta, for Flower and AsyncResult);
+    # outcomes and results live in the SQL database.
+    app = Celery("tunequeue", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
-        task_ignore_result=True,  # outcomes live in the SQL database
+        result_serializer="json",
+        result_extended=True,
         task_default_queue=settings.queue,
         task_acks_late=True,  # a job is acknowledged only once it has run
         task_reject_on_worker_lost=True,  # a killed worker's job goes back to the queue
@@ -30,7 +33,13 @@ def make_app(settings: Settings) -> Celery:
         worker_send_task_events=True,  # so Flower sees jobs start and finish
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": TWELVE_HOURS},  # longer than any job
+        broker_transport_options={
+            "visibility_timeout": TWELVE_HOURS,  # longer than any job
+            # --priority 0..9: one Redis list per level, served highest first (Redis counts 0 as the highest)
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
         worker_hijack_root_logger=False,
     )
     app.tunequeue_settings = settings

@@ -16,25 +16,9 @@ from datetime import datetime
 import click
 
 from models.migrate import upgrade
-from worker.queue import BrokerUnavailable, check_broker, enqueue
-from worker.specs import FinetuneSpec, GenerateSpec, ScoreSpec, SpecError
-from worker.validate import validate_finetune, validate_generate, validate_score
-
-
-def enqueue_pipeline(session, app, home, generate_spec: GenerateSpec, finetune_spec: FinetuneSpec | None = None):
-    """Fine-tune (optional) → generate → score, each waiting for its parent. Returns the jobs."""
-    jobs = []
-    parent = None
-    if finetune_spec is not None:
-        validate_finetune(finetune_spec, session)
-        parent = enqueue(session, app, finetune_spec)
-        jobs.append(parent)
-    generate_spec, _ = validate_generate(generate_spec, session, home, model_given=False, allow_pending=True)
-    generate_job = enqueue(session, app, generate_spec, parent)
-    score_spec = ScoreSpec(generate_job_id=generate_job.id)
-    validate_score(score_spec, session, allow_pending=True)
-    jobs += [generate_job, enqueue(session, app, score_spec, generate_job)]
-    return jobs
+from worker.pipelines import enqueue_pipeline, validate_pipeline
+from worker.queue import BrokerUnavailable, check_broker
+from worker.specs import FinetuneSpec, GenerateSpec, SpecError
 
 
 def run_demo(ctx, learning_rates: list[float], epochs: float, *, wait, render) -> None:
@@ -49,13 +33,17 @@ def run_demo(ctx, learning_rates: list[float], epochs: float, *, wait, render) -
     tag = datetime.now().strftime("%m%d-%H%M%S")
     names = [f"demo-{tag}-lr{rate:g}" for rate in learning_rates]
     with ctx.sessions() as session:
+        pipelines = [(GenerateSpec(), None)] + [
+            (GenerateSpec(adapter=name), FinetuneSpec(name=name, learning_rate=rate, num_train_epochs=epochs))
+            for name, rate in zip(names, learning_rates)]
         try:
-            jobs = enqueue_pipeline(session, ctx.app, settings.home, GenerateSpec())
-            for name, rate in zip(names, learning_rates):
-                jobs += enqueue_pipeline(session, ctx.app, settings.home, GenerateSpec(adapter=name),
-                                         FinetuneSpec(name=name, learning_rate=rate, num_train_epochs=epochs))
+            for generate_spec, finetune_spec in pipelines:
+                validate_pipeline(session, settings.home, generate_spec, finetune_spec)
         except SpecError as exc:
             raise click.ClickException(str(exc)) from None
+        jobs = []
+        for generate_spec, finetune_spec in pipelines:
+            jobs += enqueue_pipeline(session, ctx.app, settings.home, generate_spec, finetune_spec)
         job_ids = [job.id for job in jobs]
     click.echo(f"queued {len(job_ids)} jobs ({job_ids[0]}..{job_ids[-1]}) on queue {settings.queue!r}; "
                "starting a burst worker")

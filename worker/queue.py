@@ -34,15 +34,24 @@ def mask(url: str) -> str:
     return mask_url(url or "")
 
 
+MAX_PRIORITY = 9
+
+
 def publish(session: Session, app, job: Job) -> None:
-    result = app.send_task(TASK_NAMES[job.kind], args=[job.id], queue=app.conf.task_default_queue)
+    # tunequeue's priority grows with urgency; the Redis transport serves 0 first, so the scale is turned over
+    result = app.send_task(TASK_NAMES[job.kind], args=[job.id], queue=app.conf.task_default_queue,
+                           priority=MAX_PRIORITY - job.priority)
     job.celery_task_id = result.id
     session.commit()
 
 
-def enqueue(session: Session, app, spec, parent: Job | None = None) -> Job:
+def enqueue(session: Session, app, spec, parent: Job | None = None, *, priority: int = 0,
+            sweep_id: int | None = None) -> Job:
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be between 0 and {MAX_PRIORITY}")
     job = Job(kind=JobKind(spec.kind), status=JobStatus.queued, spec=spec.model_dump(mode="json"),
-              parent_id=parent.id if parent else None, attempts=0, cancel_requested=False)
+              parent_id=parent.id if parent else None, attempts=0, cancel_requested=False, priority=priority,
+              sweep_id=sweep_id)
     session.add(job)
     session.commit()
     if parent is None or parent.status == JobStatus.succeeded:

@@ -56,7 +56,9 @@ def _dispatch(kind: str, spec, session, runtime: WorkerRuntime, job_id: int, on_
     return score_rows(spec, session, job_id=job_id, on_progress=on_progress)
 
 
-def run_job(app, job_id: int, kind: str, task_id: str | None) -> str:
+def run_job(task, job_id: int, kind: str) -> str:
+    """Run job `job_id` for Celery task `task` (bound); returns the outcome as a word."""
+    app, task_id = task.app, task.request.id
     if not isinstance(job_id, int) or job_id <= 0:
         raise ValueError(f"job id must be a positive integer, got {job_id!r}")
     runtime = runtime_for(app)
@@ -72,6 +74,9 @@ def run_job(app, job_id: int, kind: str, task_id: str | None) -> str:
         progress_session = runtime.sessions()
 
         def on_progress(progress: dict) -> bool:
+            if task_id:  # mirrored to Celery so Flower and AsyncResult see PROGRESS with the same meta
+                task.update_state(state="PROGRESS", meta={"job_id": job_id, **progress})
+                task.send_event("task-progress", job_id=job_id, **progress)
             return report_progress(progress_session, job_id, progress)
 
         try:

@@ -59,6 +59,10 @@ class FinetuneSpec(_DataFields):
     warmup_steps: int = Field(30, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     train_limit: Optional[int] = Field(None, gt=0)
+    eval_split: Optional[str] = "validation"  # eval loss for curves and early stopping; None: no evaluation
+    eval_limit: Optional[int] = Field(200, gt=0)
+    eval_steps: Optional[int] = Field(None, gt=0)  # default: once per epoch
+    early_stopping_patience: Optional[int] = Field(None, gt=0)  # evaluations without improvement; None: off
 
     @field_validator("name")
     @classmethod

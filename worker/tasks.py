@@ -8,14 +8,14 @@ from worker.runner import run_job
 
 @app.task(name="worker.tasks.finetune", bind=True)
 def finetune(self, job_id: int) -> str:
-    return run_job(self.app, job_id, "finetune", self.request.id)
+    return run_job(self, job_id, "finetune")
 
 
 @app.task(name="worker.tasks.generate", bind=True)
 def generate(self, job_id: int) -> str:
-    return run_job(self.app, job_id, "generate", self.request.id)
+    return run_job(self, job_id, "generate")
 
 
 @app.task(name="worker.tasks.score", bind=True)
 def score(self, job_id: int) -> str:
-    return run_job(self.app, job_id, "score", self.request.id)
+    return run_job(self, job_id, "score")

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from models.results import Adapter
+from models.results import Adapter, LossPoint
 from worker.data import load_examples
 from worker.model_cache import ModelCache
 from worker.specs import FinetuneSpec
@@ -55,6 +55,28 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def eval_loss(model, sources: list[list[int]], targets: list[list[int]], pad_id: int, device: str,
+              batch_size: int) -> float:
+    """Mean per-token loss on held-out examples (length-sorted batches, no gradients)."""
+    import torch
+
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    total, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            input_ids = pad([sources[i] for i in batch], pad_id).to(device)
+            labels = pad([targets[i] for i in batch], -100).to(device)
+            n = int((labels != -100).sum())
+            loss = model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long(), labels=labels).loss
+            total += float(loss) * n
+            tokens += n
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
 def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home: Path, *,
                   job_id: Optional[int] = None, on_progress: Optional[ProgressFn] = None) -> dict:
     import torch
@@ -71,6 +93,18 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
                         max_length=spec.max_source_length)["input_ids"]
     targets = tokenizer([e["target"] for e in examples], truncation=True,
                         max_length=spec.max_target_length)["input_ids"]
+    evaluation = None
+    if spec.eval_split:
+        held_out = load_examples(spec.dataset, spec.eval_split, spec.text_column, spec.summary_column,
+                                 template=spec.prompt_template, seed=spec.seed, limit=spec.eval_limit)
+        evaluation = (tokenizer([e["source"] for e in held_out], truncation=True,
+                                max_length=spec.max_source_length)["input_ids"],
+                      tokenizer([e["target"] for e in held_out], truncation=True,
+                                max_length=spec.max_target_length)["input_ids"])
+    if job_id is not None:
+        session.execute(delete(LossPoint).where(LossPoint.job_id == job_id))  # a re-run draws its curve anew
+        session.commit()
+    curve: dict[int, dict] = {}
     rng = random.Random(spec.seed)
     steps_per_epoch = math.ceil(len(examples) / spec.per_device_train_batch_size)
     total_steps = spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.num_train_epochs))
@@ -89,7 +123,10 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
         step, recent = 0, []
         pad_id = tokenizer.pad_token_id
         lengths = [len(s) for s in sources]
-        while step < total_steps:
+        eval_every = spec.eval_steps or steps_per_epoch
+        best_eval, best_state, last_eval, evals_without_gain = None, None, None, 0
+        stopped_early = False
+        while step < total_steps and not stopped_early:
             for batch in length_bucketed_batches(lengths, spec.per_device_train_batch_size, rng):
                 input_ids = pad([sources[i] for i in batch], pad_id).to(loaded.device)
                 labels = pad([targets[i] for i in batch], -100).to(loaded.device)
@@ -101,15 +138,32 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 recent.append(loss.detach())
-                if step % LOG_EVERY == 0 or step == total_steps:
+                if evaluation and (step % eval_every == 0 or step == total_steps):
+                    last_eval = eval_loss(model, *evaluation, pad_id, loaded.device, spec.per_device_train_batch_size)
+                    curve.setdefault(step, {})["eval_loss"] = last_eval
+                    if best_eval is None or last_eval < best_eval:
+                        best_eval, evals_without_gain = last_eval, 0
+                        if spec.early_stopping_patience:
+                            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                                          if "lora_" in k}
+                    else:
+                        evals_without_gain += 1
+                        if spec.early_stopping_patience and evals_without_gain >= spec.early_stopping_patience:
+                            stopped_early = True
+                if step % LOG_EVERY == 0 or step == total_steps or stopped_early:
                     recent = recent[-LOG_EVERY:]
                     mean_loss = float(torch.stack(recent).mean())  # one sync per logging interval
-                    if on_progress and on_progress({"step": step, "total_steps": total_steps,
-                                                    "loss": round(mean_loss, 4)}):
+                    curve.setdefault(step, {})["train_loss"] = mean_loss
+                    progress = {"step": step, "total_steps": total_steps, "loss": round(mean_loss, 4)}
+                    if last_eval is not None:
+                        progress["eval_loss"] = round(last_eval, 4)
+                    if on_progress and on_progress(progress):
                         raise JobCancelled(f"cancelled at step {step}")
-                if step >= total_steps:
+                if step >= total_steps or stopped_early:
                     break
         final_loss = float(torch.stack(recent[-LOG_EVERY:]).mean())
+        if best_state is not None:  # early stopping keeps the best evaluated weights
+            model.load_state_dict(best_state, strict=False)
         model.eval()
         out_dir = home / "adapters" / spec.name
         staging = home / "adapters" / f".{spec.name}.staging-{os.getpid()}"
@@ -124,9 +178,15 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
     adapter = Adapter(name=spec.name, job_id=job_id, base_model=spec.model, method=spec.method,
                       hyperparameters=spec.hyperparameters, path=str(out_dir.relative_to(home)),
                       size_bytes=dir_size(out_dir), trainable_params=trainable, total_params=total,
-                      train_loss=final_loss, duration_s=duration)
+                      train_loss=final_loss, eval_loss=last_eval, best_eval_loss=best_eval, duration_s=duration)
     session.add(adapter)
+    if job_id is not None:
+        session.add_all([LossPoint(job_id=job_id, step=s, train_loss=point.get("train_loss"),
+                                   eval_loss=point.get("eval_loss")) for s, point in sorted(curve.items())])
     session.commit()
-    return {"adapter_id": adapter.id, "adapter": spec.name, "steps": total_steps, "train_loss": round(final_loss, 4),
+    return {"adapter_id": adapter.id, "adapter": spec.name, "steps": step, "total_steps": total_steps,
+            "stopped_early": stopped_early, "train_loss": round(final_loss, 4),
+            "eval_loss": None if last_eval is None else round(last_eval, 4),
+            "best_eval_loss": None if best_eval is None else round(best_eval, 4),
             "trainable_params": trainable, "total_params": total, "duration_s": round(duration, 2),
             "base_loads": cache.loads}

@@ -42,37 +42,31 @@ def validate_finetune(spec: FinetuneSpec, session: Session) -> None:
         raise SpecError(f"adapter name {spec.name!r} is already used by a queued or running fine-tune job")
 
 
-def validate_generate(spec: GenerateSpec, session: Session, home: Path, *, model_given: bool = True,
-                      allow_pending: bool = False) -> tuple[GenerateSpec, Job | None]:
-    """Returns the spec (with the adapter's base model filled in) and the fine-tune job it must wait for, if any."""
-    parent = None
+def validate_generate(spec: GenerateSpec, session: Session, home: Path, *, model_given: bool = True) -> GenerateSpec:
+    """Returns the spec with the adapter's base model filled in."""
     if spec.adapter:
         adapter = session.scalar(select(Adapter).where(Adapter.name == spec.adapter))
-        if adapter is not None:
-            if not (home / adapter.path / "adapter_config.json").exists():
-                raise SpecError(f"adapter {spec.adapter!r} is recorded but its folder {home / adapter.path} is missing")
-            base_model = adapter.base_model
-        else:
-            parent = pending_finetune(session, spec.adapter) if allow_pending else None
-            if parent is None:
-                raise SpecError(f"adapter {spec.adapter!r} does not exist (see the adapters of finished fine-tune "
-                                "jobs with 'jobs list')")
-            base_model = parent.spec["model"]
+        if adapter is None:
+            raise SpecError(f"adapter {spec.adapter!r} does not exist (see the adapters of finished fine-tune "
+                            "jobs with 'jobs list')")
+        if not (home / adapter.path / "adapter_config.json").exists():
+            raise SpecError(f"adapter {spec.adapter!r} is recorded but its folder {home / adapter.path} is missing")
+        base_model = adapter.base_model
         if model_given and spec.model != base_model:
             raise SpecError(f"adapter {spec.adapter!r} was trained on {base_model!r}, not {spec.model!r}")
         spec = spec.model_copy(update={"model": base_model})
     _refs(check_model, spec.model)
     _refs(check_dataset, spec.dataset, [spec.text_column], [spec.split])
-    return spec, parent
+    return spec
 
 
-def validate_score(spec: ScoreSpec, session: Session, *, allow_pending: bool = False) -> Job:
-    """Returns the generate job to score; it must be a finished (or, inside a pipeline, pending) generate job."""
+def validate_score(spec: ScoreSpec, session: Session) -> Job:
+    """Returns the generate job to score; it must be a succeeded generate job."""
     job = session.get(Job, spec.generate_job_id)
     if job is None:
         raise SpecError(f"job {spec.generate_job_id} does not exist")
     if job.kind != JobKind.generate:
         raise SpecError(f"job {job.id} is a {job.kind.value} job; score takes a generate job")
-    if job.status != JobStatus.succeeded and not (allow_pending and job.status in ACTIVE):
+    if job.status != JobStatus.succeeded:
         raise SpecError(f"generate job {job.id} is {job.status.value}; only a succeeded generate job can be scored")
     return job
