@@ -599,9 +599,9 @@ def report(ctx: Context, metric_names, sweep, split, sort, top, fmt, plot_path, 
                  "run generate and score jobs first")
         click.echo(render_report(rows, metrics, fmt), nl=False)
         if plot_path:
-            box_plot(per_example_scores(session, rows, sort or metrics[0], split, sweep), sort or metrics[0],
-                     plot_path, title=f"{sort or metrics[0]} per example" + (f", sweep {sweep}" if sweep else ""))
-            click.echo(f"box plot written to {plot_path}", err=True)
+            boxes = box_plot(per_example_scores(session, rows, sort or metrics[0], split, sweep), sort or metrics[0],
+                             plot_path, title=f"{sort or metrics[0]} per example" + (f", sweep {sweep}" if sweep else ""))
+            click.echo(f"box plot written to {plot_path} ({boxes} boxes)", err=True)
         if plot_loss_path:
             curves = loss_curves(session, [r["variant"] for r in rows if r["variant"] != "base"])
             if not any(curves.values()):

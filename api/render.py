@@ -79,8 +79,8 @@ def render_report(rows: list[dict], metrics: list[str], fmt: str) -> str:
     return console.file.getvalue()
 
 
-def box_plot(scores: dict[str, list[float]], metric: str, path: str, title: str = "") -> None:
-    """One box of per-example scores per run (base and adapters)."""
+def box_plot(scores: dict[str, list[float]], metric: str, path: str, title: str = "") -> int:
+    """One box of per-example scores per run (base and adapters); returns the number of boxes drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +88,7 @@ def box_plot(scores: dict[str, list[float]], metric: str, path: str, title: str 
 
     labels = list(scores)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) + 2), 4.5))
-    ax.boxplot([scores[label] for label in labels], tick_labels=labels, showmeans=True)
+    drawn = ax.boxplot([scores[label] for label in labels], tick_labels=labels, showmeans=True)
     ax.set_ylabel(f"{metric} per example")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or f"{metric} per example, {len(labels)} runs")
@@ -96,6 +96,7 @@ def box_plot(scores: dict[str, list[float]], metric: str, path: str, title: str 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return len(drawn["boxes"])
 
 
 def loss_plot(curves: dict[str, list[tuple]], path: str, title: str = "") -> None:
