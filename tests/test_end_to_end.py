@@ -114,6 +114,13 @@ def test_cancel_running_training(make_env, tmp_path):
         assert inspect.returncode == 0, inspect.stdout + inspect.stderr
         active = [task for tasks in json.loads(inspect.stdout.strip().splitlines()[-1]).values() for task in tasks]
         assert [task["args"] for task in active] == [[job_id]]
+        # progress is mirrored to Celery's task state for Flower / AsyncResult
+        from worker.celery_app import make_app
+        from worker.settings import Settings
+
+        shown = ok_json(cli(env, "jobs", "show", str(job_id), "--json"))
+        state = make_app(Settings.from_env(env)).AsyncResult(shown["celery_task_id"])
+        assert state.state == "PROGRESS" and state.info["job_id"] == job_id and state.info["step"] > 0
         assert "cancel requested" in cli(env, "jobs", "cancel", str(job_id)).stdout
         while time.monotonic() < deadline:
             job = ok_json(cli(env, "jobs", "show", str(job_id), "--json"))
