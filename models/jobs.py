@@ -44,6 +44,8 @@ class Job(Base):
     celery_task_id: Mapped[Optional[str]] = mapped_column(String(64))
     worker_host: Mapped[Optional[str]] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    attempt_errors: Mapped[Optional[list]] = mapped_column(JSON)  # one entry per failed or lost attempt
     error: Mapped[Optional[str]] = mapped_column(Text)
     progress: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     result: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
@@ -84,6 +86,46 @@ def finish(session: Session, job_id: int, status: JobStatus, *, error: str | Non
     )
     session.commit()
     return updated.rowcount == 1
+
+
+def fail_attempt(session: Session, job_id: int, error: str, *, only_if_stale_before: datetime | None = None
+                 ) -> JobStatus | None:
+    """Record a failed (or lost) attempt of a running job: back to queued while attempts remain, else failed.
+
+    Guarded: returns None when the job is no longer running (or, for the reaper, when its heartbeat is fresh).
+    """
+    query = (select(Job).where(Job.id == job_id, Job.status == JobStatus.running).with_for_update()
+             .execution_options(populate_existing=True))  # the session may hold this row from before the claim
+    job = session.scalar(query)
+    if job is None or (only_if_stale_before is not None and job.heartbeat_at and
+                       _aware(job.heartbeat_at) >= only_if_stale_before):
+        session.rollback()
+        return None
+    history = list(job.attempt_errors or []) + [{"attempt": job.attempts, "error": error, "at": utcnow().isoformat(),
+                                                  "worker_host": job.worker_host}]
+    retry = job.attempts < job.max_attempts
+    job.attempt_errors = history
+    job.status = JobStatus.queued if retry else JobStatus.failed
+    job.error = error if not retry else None
+    job.finished_at = None if retry else utcnow()
+    session.commit()
+    return job.status
+
+
+def _aware(moment: datetime) -> datetime:
+    from datetime import timezone
+
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)  # SQLite drops the zone
+
+
+def stale_running(session: Session, stale_before: datetime) -> list[Job]:
+    jobs = session.scalars(select(Job).where(Job.status == JobStatus.running)).all()
+    return [j for j in jobs if j.heartbeat_at is None or _aware(j.heartbeat_at) < stale_before]
+
+
+def heartbeat(session: Session, job_id: int) -> None:
+    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(heartbeat_at=utcnow()))
+    session.commit()
 
 
 def report_progress(session: Session, job_id: int, progress: dict) -> bool:

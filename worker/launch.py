@@ -50,9 +50,14 @@ class BurstWatcher(threading.Thread):
 
 
 def run_worker(app, *, burst: bool = False, loglevel: str = "INFO", hostname: str | None = None) -> None:
+    from models import make_session_factory
+    from worker.reaper import ReaperThread
+
     settings = app.tunequeue_settings
     if burst:
         BurstWatcher(app, settings.queue).start()
+    ReaperThread(app, make_session_factory(settings.database_url), settings.reap_seconds,
+                 settings.stale_seconds).start()
     app.worker_main([
         "worker",
         "--pool=threads",

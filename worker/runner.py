@@ -14,14 +14,34 @@ from dataclasses import dataclass
 from sqlalchemy.orm import sessionmaker
 
 from models import make_session_factory
-from models.jobs import Job, JobStatus, claim, finish, report_progress
+import threading
+
+from models.jobs import Job, JobStatus, claim, fail_attempt, finish, heartbeat, report_progress
 from worker.model_cache import ModelCache
-from worker.queue import release_children, skip_descendants
+from worker.queue import publish, release_children, skip_descendants
 from worker.settings import Settings
 from worker.specs import parse_spec
 from worker.train import JobCancelled
 
 log = logging.getLogger("tunequeue.worker")
+
+
+class Heartbeat(threading.Thread):
+    """Touches the running job's row every few seconds, even while one long step runs, so the reaper can tell a
+    slow job from a dead worker."""
+
+    def __init__(self, sessions: sessionmaker, job_id: int, interval: float):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.sessions, self.job_id, self.interval = sessions, job_id, interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                with self.sessions() as session:
+                    heartbeat(session, self.job_id)
+            except Exception as exc:
+                log.warning("heartbeat of job %s failed: %s", self.job_id, exc)
 
 
 @dataclass
@@ -72,6 +92,8 @@ def run_job(task, job_id: int, kind: str) -> str:
             return "not-queued"
         log.info("job %s (%s) started", job_id, kind)
         progress_session = runtime.sessions()
+        beat = Heartbeat(runtime.sessions, job_id, runtime.settings.heartbeat_seconds)
+        beat.start()
 
         def on_progress(progress: dict) -> bool:
             if task_id:  # mirrored to Celery so Flower and AsyncResult see PROGRESS with the same meta
@@ -90,10 +112,14 @@ def run_job(task, job_id: int, kind: str) -> str:
         except Exception as exc:
             session.rollback()
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            finish(session, job_id, JobStatus.failed, error=f"{exc.__class__.__name__}: {exc}")
+            status = fail_attempt(session, job_id, f"{exc.__class__.__name__}: {exc}")
+            if status == JobStatus.queued:  # attempts remain: run it again
+                publish(session, app, session.get(Job, job_id))
+                return "retrying"
             skip_descendants(session, job_id, f"parent job {job_id} failed")
             return "failed"
         finally:
+            beat.stopped.set()
             progress_session.close()
         finish(session, job_id, JobStatus.succeeded, result=result)
         log.info("job %s (%s) succeeded: %s", job_id, kind, result)

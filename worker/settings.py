@@ -30,6 +30,9 @@ class Settings:
     database_url: str
     redis_url: str
     queue: str = "tunequeue"
+    heartbeat_seconds: float = 10.0  # a running job's row is touched this often
+    stale_seconds: float = 60.0  # a running job whose heartbeat is older is taken as lost
+    reap_seconds: float = 30.0  # how often each worker runs the reaper
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -41,6 +44,9 @@ class Settings:
             database_url=_normalise_database_url(database_url),
             redis_url=env.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
             queue=env.get("TUNEQUEUE_QUEUE", "tunequeue"),
+            heartbeat_seconds=float(env.get("TUNEQUEUE_HEARTBEAT_SECONDS", 10)),
+            stale_seconds=float(env.get("TUNEQUEUE_STALE_SECONDS", 60)),
+            reap_seconds=float(env.get("TUNEQUEUE_REAP_SECONDS", 30)),
         )
 
     @property

@@ -7,11 +7,13 @@ summary tokens' only and little compute goes to padding. The adapter is written 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,12 +25,111 @@ from worker.data import load_examples
 from worker.model_cache import ModelCache
 from worker.specs import FinetuneSpec
 
+log = logging.getLogger("tunequeue.train")
 ProgressFn = Callable[[dict], bool]  # returns True when the job should stop (cancel requested)
 LOG_EVERY = 10
 
 
 class JobCancelled(Exception):
     pass
+
+
+class JobTimeLimit(Exception):
+    pass
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides model, optimizer and scheduler: where it is in the data."""
+
+    batches: list
+    position: int = 0
+    step: int = 0
+    best_eval: Optional[float] = None
+    last_eval: Optional[float] = None
+    evals_without_gain: int = 0
+    stopped_early: bool = False
+    micro_batches: int = 1
+    curve: dict = field(default_factory=dict)
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, rng: random.Random, state: TrainState) -> None:
+    """Adapter weights, optimizer, scheduler, RNG states and data position, written atomically."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "adapter": {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": asdict(state),
+    }
+    staging = directory / "checkpoint.pt.tmp"
+    torch.save(payload, staging)
+    os.replace(staging, directory / "checkpoint.pt")
+
+
+def load_checkpoint(directory: Optional[Path], model, optimizer, scheduler, rng: random.Random,
+                    state: TrainState) -> int:
+    """Restore a checkpoint into the objects given; returns the step it resumes from (0: none)."""
+    import torch
+
+    if directory is None or not (directory / "checkpoint.pt").exists():
+        return 0
+    payload = torch.load(directory / "checkpoint.pt", weights_only=False)
+    model.load_state_dict(payload["adapter"], strict=False)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    rng.setstate(payload["python_rng"])
+    torch.set_rng_state(payload["torch_rng"])
+    for key, value in payload["state"].items():
+        setattr(state, key, value)
+    state.curve = {int(k): v for k, v in state.curve.items()}
+    return state.step
+
+
+def _train_batch(model, batch, sources, targets, pad_id, device, micro_batches: int):
+    """Forward and backward over `batch` in `micro_batches` slices, gradients accumulated; returns the loss."""
+    size = math.ceil(len(batch) / micro_batches)
+    total = None
+    for start in range(0, len(batch), size):
+        part = batch[start:start + size]
+        input_ids = pad([sources[i] for i in part], pad_id).to(device)
+        labels = pad([targets[i] for i in part], -100).to(device)
+        loss = model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long(), labels=labels).loss
+        (loss * len(part) / len(batch)).backward()
+        weighted = loss.detach() * len(part) / len(batch)
+        total = weighted if total is None else total + weighted
+    return total
+
+
+class Faults:
+    """Fault injection for tests, from TUNEQUEUE_FAULTS (comma-separated):
+    `oom_at_step:N` raises torch.cuda.OutOfMemoryError once at training step N (CPUs never raise it);
+    `crash_at_step:N` raises RuntimeError after step N, on every attempt."""
+
+    def __init__(self, oom_at_step: int | None = None, crash_at_step: int | None = None):
+        self.oom_at_step, self.crash_at_step, self.oom_fired = oom_at_step, crash_at_step, False
+
+    def maybe_oom(self, step: int, micro_batches: int) -> None:
+        if self.oom_at_step == step and not self.oom_fired:
+            import torch
+
+            self.oom_fired = True
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by TUNEQUEUE_FAULTS at step {step})")
+
+    def maybe_crash(self, step: int) -> None:
+        if self.crash_at_step == step:
+            raise RuntimeError(f"crash injected by TUNEQUEUE_FAULTS at step {step}")
+
+
+def parse_faults(text: str) -> Faults:
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, number = item.partition(":")
+        if name not in ("oom_at_step", "crash_at_step") or not number.isdigit():
+            raise ValueError(f"unknown fault {item!r} in TUNEQUEUE_FAULTS")
+        values[name] = int(number)
+    return Faults(**values)
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, window: int = 50) -> list[list[int]]:
@@ -105,12 +206,16 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
         session.execute(delete(LossPoint).where(LossPoint.job_id == job_id))  # a re-run draws its curve anew
         session.commit()
     curve: dict[int, dict] = {}
+    recent: list = []
+    last_eval = None
     rng = random.Random(spec.seed)
     steps_per_epoch = math.ceil(len(examples) / spec.per_device_train_batch_size)
     total_steps = spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.num_train_epochs))
 
     lora_config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=spec.lora_r, lora_alpha=spec.lora_alpha,
                              lora_dropout=spec.lora_dropout, target_modules=spec.target_modules)
+    checkpoint_dir = home / "checkpoints" / f"job-{job_id}" if job_id is not None else None
+    faults = parse_faults(os.environ.get("TUNEQUEUE_FAULTS", ""))
     with cache.training_adapter(spec.model, lora_config) as model:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -120,47 +225,84 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) * max(0.0, 1 - s / total_steps))
         model.train()
-        step, recent = 0, []
         pad_id = tokenizer.pad_token_id
         lengths = [len(s) for s in sources]
         eval_every = spec.eval_steps or steps_per_epoch
-        best_eval, best_state, last_eval, evals_without_gain = None, None, None, 0
-        stopped_early = False
-        while step < total_steps and not stopped_early:
-            for batch in length_bucketed_batches(lengths, spec.per_device_train_batch_size, rng):
-                input_ids = pad([sources[i] for i in batch], pad_id).to(loaded.device)
-                labels = pad([targets[i] for i in batch], -100).to(loaded.device)
-                loss = model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long(), labels=labels).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                recent.append(loss.detach())
-                if evaluation and (step % eval_every == 0 or step == total_steps):
-                    last_eval = eval_loss(model, *evaluation, pad_id, loaded.device, spec.per_device_train_batch_size)
-                    curve.setdefault(step, {})["eval_loss"] = last_eval
-                    if best_eval is None or last_eval < best_eval:
-                        best_eval, evals_without_gain = last_eval, 0
-                        if spec.early_stopping_patience:
-                            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()
-                                          if "lora_" in k}
-                    else:
-                        evals_without_gain += 1
-                        if spec.early_stopping_patience and evals_without_gain >= spec.early_stopping_patience:
-                            stopped_early = True
-                if step % LOG_EVERY == 0 or step == total_steps or stopped_early:
-                    recent = recent[-LOG_EVERY:]
-                    mean_loss = float(torch.stack(recent).mean())  # one sync per logging interval
-                    curve.setdefault(step, {})["train_loss"] = mean_loss
-                    progress = {"step": step, "total_steps": total_steps, "loss": round(mean_loss, 4)}
-                    if last_eval is not None:
-                        progress["eval_loss"] = round(last_eval, 4)
-                    if on_progress and on_progress(progress):
-                        raise JobCancelled(f"cancelled at step {step}")
-                if step >= total_steps or stopped_early:
+        state = TrainState(batches=length_bucketed_batches(lengths, spec.per_device_train_batch_size, rng))
+        resumed_from = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, rng, state)
+        if resumed_from:
+            curve.update(state.curve)
+        best_state = None
+        micro_batches = state.micro_batches
+
+        def save(reason: str) -> None:
+            state.curve, state.micro_batches = curve, micro_batches
+            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, rng, state)
+            log.info("checkpoint at step %s (%s)", state.step, reason)
+
+        while state.step < total_steps and not state.stopped_early:
+            if state.position >= len(state.batches):  # next epoch
+                state.batches, state.position = length_bucketed_batches(lengths, spec.per_device_train_batch_size,
+                                                                        rng), 0
+            batch = state.batches[state.position]
+            while True:
+                try:
+                    faults.maybe_oom(state.step + 1, micro_batches)
+                    loss = _train_batch(model, batch, sources, targets, pad_id, loaded.device, micro_batches)
                     break
+                except torch.cuda.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    if math.ceil(len(batch) / micro_batches) <= 1:
+                        raise
+                    micro_batches *= 2  # same effective batch through gradient accumulation
+                    log.warning("out of memory at step %s: micro-batch now %s", state.step + 1,
+                                math.ceil(len(batch) / micro_batches))
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.position += 1
+            state.step += 1
+            step = state.step
+            recent.append(loss.detach())
+            faults.maybe_crash(step)
+            if evaluation and (step % eval_every == 0 or step == total_steps):
+                last_eval = eval_loss(model, *evaluation, pad_id, loaded.device, spec.per_device_train_batch_size)
+                curve.setdefault(step, {})["eval_loss"] = last_eval
+                if state.best_eval is None or last_eval < state.best_eval:
+                    state.best_eval, state.evals_without_gain = last_eval, 0
+                    if spec.early_stopping_patience:
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+                else:
+                    state.evals_without_gain += 1
+                    if spec.early_stopping_patience and state.evals_without_gain >= spec.early_stopping_patience:
+                        state.stopped_early = True
+                state.last_eval = last_eval
+            if step % LOG_EVERY == 0 or step == total_steps or state.stopped_early:
+                recent = recent[-LOG_EVERY:]
+                mean_loss = float(torch.stack(recent).mean())  # one sync per logging interval
+                curve.setdefault(step, {})["train_loss"] = mean_loss
+                progress = {"step": step, "total_steps": total_steps, "loss": round(mean_loss, 4)}
+                if state.last_eval is not None:
+                    progress["eval_loss"] = round(state.last_eval, 4)
+                if resumed_from:
+                    progress["resumed_from_step"] = resumed_from
+                if on_progress and on_progress(progress):
+                    if checkpoint_dir:
+                        save("cancelled")
+                    raise JobCancelled(f"cancelled at step {step}" + (" (checkpoint kept)" if checkpoint_dir else ""))
+            if checkpoint_dir and spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0:
+                save("periodic")
+            if spec.time_limit_s and time.monotonic() - started > spec.time_limit_s and step < total_steps:
+                if checkpoint_dir:
+                    save("time limit")
+                raise JobTimeLimit(f"time limit of {spec.time_limit_s:g}s reached at step {step}"
+                                   + (" (checkpoint kept; a re-run resumes there)" if checkpoint_dir else ""))
+        step, last_eval, best_eval, stopped_early = state.step, state.last_eval, state.best_eval, state.stopped_early
+        if not recent:  # resumed at the very end
+            recent = [torch.tensor(curve[max(curve)].get("train_loss", float("nan")))] if curve else [torch.tensor(0.0)]
         final_loss = float(torch.stack(recent[-LOG_EVERY:]).mean())
         if best_state is not None:  # early stopping keeps the best evaluated weights
             model.load_state_dict(best_state, strict=False)
@@ -172,6 +314,8 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is saved; the checkpoint has served
 
     duration = time.monotonic() - started
     session.execute(delete(Adapter).where(Adapter.name == spec.name))  # a re-run of this job replaces its row
@@ -189,4 +333,5 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
             "eval_loss": None if last_eval is None else round(last_eval, 4),
             "best_eval_loss": None if best_eval is None else round(best_eval, 4),
             "trainable_params": trainable, "total_params": total, "duration_s": round(duration, 2),
-            "base_loads": cache.loads}
+            "base_loads": cache.loads, "resumed_from_step": resumed_from,
+            "micro_batch_size": math.ceil(spec.per_device_train_batch_size / micro_batches)}

@@ -1,0 +1,101 @@
+"""Putting lost work back: jobs whose worker died (heartbeat stopped) and queued jobs whose message vanished.
+
+`reconcile()` is run by every worker periodically and by `manage.py jobs reconcile`. Both repairs are safe to repeat
+and to race: a job is claimed with a guarded update, so an extra message for it does nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models.base import utcnow
+from models.jobs import Job, JobStatus, fail_attempt, stale_running
+from worker.queue import MAX_PRIORITY, publish, skip_descendants
+
+log = logging.getLogger("tunequeue.reaper")
+
+
+def broker_job_ids(app, queue: str) -> set[int]:
+    """Job ids of the messages waiting in the queue's priority lists or delivered but not yet acknowledged."""
+    import redis
+
+    client = redis.Redis.from_url(app.conf.broker_url)
+    keys = [queue] + [f"{queue}:{level}" for level in range(1, MAX_PRIORITY + 1)]
+    raw = [m for key in keys for m in client.lrange(key, 0, -1)]
+    raw += [json.loads(v)[0] for v in client.hvals("unacked")]  # [message, exchange, routing key]
+    ids = set()
+    for item in raw:
+        message = json.loads(item) if isinstance(item, (bytes, str)) else item
+        body = message.get("body", "")
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        if args and isinstance(args[0], int):
+            ids.add(args[0])
+    return ids
+
+
+def reap_lost_workers(session: Session, app, stale_seconds: float) -> list[tuple[int, str]]:
+    cutoff = utcnow() - timedelta(seconds=stale_seconds)
+    outcomes = []
+    for job in stale_running(session, cutoff):
+        error = (f"worker lost: no heartbeat for over {stale_seconds:g}s "
+                 f"(host {job.worker_host}, attempt {job.attempts})")
+        status = fail_attempt(session, job.id, error, only_if_stale_before=cutoff)
+        if status == JobStatus.queued:
+            publish(session, app, session.get(Job, job.id))
+        elif status == JobStatus.failed:
+            skip_descendants(session, job.id, f"parent job {job.id} failed")
+        if status is not None:
+            log.warning("job %s: %s -> %s", job.id, error, status.value)
+            outcomes.append((job.id, status.value))
+    return outcomes
+
+
+def republish_lost_messages(session: Session, app, queue: str) -> list[int]:
+    """Queued jobs that should be in the broker (no parent, or a succeeded one) but are not: publish them again."""
+    waiting = broker_job_ids(app, queue)
+    parent = Job.__table__.alias("parent")
+    lost = []
+    for job in session.scalars(select(Job).where(Job.status == JobStatus.queued)):
+        if job.id in waiting:
+            continue
+        if job.parent_id is not None:
+            parent_status = session.scalar(select(parent.c.status).where(parent.c.id == job.parent_id))
+            if parent_status != JobStatus.succeeded.value and parent_status != JobStatus.succeeded:
+                continue
+        publish(session, app, job)
+        lost.append(job.id)
+    if lost:
+        log.warning("re-published %d queued jobs whose messages were missing: %s", len(lost), lost)
+    return lost
+
+
+def reconcile(session: Session, app, stale_seconds: float) -> dict:
+    settings = app.tunequeue_settings
+    return {"requeued_or_failed": reap_lost_workers(session, app, stale_seconds),
+            "republished": republish_lost_messages(session, app, settings.queue)}
+
+
+class ReaperThread(threading.Thread):
+    """Runs `reconcile()` every `interval` seconds inside a worker process."""
+
+    def __init__(self, app, sessions, interval: float, stale_seconds: float):
+        super().__init__(daemon=True, name="tunequeue-reaper")
+        self.app, self.sessions, self.interval, self.stale_seconds = app, sessions, interval, stale_seconds
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                with self.sessions() as session:
+                    reconcile(session, self.app, self.stale_seconds)
+            except Exception as exc:  # the broker or database may be briefly away; try again next round
+                log.warning("reaper round failed: %s", exc)
