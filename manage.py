@@ -100,6 +100,8 @@ def db_upgrade(ctx: Context, revision):
 # ------------------------------------------------------------------------------------------------ enqueueing
 PRIORITY_OPTION = click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True,
                                help="0..9; a job of higher priority is taken before queued jobs of lower.")
+ATTEMPTS_OPTION = click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
+                               help="Runs allowed (crashes and lost workers count) before the job fails.")
 
 
 def _data_options(func):
@@ -116,20 +118,21 @@ def _data_options(func):
         click.option("--wait", is_flag=True, help="Block until the job finishes, showing progress."),
         click.option("--json", "as_json", is_flag=True, help="Print the job as JSON."),
         PRIORITY_OPTION,
+        ATTEMPTS_OPTION,
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _submit(ctx: Context, session, spec, *, wait: bool, as_json: bool, priority: int = 0):
+def _submit(ctx: Context, session, spec, *, wait: bool, as_json: bool, priority: int = 0, max_attempts: int = 3):
     from worker.queue import BrokerUnavailable, check_broker, enqueue
 
     try:
         check_broker(ctx.app)
     except BrokerUnavailable as exc:
         fail(str(exc))
-    job = enqueue(session, ctx.app, spec, priority=priority)
+    job = enqueue(session, ctx.app, spec, priority=priority, max_attempts=max_attempts)
     if as_json and not wait:
         echo_json(_job_dict(job))
     elif not as_json:
@@ -175,9 +178,13 @@ def _build(data: dict):
 @click.option("--max-source-length", type=int, default=256, show_default=True)
 @click.option("--max-target-length", type=int, default=64, show_default=True)
 @click.option("--train-limit", type=int, default=None, help="Use only the first N training examples.")
+@click.option("--checkpoint-every", "checkpoint_every_steps", type=int, default=100, show_default=True,
+              help="Save a resumable checkpoint every N steps; a re-run after a crash resumes from it.")
+@click.option("--time-limit", "time_limit_s", type=float, default=None,
+              help="Soft limit in seconds: checkpoint, then fail with the reason.")
 @_data_options
 @pass_ctx
-def finetune(ctx: Context, wait, as_json, priority, target_modules, **options):
+def finetune(ctx: Context, wait, as_json, priority, max_attempts, target_modules, **options):
     """Queue a LoRA fine-tune of a base model on a dialogue-summary dataset.
 
     The adapter is saved in PEFT's format under TUNEQUEUE_HOME/adapters/NAME and recorded in the database.
@@ -191,7 +198,7 @@ def finetune(ctx: Context, wait, as_json, priority, target_modules, **options):
     spec = _build({"kind": "finetune", "target_modules": targets, **options})
     with ctx.session() as session:
         _check(validate_finetune, spec, session)
-        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority)
+        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
 
 
 @cli.command()
@@ -205,7 +212,7 @@ def finetune(ctx: Context, wait, as_json, priority, target_modules, **options):
               help="Never repeat an n-gram of this size (0: off).")
 @_data_options
 @pass_ctx
-def generate(ctx: Context, wait, as_json, priority, model, **options):
+def generate(ctx: Context, wait, as_json, priority, max_attempts, model, **options):
     """Queue batched greedy generation for every example of a split (one row per example).
 
     Built-in offline model: tiny-t5 (built on first use under TUNEQUEUE_HOME, no download). Built-in dataset:
@@ -216,7 +223,7 @@ def generate(ctx: Context, wait, as_json, priority, model, **options):
     spec = _build({"kind": "generate", "model": model or "tiny-t5", **options})
     with ctx.session() as session:
         spec = _check(validate_generate, spec, session, ctx.settings.home, model_given=model is not None)
-        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority)
+        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
 
 
 @cli.command()
@@ -226,15 +233,16 @@ def generate(ctx: Context, wait, as_json, priority, model, **options):
 @click.option("--wait", is_flag=True, help="Block until the job finishes.")
 @click.option("--json", "as_json", is_flag=True)
 @PRIORITY_OPTION
+@ATTEMPTS_OPTION
 @pass_ctx
-def score(ctx: Context, generate_job_id, metrics, wait, as_json, priority):
+def score(ctx: Context, generate_job_id, metrics, wait, as_json, priority, max_attempts):
     """Queue scoring of a finished generate job's rows against their references."""
     from worker.validate import validate_score
 
     spec = _build({"kind": "score", "generate_job_id": generate_job_id, "metrics": list(metrics)})
     with ctx.session() as session:
         _check(validate_score, spec, session)
-        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority)
+        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
 
 
 # ---------------------------------------------------------------------------------------------------- jobs
@@ -246,7 +254,8 @@ def _job_dict(job, full: bool = False) -> dict:
         "error": job.error, "progress": job.progress, "result": job.result,
     }
     if full:
-        data.update(spec=job.spec, celery_task_id=job.celery_task_id, cancel_requested=job.cancel_requested)
+        data.update(spec=job.spec, celery_task_id=job.celery_task_id, cancel_requested=job.cancel_requested,
+                    max_attempts=job.max_attempts, attempt_errors=job.attempt_errors)
     return data
 
 
@@ -328,6 +337,28 @@ def jobs_cancel(ctx: Context, job_id):
     with ctx.session() as session:
         outcome = cancel(session, _get_job(session, job_id))
     click.echo(f"job {job_id}: {outcome}")
+
+
+@jobs.command("reconcile")
+@click.option("--stale-after", type=float, default=None, help="Seconds without heartbeat before a running job "
+              "counts as lost [default: TUNEQUEUE_STALE_SECONDS or 60].")
+@pass_ctx
+def jobs_reconcile(ctx: Context, stale_after):
+    """Put back lost work: running jobs whose worker died, queued jobs whose message the broker lost."""
+    from worker.queue import BrokerUnavailable, check_broker
+    from worker.reaper import reconcile
+
+    try:
+        check_broker(ctx.app)
+    except BrokerUnavailable as exc:
+        fail(str(exc))
+    with ctx.session() as session:
+        outcome = reconcile(session, ctx.app, stale_after if stale_after is not None else ctx.settings.stale_seconds)
+    lost = outcome["requeued_or_failed"]
+    click.echo(f"{len(lost)} running jobs had lost their worker"
+               + (f" ({', '.join(f'{i} → {s}' for i, s in lost)})" if lost else "")
+               + f"; {len(outcome['republished'])} queued jobs re-published"
+               + (f" ({', '.join(map(str, outcome['republished']))})" if outcome["republished"] else ""))
 
 
 @jobs.command("watch")

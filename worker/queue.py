@@ -46,12 +46,12 @@ def publish(session: Session, app, job: Job) -> None:
 
 
 def enqueue(session: Session, app, spec, parent: Job | None = None, *, priority: int = 0,
-            sweep_id: int | None = None) -> Job:
+            sweep_id: int | None = None, max_attempts: int = 3) -> Job:
     if not 0 <= priority <= MAX_PRIORITY:
         raise ValueError(f"priority must be between 0 and {MAX_PRIORITY}")
     job = Job(kind=JobKind(spec.kind), status=JobStatus.queued, spec=spec.model_dump(mode="json"),
               parent_id=parent.id if parent else None, attempts=0, cancel_requested=False, priority=priority,
-              sweep_id=sweep_id)
+              sweep_id=sweep_id, max_attempts=max_attempts)
     session.add(job)
     session.commit()
     if parent is None or parent.status == JobStatus.succeeded:

@@ -1,0 +1,180 @@
+"""Fault tests with real processes, Redis and PostgreSQL: killed workers, lost broker messages, duplicate
+deliveries, crashes, injected out-of-memory. The database stays the source of truth throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from models.jobs import Job, JobStatus
+from models.results import Adapter, Generation, LossPoint
+from tests.conftest import cli, queue_length, session_of, start_worker
+
+FAST_REAPER = {"TUNEQUEUE_HEARTBEAT_SECONDS": "0.5", "TUNEQUEUE_STALE_SECONDS": "4", "TUNEQUEUE_REAP_SECONDS": "1"}
+
+
+def job_row(env, job_id) -> Job:
+    with session_of(env) as session:
+        return session.get(Job, job_id)
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def enqueue_id(result) -> int:
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[1])
+
+
+def stop(worker) -> None:
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+
+
+def test_kill_9_mid_training_resumes_from_checkpoint(make_env, tmp_path):
+    env = {**make_env("postgresql"), **FAST_REAPER}
+    job_id = enqueue_id(cli(env, "finetune", "--name", "survivor", "--epochs", "2", "--checkpoint-every", "40"))
+    checkpoint = Path(env["TUNEQUEUE_HOME"]) / "checkpoints" / f"job-{job_id}" / "checkpoint.pt"
+    first = start_worker(env, log=tmp_path / "first.log")
+    try:
+        wait_until(checkpoint.exists, 120, "the first checkpoint")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        stop(first)
+    assert job_row(env, job_id).status == JobStatus.running  # the dead worker never finished it
+    second = start_worker(env, log=tmp_path / "second.log")
+    try:
+        job = wait_until(lambda: (j := job_row(env, job_id)).status.finished and j, 240, "the job to finish")
+    finally:
+        stop(second)
+    assert job.status == JobStatus.succeeded, (tmp_path / "second.log").read_text()[-3000:]
+    assert job.attempts == 2 and len(job.attempt_errors) == 1
+    assert job.attempt_errors[0]["error"].startswith("worker lost: no heartbeat")
+    assert job.result["resumed_from_step"] >= 40 and job.result["steps"] == job.result["total_steps"] == 250
+    assert not checkpoint.exists()  # removed once the adapter was saved
+    with session_of(env) as session:
+        assert session.scalar(select(func.count(Adapter.id))) == 1
+        steps = session.scalars(select(LossPoint.step).where(LossPoint.job_id == job_id)).all()
+        assert len(steps) == len(set(steps)) and max(steps) == 250
+
+
+def test_duplicate_delivery_runs_once(make_env, tmp_path):
+    env = make_env("sqlite")
+    job_id = enqueue_id(cli(env, "finetune", "--name", "once", "--max-steps", "60"))
+    worker = start_worker(env, log=tmp_path / "worker.log")
+    try:
+        wait_until(lambda: job_row(env, job_id).status == JobStatus.running, 60, "the job to start")
+        from worker.celery_app import make_app
+        from worker.settings import Settings
+
+        settings = Settings.from_env(env)
+        make_app(settings).send_task("worker.tasks.finetune", args=[job_id], queue=settings.queue)
+        wait_until(lambda: job_row(env, job_id).status.finished and queue_length(env) == 0, 120, "both deliveries")
+        time.sleep(2)
+    finally:
+        stop(worker)
+    job = job_row(env, job_id)
+    assert job.status == JobStatus.succeeded and job.attempts == 1
+    assert "is succeeded, not queued; this delivery does nothing" in (tmp_path / "worker.log").read_text()
+    with session_of(env) as session:
+        assert session.scalar(select(func.count(Adapter.id))) == 1
+
+
+def test_always_crashing_job_fails_after_max_attempts(make_env, tmp_path):
+    env = {**make_env("sqlite"), "TUNEQUEUE_FAULTS": "crash_at_step:5"}
+    job_id = enqueue_id(cli(env, "finetune", "--name", "doomed", "--max-steps", "20", "--max-attempts", "3"))
+    worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
+    assert worker.wait(timeout=180) == 0
+    job = job_row(env, job_id)
+    assert job.status == JobStatus.failed and job.attempts == 3
+    assert [e["attempt"] for e in job.attempt_errors] == [1, 2, 3]
+    assert all("crash injected by TUNEQUEUE_FAULTS at step 5" in e["error"] for e in job.attempt_errors)
+    assert "RuntimeError: crash injected" in job.error
+
+
+def test_injected_oom_halves_the_micro_batch(make_env, tmp_path):
+    env = {**make_env("sqlite"), "TUNEQUEUE_FAULTS": "oom_at_step:3"}
+    job_id = enqueue_id(cli(env, "finetune", "--name", "squeezed", "--max-steps", "20", "--batch-size", "16"))
+    worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
+    assert worker.wait(timeout=180) == 0
+    job = job_row(env, job_id)
+    assert job.status == JobStatus.succeeded and job.attempts == 1
+    assert job.result["micro_batch_size"] == 8 and job.result["steps"] == 20
+    assert "out of memory at step 3: micro-batch now 8" in (tmp_path / "worker.log").read_text()
+
+
+def test_soft_time_limit_checkpoints_and_fails_clearly(make_env, tmp_path):
+    env = make_env("sqlite")
+    job_id = enqueue_id(cli(env, "finetune", "--name", "slow", "--epochs", "50", "--time-limit", "3",
+                            "--checkpoint-every", "1000", "--max-attempts", "1"))
+    worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
+    assert worker.wait(timeout=180) == 0
+    job = job_row(env, job_id)
+    assert job.status == JobStatus.failed and "JobTimeLimit: time limit of 3s reached at step" in job.error
+    assert (Path(env["TUNEQUEUE_HOME"]) / "checkpoints" / f"job-{job_id}" / "checkpoint.pt").exists()
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to start a private broker")
+def test_broker_restart_without_persistence(make_env, tmp_path):
+    port = _free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    env = {**make_env("sqlite"), "REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    broker = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port)
+        wait_until(lambda: _pings(client), 20, "the private Redis")
+        ids = [enqueue_id(cli(env, "generate", "--limit", "3")) for _ in range(3)]
+        assert queue_length(env) == 3
+        broker.send_signal(signal.SIGKILL)
+        broker.wait(timeout=10)
+        broker = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        wait_until(lambda: _pings(client), 20, "Redis to come back")
+        assert queue_length(env) == 0  # the messages died with the broker; the rows did not
+        with session_of(env) as session:
+            assert set(session.scalars(select(Job.status))) == {JobStatus.queued}
+        first = cli(env, "jobs", "reconcile")
+        assert f"3 queued jobs re-published ({', '.join(map(str, ids))})" in first.stdout, first.stdout + first.stderr
+        assert queue_length(env) == 3
+        again = cli(env, "jobs", "reconcile")
+        assert "0 queued jobs re-published" in again.stdout  # nothing is sent twice
+        worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
+        assert worker.wait(timeout=180) == 0
+        with session_of(env) as session:
+            jobs = [session.get(Job, i) for i in ids]
+            assert all(j.status == JobStatus.succeeded and j.attempts == 1 for j in jobs)
+            assert session.scalar(select(func.count(Generation.id))) == 9
+    finally:
+        broker.kill()
+        broker.wait(timeout=10)
