@@ -420,8 +420,9 @@ def _wait_for(ctx: Context, job_ids: list[int], quiet: bool = False, poll: float
 @click.option("--dry-run", is_flag=True, help="Print the expanded jobs and enqueue nothing.")
 @click.option("--json", "as_json", is_flag=True)
 @PRIORITY_OPTION
+@ATTEMPTS_OPTION
 @pass_ctx
-def sweep(ctx: Context, file, overrides, name, dry_run, as_json, priority):
+def sweep(ctx: Context, file, overrides, name, dry_run, as_json, priority, max_attempts):
     """Queue a sweep from a YAML file: every point becomes fine-tune → generate → score, plus one base row.
 
     OVERRIDES are key=value (into base, replacing a grid list of that key) or block.key=value, e.g.
@@ -458,7 +459,7 @@ def sweep(ctx: Context, file, overrides, name, dry_run, as_json, priority):
             check_broker(ctx.app)
         except BrokerUnavailable as exc:
             fail(str(exc))
-        row, jobs = enqueue_sweep(session, ctx.app, ctx.settings.home, plan, priority)
+        row, jobs = enqueue_sweep(session, ctx.app, ctx.settings.home, plan, priority, max_attempts)
     if as_json:
         echo_json({"sweep": row.name, "id": row.id, "points": row.points, "jobs": [j.id for j in jobs]})
     else:

@@ -178,3 +178,30 @@ def test_broker_restart_without_persistence(make_env, tmp_path):
     finally:
         broker.kill()
         broker.wait(timeout=10)
+
+
+def test_kill_9_mid_generation_keeps_rows_and_finishes_the_rest(make_env, tmp_path):
+    env = {**make_env("sqlite"), **FAST_REAPER}
+    job_id = enqueue_id(cli(env, "generate", "--limit", "80", "--batch-size", "1"))
+
+    def rows() -> int:
+        with session_of(env) as session:
+            return session.scalar(select(func.count(Generation.id)).where(Generation.job_id == job_id))
+
+    first = start_worker(env, log=tmp_path / "first.log")
+    try:
+        wait_until(lambda: rows() >= 5, 120, "the first rows")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        stop(first)
+    kept = rows()
+    assert 5 <= kept < 80
+    second = start_worker(env, log=tmp_path / "second.log")
+    try:
+        job = wait_until(lambda: (j := job_row(env, job_id)).status.finished and j, 240, "the job to finish")
+    finally:
+        stop(second)
+    assert job.status == JobStatus.succeeded and job.attempts == 2
+    assert job.result["resumed_from"] >= kept and job.result["examples"] == 80
+    assert rows() == 80  # each example once: kept rows plus the rest

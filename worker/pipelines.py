@@ -18,16 +18,18 @@ from worker.validate import validate_finetune, validate_generate
 
 def enqueue_pipeline(session: Session, app, home: Path, generate_spec: GenerateSpec,
                      finetune_spec: FinetuneSpec | None = None, *, metrics: list[str] | None = None,
-                     priority: int = 0, sweep_id: int | None = None) -> list[Job]:
+                     priority: int = 0, sweep_id: int | None = None, max_attempts: int = 3) -> list[Job]:
     """Fine-tune (optional) → generate → score. The specs must already be validated. Returns the jobs."""
     jobs: list[Job] = []
     parent = None
     if finetune_spec is not None:
-        parent = enqueue(session, app, finetune_spec, priority=priority, sweep_id=sweep_id)
+        parent = enqueue(session, app, finetune_spec, priority=priority, sweep_id=sweep_id, max_attempts=max_attempts)
         jobs.append(parent)
-    generate_job = enqueue(session, app, generate_spec, parent, priority=priority, sweep_id=sweep_id)
+    generate_job = enqueue(session, app, generate_spec, parent, priority=priority, sweep_id=sweep_id,
+                           max_attempts=max_attempts)
     score_spec = ScoreSpec(generate_job_id=generate_job.id, metrics=metrics or ["rouge"])
-    jobs += [generate_job, enqueue(session, app, score_spec, generate_job, priority=priority, sweep_id=sweep_id)]
+    jobs += [generate_job, enqueue(session, app, score_spec, generate_job, priority=priority, sweep_id=sweep_id,
+                                   max_attempts=max_attempts)]
     return jobs
 
 
@@ -51,14 +53,14 @@ def validate_sweep(session: Session, home: Path, plan: SweepPlan) -> None:
             raise SpecError(f"point {point.index}: {exc}") from None
 
 
-def enqueue_sweep(session: Session, app, home: Path, plan: SweepPlan, priority: int = 0) -> tuple[Sweep, list[Job]]:
+def enqueue_sweep(session: Session, app, home: Path, plan: SweepPlan, priority: int = 0,
+                  max_attempts: int = 3) -> tuple[Sweep, list[Job]]:
     validate_sweep(session, home, plan)
     sweep = Sweep(name=plan.name, spec=plan.spec, priority=priority, points=len(plan.points))
     session.add(sweep)
     session.commit()
-    jobs = enqueue_pipeline(session, app, home, plan.base_generate, metrics=plan.metrics, priority=priority,
-                            sweep_id=sweep.id)
+    common = {"metrics": plan.metrics, "priority": priority, "sweep_id": sweep.id, "max_attempts": max_attempts}
+    jobs = enqueue_pipeline(session, app, home, plan.base_generate, **common)
     for point in plan.points:
-        jobs += enqueue_pipeline(session, app, home, point.generate, point.finetune, metrics=plan.metrics,
-                                 priority=priority, sweep_id=sweep.id)
+        jobs += enqueue_pipeline(session, app, home, point.generate, point.finetune, **common)
     return sweep, jobs
