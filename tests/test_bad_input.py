@@ -55,6 +55,12 @@ def run_rejected(env, args: list[str], expected: str) -> None:
     (["finetune", "--name", "a", "--learning-rate", "0"], "learning_rate: Input should be greater than 0"),
     (["finetune", "--name", "a", "--epochs", "0"], "num_train_epochs: Input should be greater than 0"),
     (["finetune", "--name", "a", "--batch-size", "0"], "per_device_train_batch_size: Input should be greater than 0"),
+    (["finetune", "--name", "a", "--batch-size", "1000000000"], "per_device_train_batch_size: Input should be less"),
+    (["finetune", "--name", "a", "--lora-r", "100000"], "lora_r: Input should be less than or equal to 1024"),
+    (["finetune", "--name", "a", "--lora-dropout", "1.5"], "lora_dropout: Input should be less than 1"),
+    (["finetune", "--name", "a", "--epochs", "lots"], "'lots' is not a valid float"),
+    (["generate", "--max-new-tokens", "99999999"], "max_new_tokens: Input should be less than or equal to 4096"),
+    (["generate", "--priority", "10"], "10 is not in the range 0<=x<=9"),
     (["finetune", "--name", "a", "--text-column", "text"], "has columns dialogue, summary; no column 'text'"),
     (["finetune", "--name", "../escape"], "name: must be 1-64 letters"),
     (["finetune", "--name", "base"], "name: must be 1-64 letters"),
@@ -75,6 +81,11 @@ def test_missing_column_in_local_file(sqlite_env, tmp_path):
     data.write_text("\n".join(json.dumps({"chat": f"A: hi {i}", "summary": "A greets."}) for i in range(20)))
     run_rejected(sqlite_env, ["finetune", "--name", "a", "--dataset", str(data)],
                  "has no column 'dialogue' (columns: chat, summary)")
+
+
+def test_empty_dataset_file(sqlite_env, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    run_rejected(sqlite_env, ["generate", "--dataset", str(tmp_path / "empty.jsonl")], "is empty")
 
 
 def test_model_folder_without_config(sqlite_env, tmp_path):

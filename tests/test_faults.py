@@ -3,8 +3,6 @@ deliveries, crashes, injected out-of-memory. The database stays the source of tr
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 import socket
@@ -205,3 +203,43 @@ def test_kill_9_mid_generation_keeps_rows_and_finishes_the_rest(make_env, tmp_pa
     assert job.status == JobStatus.succeeded and job.attempts == 2
     assert job.result["resumed_from"] >= kept and job.result["examples"] == 80
     assert rows() == 80  # each example once: kept rows plus the rest
+
+
+def test_injected_oom_halves_the_generation_batch(make_env, tmp_path):
+    env = {**make_env("sqlite"), "TUNEQUEUE_FAULTS": "oom_at_batch:2"}
+    job_id = enqueue_id(cli(env, "generate", "--limit", "40", "--batch-size", "16"))
+    worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
+    assert worker.wait(timeout=180) == 0
+    job = job_row(env, job_id)
+    assert job.status == JobStatus.succeeded and job.result["batch_size"] == 8 and job.result["examples"] == 40
+    with session_of(env) as session:
+        assert session.scalar(select(func.count(Generation.id))) == 40
+
+
+def test_kill_9_mid_scoring_writes_everything_once(make_env, tmp_path):
+    from models.results import ExampleScore, Metric
+
+    env = {**make_env("sqlite"), **FAST_REAPER}
+    generate_id = enqueue_id(cli(env, "generate", "--limit", "20"))
+    worker = start_worker(env, "--burst", log=tmp_path / "generate.log")
+    assert worker.wait(timeout=120) == 0
+    score_id = enqueue_id(cli(env, "score", str(generate_id)))
+    slow = start_worker({**env, "TUNEQUEUE_FAULTS": "score_delay_s:30"}, log=tmp_path / "slow.log")
+    try:
+        wait_until(lambda: job_row(env, score_id).status == JobStatus.running, 60, "scoring to start")
+        time.sleep(1)
+        slow.send_signal(signal.SIGKILL)
+        slow.wait(timeout=30)
+    finally:
+        stop(slow)
+    with session_of(env) as session:
+        assert session.scalar(select(func.count(Metric.id))) == 0  # scores are written in one transaction
+    second = start_worker(env, log=tmp_path / "second.log")
+    try:
+        job = wait_until(lambda: (j := job_row(env, score_id)).status.finished and j, 120, "scoring to finish")
+    finally:
+        stop(second)
+    assert job.status == JobStatus.succeeded and job.attempts == 2
+    with session_of(env) as session:
+        assert session.scalar(select(func.count(Metric.id))) == 4
+        assert session.scalar(select(func.count(ExampleScore.id))) == 4 * 20

@@ -7,6 +7,7 @@ Per-example scores and aggregated means are replaced as a whole, so a re-run nev
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from sqlalchemy import delete, select
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from models.jobs import Job
 from models.results import ExampleScore, Generation, Metric
+from worker.faults import parse_faults
 from worker.specs import GenerateSpec, ScoreSpec
 from worker.train import ProgressFn
 
@@ -38,6 +40,7 @@ def score_rows(spec: ScoreSpec, session: Session, *, job_id: int,
     if not rows:
         raise ValueError(f"generate job {spec.generate_job_id} has no rows with a reference to score")
     per_example = rouge_scores([r.prediction for r in rows], [r.reference for r in rows], spec.use_stemmer)
+    parse_faults(os.environ.get("TUNEQUEUE_FAULTS", "")).maybe_delay_scoring()
     session.execute(delete(ExampleScore).where(ExampleScore.job_id == job_id))
     session.execute(delete(Metric).where(Metric.job_id == job_id))
     session.add_all([ExampleScore(job_id=job_id, generation_id=row.id, name=name, value=value)

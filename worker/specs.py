@@ -64,6 +64,7 @@ class FinetuneSpec(_DataFields):
     eval_steps: Optional[int] = Field(None, gt=0)  # default: once per epoch
     early_stopping_patience: Optional[int] = Field(None, gt=0)  # evaluations without improvement; None: off
     checkpoint_every_steps: Optional[int] = Field(100, gt=0)  # resumable checkpoint under TUNEQUEUE_HOME
+    checkpoint_every_minutes: Optional[float] = Field(None, gt=0)  # also (or instead) by elapsed time
     time_limit_s: Optional[float] = Field(None, gt=0)  # soft limit: checkpoint, then fail with the reason
 
     @field_validator("name")

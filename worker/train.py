@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from models.results import Adapter, LossPoint
 from worker.data import load_examples
 from worker.model_cache import ModelCache
+from worker.faults import parse_faults
 from worker.specs import FinetuneSpec
 
 log = logging.getLogger("tunequeue.train")
@@ -100,36 +101,6 @@ def _train_batch(model, batch, sources, targets, pad_id, device, micro_batches: 
         weighted = loss.detach() * len(part) / len(batch)
         total = weighted if total is None else total + weighted
     return total
-
-
-class Faults:
-    """Fault injection for tests, from TUNEQUEUE_FAULTS (comma-separated):
-    `oom_at_step:N` raises torch.cuda.OutOfMemoryError once at training step N (CPUs never raise it);
-    `crash_at_step:N` raises RuntimeError after step N, on every attempt."""
-
-    def __init__(self, oom_at_step: int | None = None, crash_at_step: int | None = None):
-        self.oom_at_step, self.crash_at_step, self.oom_fired = oom_at_step, crash_at_step, False
-
-    def maybe_oom(self, step: int, micro_batches: int) -> None:
-        if self.oom_at_step == step and not self.oom_fired:
-            import torch
-
-            self.oom_fired = True
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by TUNEQUEUE_FAULTS at step {step})")
-
-    def maybe_crash(self, step: int) -> None:
-        if self.crash_at_step == step:
-            raise RuntimeError(f"crash injected by TUNEQUEUE_FAULTS at step {step}")
-
-
-def parse_faults(text: str) -> Faults:
-    values = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, number = item.partition(":")
-        if name not in ("oom_at_step", "crash_at_step") or not number.isdigit():
-            raise ValueError(f"unknown fault {item!r} in TUNEQUEUE_FAULTS")
-        values[name] = int(number)
-    return Faults(**values)
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, window: int = 50) -> list[list[int]]:
@@ -234,6 +205,7 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
             curve.update(state.curve)
         best_state = None
         micro_batches = state.micro_batches
+        last_save = time.monotonic()
 
         def save(reason: str) -> None:
             state.curve, state.micro_batches = curve, micro_batches
@@ -293,8 +265,12 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
                     if checkpoint_dir:
                         save("cancelled")
                     raise JobCancelled(f"cancelled at step {step}" + (" (checkpoint kept)" if checkpoint_dir else ""))
-            if checkpoint_dir and spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0:
+            due_by_time = (spec.checkpoint_every_minutes is not None
+                           and time.monotonic() - last_save > 60 * spec.checkpoint_every_minutes)
+            if checkpoint_dir and ((spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0)
+                                   or due_by_time):
                 save("periodic")
+                last_save = time.monotonic()
             if spec.time_limit_s and time.monotonic() - started > spec.time_limit_s and step < total_steps:
                 if checkpoint_dir:
                     save("time limit")
