@@ -167,12 +167,24 @@ def test_broker_restart_without_persistence(make_env, tmp_path):
         assert queue_length(env) == 3
         again = cli(env, "jobs", "reconcile")
         assert "0 queued jobs re-published" in again.stdout  # nothing is sent twice
-        worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
-        assert worker.wait(timeout=180) == 0
+        worker = start_worker(env, log=tmp_path / "worker.log")
+        try:
+            wait_until(lambda: all(job_row(env, i).status.finished for i in ids), 120, "the re-published jobs")
+            # the broker goes away again under the running worker, which reconnects by itself
+            broker.send_signal(signal.SIGKILL)
+            broker.wait(timeout=10)
+            time.sleep(2)
+            broker = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+            wait_until(lambda: _pings(client), 20, "Redis to come back again")
+            later = [enqueue_id(cli(env, "generate", "--limit", "3")) for _ in range(2)]
+            wait_until(lambda: all(job_row(env, i).status.finished for i in later), 120, "jobs after reconnecting")
+            assert worker.poll() is None  # the same worker process did them
+        finally:
+            stop(worker)
         with session_of(env) as session:
-            jobs = [session.get(Job, i) for i in ids]
+            jobs = [session.get(Job, i) for i in ids + later]
             assert all(j.status == JobStatus.succeeded and j.attempts == 1 for j in jobs)
-            assert session.scalar(select(func.count(Generation.id))) == 9
+            assert session.scalar(select(func.count(Generation.id))) == 15
     finally:
         broker.kill()
         broker.wait(timeout=10)
