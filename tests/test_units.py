@@ -114,3 +114,26 @@ def test_report_uses_newest_score_and_base_delta(make_env):
         rows = comparison(session, ["rouge1"])
     assert [(r["variant"], r["rouge1"]) for r in rows] == [("base", 0.1), ("a", 0.7)]
     assert rows[1]["delta_rouge1"] == pytest.approx(0.6)
+
+
+def test_fast_rouge_equals_rouge_score():
+    import random
+
+    from worker.score import rouge_scores
+
+    rng = random.Random(0)
+    summaries = [e["summary"] for e in synthetic.generate_split("validation")]
+    references, predictions = [], []
+    for summary in summaries:
+        words = summary.split() + rng.choice(summaries).split()
+        references.append(summary)
+        predictions.append(" ".join(rng.sample(words, k=rng.randint(0, 14))))
+    references += ["The cats are running quickly!", "", "a\nb c", "Ünïcode café, naïve résumé"]
+    predictions += ["cat running quick", "x", "b c\na", "cafe unicode resume"]
+    fast = rouge_scores(predictions, references, fast=True)
+    reference = rouge_scores(predictions, references, fast=False)
+    assert len(fast) == len(reference) == len(predictions)
+    for a, b in zip(fast, reference):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert abs(a[name] - b[name]) <= 1e-9, (name, a[name], b[name])

@@ -1,0 +1,90 @@
+"""Generation throughput, side by side in one run: one summary at a time (the seed recipe) vs tunequeue's
+length-sorted batches, and N adapters swapped between passes vs one mixed pass (PEFT `adapter_names`).
+
+    python bench/generate.py --tiny          # tiny-t5 on CPU, seconds
+    python bench/generate.py                 # FLAN-T5-base architecture (random weights), for a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import Timer, emit, examples, load_model
+
+
+def generate(model, tokenizer, sources: list[str], batch_size: int, new_tokens: int, device: str, **extra) -> int:
+    """Greedy generation of exactly `new_tokens` tokens per example (so both sides do the same work)."""
+    import torch
+
+    from worker.train import pad
+
+    encoded = tokenizer(sources, truncation=True, max_length=512)["input_ids"]
+    order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
+    names = extra.pop("adapter_names", None)
+    done = 0
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            ids = pad([encoded[i] for i in batch], tokenizer.pad_token_id).to(device)
+            kwargs = {"adapter_names": [names[i] for i in batch]} if names else {}
+            model.generate(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+            done += len(batch)
+    return done
+
+
+def main() -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--examples", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--adapters", type=int, default=8)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = args.examples or (64 if args.tiny else 512)
+    batch_size = args.batch_size or (64 if args.tiny else 128)
+    new_tokens = 24 if args.tiny else 64
+    model, tokenizer = load_model(args.tiny, device)
+    if device == "cuda" and not args.tiny:
+        model = model.to(torch.bfloat16)
+    sources = [e["source"] for e in examples("test", n)]
+    one_at_a_time = sources[: max(8, n // 8)]  # the slow side runs on fewer examples; rates are per summary
+
+    with Timer(device) as slow:
+        generate(model, tokenizer, one_at_a_time, 1, new_tokens, device)
+    with Timer(device) as fast:
+        generate(model, tokenizer, sources, batch_size, new_tokens, device)
+    slow_rate, fast_rate = len(one_at_a_time) / slow.seconds, n / fast.seconds
+    emit(figure="one_at_a_time", device=device, summaries=len(one_at_a_time), summaries_per_s=round(slow_rate, 2))
+    emit(figure="batched", device=device, summaries=n, batch_size=batch_size, summaries_per_s=round(fast_rate, 2))
+    emit(ratio="batched / one_at_a_time", value=round(fast_rate / slow_rate, 1), target=30 if args.tiny else 150)
+
+    names = [f"a{i}" for i in range(args.adapters)]
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=["q", "v"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config)
+    peft_model.eval()
+    per_adapter = max(batch_size // args.adapters, 1) * 2
+    mixed_sources = (sources * (args.adapters * per_adapter // len(sources) + 1))[: args.adapters * per_adapter]
+    with Timer(device) as swapped:
+        for i, name in enumerate(names):
+            peft_model.set_adapter(name)
+            generate(peft_model, tokenizer, mixed_sources[i * per_adapter:(i + 1) * per_adapter], batch_size,
+                     new_tokens, device)
+    rows = [names[i // per_adapter] for i in range(len(mixed_sources))]
+    with Timer(device) as mixed:
+        generate(peft_model, tokenizer, mixed_sources, batch_size, new_tokens, device, adapter_names=rows)
+    total = len(mixed_sources)
+    emit(figure="adapters_swapped", adapters=args.adapters, summaries=total,
+         summaries_per_s=round(total / swapped.seconds, 2))
+    emit(figure="adapters_mixed_batch", adapters=args.adapters, summaries=total,
+         summaries_per_s=round(total / mixed.seconds, 2))
+    emit(ratio="mixed / swapped", value=round(swapped.seconds / mixed.seconds, 2), target=2)
+
+
+if __name__ == "__main__":
+    main()
