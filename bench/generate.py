@@ -7,9 +7,18 @@ length-sorted batches, and N adapters swapped between passes vs one mixed pass (
 
 from __future__ import annotations
 
-import argparse
+import os
+import sys
 
-from _common import Timer, emit, examples, load_model
+# bench/queue.py would shadow the standard library's `queue` (torch and Celery import it) while Python puts this
+# folder first on sys.path; run with the repository root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+
+from bench._common import Timer, emit, examples, load_model  # noqa: E402
 
 
 def generate(model, tokenizer, sources: list[str], batch_size: int, new_tokens: int, device: str, **extra) -> int:

@@ -14,7 +14,9 @@ import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]  # bench/queue.py shadows `queue`
+sys.path.insert(0, os.path.dirname(_HERE))
 
 from worker import synthetic  # noqa: E402
 from worker.score import rouge_scores  # noqa: E402

@@ -28,3 +28,16 @@ def test_bench_generate_tiny():
     figures = {line.get("figure") for line in lines}
     assert figures >= {"one_at_a_time", "batched", "adapters_swapped", "adapters_mixed_batch"}
     assert all(line["value"] > 0 for line in lines if "ratio" in line)
+
+
+def test_bench_train_tiny():
+    lines = run_bench("bench/train.py", "--tiny", "--samples", "128")
+    seed, ours = [line for line in lines if line.get("figure") in ("seed_recipe", "tunequeue")]
+    assert seed["real_token_fraction"] < 0.5 < ours["real_token_fraction"]  # padding to 512 wastes most compute
+    assert [line for line in lines if "ratio" in line][0]["value"] > 0
+
+
+def test_bench_queue_tiny(tmp_path):
+    lines = run_bench("bench/queue.py", "--jobs", "10")
+    queue = [line for line in lines if line.get("figure") == "queue"][0]
+    assert queue["succeeded"] == 10 and queue["base_loads"] == 1

@@ -1,0 +1,92 @@
+"""Queue overhead: N tiny generate jobs (one example, one new token) through the real Redis and one real worker.
+
+Prints per-job overhead (wall time per job minus the time the jobs' own work took), enqueue → start latency p50 and
+p99 (from the rows' created_at / started_at), and how many times the worker loaded the base model.
+
+    python bench/queue.py --tiny          # 50 jobs
+    python bench/queue.py                 # 200 jobs
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/queue.py would shadow the standard library's `queue` (torch and Celery import it) while Python puts this
+# folder first on sys.path; run with the repository root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from bench._common import REPO, emit  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--jobs", type=int, default=None)
+    args = parser.parse_args()
+    n = args.jobs or (50 if args.tiny else 200)
+    home = Path(tempfile.mkdtemp(prefix="tq-queue-bench-"))
+    os.environ.update({"TUNEQUEUE_HOME": str(home), "TUNEQUEUE_QUEUE": f"tq-bench-{uuid.uuid4().hex[:6]}"})
+    os.environ.setdefault("DATABASE_URL", f"sqlite:///{home / 'bench.db'}")
+
+    from sqlalchemy import select
+
+    from models import Job, JobStatus, make_session_factory
+    from models.migrate import upgrade
+    from worker.celery_app import make_app
+    from worker.queue import enqueue
+    from worker.settings import Settings
+    from worker.specs import GenerateSpec
+
+    settings = Settings.from_env()
+    upgrade(settings.database_url)
+    app = make_app(settings)
+    sessions = make_session_factory(settings.database_url)
+    worker = subprocess.Popen([sys.executable, str(REPO / "manage.py"), "worker", "--loglevel", "WARNING"],
+                              env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spec = GenerateSpec(limit=1, max_new_tokens=1, batch_size=1)
+    with sessions() as session:  # one warm-up job: worker start-up and the first model load are not queue overhead
+        warm = enqueue(session, app, spec)
+    while True:
+        with sessions() as session:
+            if session.get(Job, warm.id).status.finished:
+                break
+        time.sleep(0.2)
+    started = time.monotonic()
+    with sessions() as session:
+        ids = [enqueue(session, app, spec).id for _ in range(n)]
+    while True:
+        with sessions() as session:
+            if all(s.finished for s in session.scalars(select(Job.status).where(Job.id.in_(ids)))):
+                break
+        time.sleep(0.05)
+    wall = time.monotonic() - started
+    worker.terminate()
+    worker.wait(timeout=60)
+    with sessions() as session:
+        jobs = [session.get(Job, i) for i in ids]
+        waits = sorted((j.started_at - j.created_at).total_seconds() * 1000 for j in jobs)
+        work = sum(j.result["duration_s"] for j in jobs if j.result)
+        loads = max(j.result["base_loads"] for j in jobs if j.result)
+        ok = sum(j.status == JobStatus.succeeded for j in jobs)
+    emit(figure="queue", jobs=n, succeeded=ok, wall_s=round(wall, 2), jobs_per_s=round(n / wall, 1),
+         overhead_ms_per_job=round(1000 * (wall - work) / n, 1), work_ms_per_job=round(1000 * work / n, 1),
+         base_loads=loads)
+    emit(figure="enqueue_to_start_ms", p50=round(statistics.median(waits), 1),
+         p99=round(waits[min(len(waits) - 1, int(0.99 * len(waits)))], 1),
+         note="jobs are enqueued all at once, so later ones wait behind earlier ones")
+    emit(ratio="overhead_ms_per_job", value=round(1000 * (wall - work) / n, 1), target=50)
+
+
+if __name__ == "__main__":
+    main()
