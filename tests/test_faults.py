@@ -41,6 +41,12 @@ def enqueue_id(result) -> int:
     return int(result.stdout.split()[1])
 
 
+def drain(env, tmp_path, timeout: float = 180) -> None:
+    """Run a burst worker until the queue is empty."""
+    worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
+    assert worker.wait(timeout=timeout) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+
+
 def stop(worker) -> None:
     if worker.poll() is None:
         worker.send_signal(signal.SIGTERM)
@@ -100,8 +106,7 @@ def test_duplicate_delivery_runs_once(make_env, tmp_path):
 def test_always_crashing_job_fails_after_max_attempts(make_env, tmp_path):
     env = {**make_env("sqlite"), "TUNEQUEUE_FAULTS": "crash_at_step:5"}
     job_id = enqueue_id(cli(env, "finetune", "--name", "doomed", "--max-steps", "20", "--max-attempts", "3"))
-    worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
-    assert worker.wait(timeout=180) == 0
+    drain(env, tmp_path)
     job = job_row(env, job_id)
     assert job.status == JobStatus.failed and job.attempts == 3
     assert [e["attempt"] for e in job.attempt_errors] == [1, 2, 3]
@@ -112,8 +117,7 @@ def test_always_crashing_job_fails_after_max_attempts(make_env, tmp_path):
 def test_injected_oom_halves_the_micro_batch(make_env, tmp_path):
     env = {**make_env("sqlite"), "TUNEQUEUE_FAULTS": "oom_at_step:3"}
     job_id = enqueue_id(cli(env, "finetune", "--name", "squeezed", "--max-steps", "20", "--batch-size", "16"))
-    worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
-    assert worker.wait(timeout=180) == 0
+    drain(env, tmp_path)
     job = job_row(env, job_id)
     assert job.status == JobStatus.succeeded and job.attempts == 1
     assert job.result["micro_batch_size"] == 8 and job.result["steps"] == 20
@@ -124,8 +128,7 @@ def test_soft_time_limit_checkpoints_and_fails_clearly(make_env, tmp_path):
     env = make_env("sqlite")
     job_id = enqueue_id(cli(env, "finetune", "--name", "slow", "--epochs", "50", "--time-limit", "3",
                             "--checkpoint-every", "1000", "--max-attempts", "1"))
-    worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
-    assert worker.wait(timeout=180) == 0
+    drain(env, tmp_path)
     job = job_row(env, job_id)
     assert job.status == JobStatus.failed and "JobTimeLimit: time limit of 3s reached at step" in job.error
     assert (Path(env["TUNEQUEUE_HOME"]) / "checkpoints" / f"job-{job_id}" / "checkpoint.pt").exists()
@@ -220,8 +223,7 @@ def test_kill_9_mid_generation_keeps_rows_and_finishes_the_rest(make_env, tmp_pa
 def test_injected_oom_halves_the_generation_batch(make_env, tmp_path):
     env = {**make_env("sqlite"), "TUNEQUEUE_FAULTS": "oom_at_batch:2"}
     job_id = enqueue_id(cli(env, "generate", "--limit", "40", "--batch-size", "16"))
-    worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
-    assert worker.wait(timeout=180) == 0
+    drain(env, tmp_path)
     job = job_row(env, job_id)
     assert job.status == JobStatus.succeeded and job.result["batch_size"] == 8 and job.result["examples"] == 40
     with session_of(env) as session:
