@@ -34,7 +34,7 @@ def add_job(env, kind: JobKind, status: JobStatus, spec: dict) -> int:
         return job.id
 
 
-def run_rejected(env, args: list[str], expected: str) -> None:
+def check_rejected(env, args: list[str], expected: str) -> None:
     before = job_count(env)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0, result.output
@@ -73,45 +73,45 @@ def run_rejected(env, args: list[str], expected: str) -> None:
     (["jobs", "cancel", "999"], "job 999 does not exist"),
 ])
 def test_rejected_before_enqueue(sqlite_env, args, expected):
-    run_rejected(sqlite_env, args, expected)
+    check_rejected(sqlite_env, args, expected)
 
 
 def test_missing_column_in_local_file(sqlite_env, tmp_path):
     data = tmp_path / "chats.jsonl"
     data.write_text("\n".join(json.dumps({"chat": f"A: hi {i}", "summary": "A greets."}) for i in range(20)))
-    run_rejected(sqlite_env, ["finetune", "--name", "a", "--dataset", str(data)],
+    check_rejected(sqlite_env, ["finetune", "--name", "a", "--dataset", str(data)],
                  "has no column 'dialogue' (columns: chat, summary)")
 
 
 def test_empty_dataset_file(sqlite_env, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    run_rejected(sqlite_env, ["generate", "--dataset", str(tmp_path / "empty.jsonl")], "is empty")
+    check_rejected(sqlite_env, ["generate", "--dataset", str(tmp_path / "empty.jsonl")], "is empty")
 
 
 def test_model_folder_without_config(sqlite_env, tmp_path):
     (tmp_path / "empty-model").mkdir()
-    run_rejected(sqlite_env, ["generate", "--model", str(tmp_path / "empty-model")], "has no config.json")
+    check_rejected(sqlite_env, ["generate", "--model", str(tmp_path / "empty-model")], "has no config.json")
 
 
 def test_scoring_a_finetune_job(sqlite_env):
     job_id = add_job(sqlite_env, JobKind.finetune, JobStatus.succeeded, {"kind": "finetune", "name": "x"})
-    run_rejected(sqlite_env, ["score", str(job_id)], f"job {job_id} is a finetune job; score takes a generate job")
+    check_rejected(sqlite_env, ["score", str(job_id)], f"job {job_id} is a finetune job; score takes a generate job")
 
 
 def test_scoring_an_unfinished_generate_job(sqlite_env):
     job_id = add_job(sqlite_env, JobKind.generate, JobStatus.running, {"kind": "generate"})
-    run_rejected(sqlite_env, ["score", str(job_id)], f"generate job {job_id} is running; only a succeeded")
+    check_rejected(sqlite_env, ["score", str(job_id)], f"generate job {job_id} is running; only a succeeded")
 
 
 def test_adapter_name_already_queued(sqlite_env):
     add_job(sqlite_env, JobKind.finetune, JobStatus.queued, {"kind": "finetune", "name": "taken", "model": "tiny-t5"})
-    run_rejected(sqlite_env, ["finetune", "--name", "taken"], "already used by a queued or running fine-tune job")
+    check_rejected(sqlite_env, ["finetune", "--name", "taken"], "already used by a queued or running fine-tune job")
 
 
 def test_adapter_still_training(sqlite_env):
     add_job(sqlite_env, JobKind.finetune, JobStatus.queued, {"kind": "finetune", "name": "pending", "model": "tiny-t5"})
     # an adapter still being trained is not one that exists: generate refuses it outright
-    run_rejected(sqlite_env, ["generate", "--adapter", "pending"], "adapter 'pending' does not exist")
+    check_rejected(sqlite_env, ["generate", "--adapter", "pending"], "adapter 'pending' does not exist")
 
 
 def test_report_before_any_score(sqlite_env):
