@@ -175,6 +175,8 @@ def _build(data: dict):
 @click.option("--epochs", "num_train_epochs", type=float, default=3, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (overrides --epochs).")
 @click.option("--batch-size", "per_device_train_batch_size", type=int, default=16, show_default=True)
+@click.option("--max-tokens-per-batch", type=int, default=None,
+              help="Also cap each batch at this many padded input tokens (length-bucketed batches).")
 @click.option("--max-source-length", type=int, default=256, show_default=True)
 @click.option("--max-target-length", type=int, default=64, show_default=True)
 @click.option("--train-limit", type=int, default=None, help="Use only the first N training examples.")

@@ -56,6 +56,7 @@ def check_rejected(env, args: list[str], expected: str) -> None:
     (["finetune", "--name", "a", "--epochs", "0"], "num_train_epochs: Input should be greater than 0"),
     (["finetune", "--name", "a", "--batch-size", "0"], "per_device_train_batch_size: Input should be greater than 0"),
     (["finetune", "--name", "a", "--batch-size", "1000000000"], "per_device_train_batch_size: Input should be less"),
+    (["finetune", "--name", "a", "--max-tokens-per-batch", "0"], "max_tokens_per_batch: Input should be greater"),
     (["finetune", "--name", "a", "--lora-r", "100000"], "lora_r: Input should be less than or equal to 1024"),
     (["finetune", "--name", "a", "--lora-dropout", "1.5"], "lora_dropout: Input should be less than 1"),
     (["finetune", "--name", "a", "--epochs", "lots"], "'lots' is not a valid float"),

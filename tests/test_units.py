@@ -137,3 +137,15 @@ def test_fast_rouge_equals_rouge_score():
         assert a.keys() == b.keys()
         for name in a:
             assert abs(a[name] - b[name]) <= 1e-9, (name, a[name], b[name])
+
+
+def test_token_budget_batches():
+    import random
+
+    lengths = [random.Random(i).randint(5, 200) for i in range(1000)]
+    batches = length_bucketed_batches(lengths, 64, random.Random(0), max_tokens=2000)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert all(len(b) * max(lengths[i] for i in b) <= 2000 or len(b) == 1 for b in batches)
+    assert all(len(b) <= 64 for b in batches)
+    unbounded = length_bucketed_batches(lengths, 64, random.Random(0))
+    assert max(len(b) * max(lengths[i] for i in b) for b in unbounded) > 2000  # the budget did cut batches

@@ -54,6 +54,7 @@ class FinetuneSpec(_DataFields):
     num_train_epochs: float = Field(3, gt=0, le=1000)
     max_steps: Optional[int] = Field(None, gt=0)
     per_device_train_batch_size: int = Field(16, gt=0, le=4096)
+    max_tokens_per_batch: Optional[int] = Field(None, gt=0)  # also cap padded source tokens per batch
     max_source_length: int = Field(256, gt=0, le=32768)
     max_target_length: int = Field(64, gt=0, le=32768)
     warmup_steps: int = Field(30, ge=0)

@@ -90,28 +90,42 @@ def load_checkpoint(directory: Optional[Path], model, optimizer, scheduler, rng:
 
 def _train_batch(model, batch, sources, targets, pad_id, device, micro_batches: int):
     """Forward and backward over `batch` in `micro_batches` slices, gradients accumulated; returns the loss."""
+    import torch
+
     size = math.ceil(len(batch) / micro_batches)
     total = None
     for start in range(0, len(batch), size):
         part = batch[start:start + size]
         input_ids = pad([sources[i] for i in part], pad_id).to(device)
         labels = pad([targets[i] for i in part], -100).to(device)
-        loss = model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long(), labels=labels).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):  # fp32 on CPU
+            loss = model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long(), labels=labels).loss
         (loss * len(part) / len(batch)).backward()
         weighted = loss.detach() * len(part) / len(batch)
         total = weighted if total is None else total + weighted
     return total
 
 
-def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, window: int = 50) -> list[list[int]]:
-    """Indices shuffled, sorted by length inside windows of `window` batches, cut into batches, batches shuffled."""
+def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, window: int = 50,
+                            max_tokens: int | None = None) -> list[list[int]]:
+    """Indices shuffled, sorted by length inside windows of `window` batches, cut into batches of at most
+    `batch_size` examples and (if given) `max_tokens` padded tokens, batches shuffled."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
     span = batch_size * window
     batches = []
     for start in range(0, len(order), span):
-        chunk = sorted(order[start:start + span], key=lambda i: lengths[i])
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+        batch: list[int] = []
+        longest = 0
+        for index in sorted(order[start:start + span], key=lambda i: lengths[i]):
+            grown = max(longest, lengths[index])
+            if batch and (len(batch) >= batch_size or (max_tokens and grown * (len(batch) + 1) > max_tokens)):
+                batches.append(batch)
+                batch, grown = [], lengths[index]
+            batch.append(index)
+            longest = grown
+        if batch:
+            batches.append(batch)
     rng.shuffle(batches)
     return batches
 
@@ -191,7 +205,8 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=spec.learning_rate)
+        on_cuda = str(loaded.device).startswith("cuda")
+        optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, **({"fused": True} if on_cuda else {}))
         warmup = min(spec.warmup_steps, total_steps // 10)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) * max(0.0, 1 - s / total_steps))
@@ -199,7 +214,9 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
         pad_id = tokenizer.pad_token_id
         lengths = [len(s) for s in sources]
         eval_every = spec.eval_steps or steps_per_epoch
-        state = TrainState(batches=length_bucketed_batches(lengths, spec.per_device_train_batch_size, rng))
+        batching = {"max_tokens": spec.max_tokens_per_batch}
+        state = TrainState(batches=length_bucketed_batches(lengths, spec.per_device_train_batch_size, rng,
+                                                           **batching))
         resumed_from = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, rng, state)
         if resumed_from:
             curve.update(state.curve)
@@ -214,8 +231,8 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
 
         while state.step < total_steps and not state.stopped_early:
             if state.position >= len(state.batches):  # next epoch
-                state.batches, state.position = length_bucketed_batches(lengths, spec.per_device_train_batch_size,
-                                                                        rng), 0
+                state.batches, state.position = length_bucketed_batches(
+                    lengths, spec.per_device_train_batch_size, rng, **batching), 0
             batch = state.batches[state.position]
             while True:
                 try:
