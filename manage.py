@@ -645,8 +645,17 @@ def report(ctx: Context, metric_names, sweep, split, sort, top, fmt, plot_path, 
 
 
 def render_comparison(pairs: list[dict], variants, metric: str, fmt: str) -> str:
-    if fmt in ("json", "csv"):
+    if fmt == "json":
         return json.dumps(pairs, indent=2) + "\n"
+    if fmt == "csv":
+        import csv
+        import io
+
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(pairs[0]) if pairs else ["example_id"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(pairs)
+        return out.getvalue()
     a, b = variants
     blocks = []
     for pair in pairs:

@@ -157,6 +157,9 @@ def test_sweep_to_morning_report(make_env, tmp_path):
 
     compared = cli(env, "report", "--compare", "base", best[0]["variant"], "--limit", "2")
     assert compared.returncode == 0 and compared.stdout.count("reference: ") == 2
+    as_csv = list(csv.DictReader(io.StringIO(cli(env, "report", "--compare", "base", best[0]["variant"], "--limit",
+                                                 "2", "--format", "csv").stdout)))
+    assert len(as_csv) == 2 and {"reference", "difference"} <= set(as_csv[0])
     watched = cli(env, "jobs", "watch", "--sweep", "grid")
     assert watched.returncode == 0 and "14 succeeded" in watched.stdout
     shown = json.loads(cli(env, "sweeps", "show", "grid", "--json").stdout)
