@@ -42,6 +42,7 @@ class Job(Base):
     sweep_id: Mapped[Optional[int]] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), index=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)  # 0..9, higher runs first
     celery_task_id: Mapped[Optional[str]] = mapped_column(String(64))
+    queue: Mapped[Optional[str]] = mapped_column(String(255))  # the broker queue it was last published to
     worker_host: Mapped[Optional[str]] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)

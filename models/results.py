@@ -24,7 +24,8 @@ class Adapter(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     base_model: Mapped[str] = mapped_column(String(512))
-    method: Mapped[str] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(32))  # lora, qlora, prompt-tuning, or full (a whole model folder)
+    task: Mapped[str] = mapped_column(String(16), default="seq2seq", server_default="seq2seq")
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
     path: Mapped[str] = mapped_column(String(1024))  # relative to TUNEQUEUE_HOME
     size_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -35,6 +36,14 @@ class Adapter(Base):
     best_eval_loss: Mapped[Optional[float]] = mapped_column(Float)
     duration_s: Mapped[Optional[float]] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    @property
+    def percent_trainable(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def is_full_model(self) -> bool:
+        return self.method == "full"
 
 
 class Generation(Base):

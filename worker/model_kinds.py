@@ -1,0 +1,99 @@
+"""Model kinds (tasks): seq2seq, causal LM and sequence classification, told apart from a model's config.
+
+`detect_task` reads `config.json` only (no torch), so the CLI can check a job before enqueueing it;
+`load_model` loads weights with the Auto class of the task, optionally in 4-bit (QLoRA) or in a given dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from worker.builtin import BUILTIN_MODELS
+
+AUTO_CLASSES = {
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "causal": "AutoModelForCausalLM",
+    "classification": "AutoModelForSequenceClassification",
+}
+PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "classification": "SEQ_CLS"}
+# Encoder-only families: without a head in `architectures`, these are loaded for classification.
+ENCODER_MODEL_TYPES = {"bert", "distilbert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra",
+                       "albert", "camembert", "modernbert"}
+
+
+class TaskError(ValueError):
+    """The model's kind cannot be told or does not fit; one line for the user."""
+
+
+def task_from_config(config: dict) -> str:
+    for architecture in config.get("architectures") or []:
+        if architecture.endswith("ForConditionalGeneration") and config.get("is_encoder_decoder", True):
+            return "seq2seq"
+        if architecture.endswith("ForCausalLM"):
+            return "causal"
+        if architecture.endswith("ForSequenceClassification"):
+            return "classification"
+    if config.get("is_encoder_decoder"):
+        return "seq2seq"
+    if config.get("model_type") in ENCODER_MODEL_TYPES:
+        return "classification"
+    if config.get("model_type"):
+        return "causal"
+    raise TaskError("cannot tell the model's task from its config.json; pass --task")
+
+
+def read_config(ref: str) -> Optional[dict]:
+    """config.json of a local folder or of a hub id in the local cache; None when it is not at hand."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        file = path / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "config.json")
+        if not isinstance(cached, str):
+            return None
+        file = Path(cached)
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TaskError(f"cannot read the config of model {ref!r}: {exc}") from None
+
+
+def detect_task(ref: str) -> str:
+    """The task of model `ref` (built-in name, local folder or cached hub id)."""
+    if ref in BUILTIN_MODELS:
+        return BUILTIN_MODELS[ref]
+    config = read_config(ref)
+    if config is None:
+        raise TaskError(f"cannot read the config of model {ref!r} to tell its task; pass --task")
+    return task_from_config(config)
+
+
+def model_class(task: str):
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[task])
+
+
+def load_model(path: str, task: str, *, labels: Optional[list[str]] = None, dtype: Any = None,
+               load_in_4bit: bool = False) -> Any:
+    """Weights of `path` with the task's Auto class. `labels` sizes a classification head (a new head is made when
+    the saved one has another size); `load_in_4bit` loads NF4 weights with double quantization and bf16 compute."""
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if task == "classification" and labels:
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True)
+    if load_in_4bit:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": 0}
+    return model_class(task).from_pretrained(path, **kwargs)
