@@ -10,10 +10,10 @@ import json
 import sys
 import time
 from functools import cached_property
+from pathlib import Path
 
 import click
 
-from worker.builtin import DEFAULT_PROMPT_TEMPLATE
 from worker.settings import Settings, mask_url
 from worker.specs import SpecError, parse_spec
 
@@ -107,14 +107,34 @@ ATTEMPTS_OPTION = click.option("--max-attempts", type=click.IntRange(1, 100), de
 def _data_options(func):
     options = [
         click.option("--dataset", default="synthetic-dialogsum", show_default=True,
-                     help="synthetic-dialogsum, a local .jsonl/.csv file (split 80/10/10 by seed) or a folder of "
-                          "train/validation/test files, or a Hugging Face dataset name."),
-        click.option("--text-column", default="dialogue", show_default=True, help="Column with the input text."),
-        click.option("--summary-column", default="summary", show_default=True, help="Column with the reference."),
-        click.option("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE,
-                     help="Template with {dialogue} for the input text. [default: the seeds' "
-                          "'Summarize the following conversation.' prompt]"),
-        click.option("--seed", default=42, show_default=True, type=int),
+                     help="A built-in (synthetic-dialogsum, synthetic-sentiment); a local .jsonl, .json, .csv or "
+                          ".parquet file or Dataset.save_to_disk folder (split 80/10/10 by --seed); a "
+                          "DatasetDict.save_to_disk folder or a folder of per-split files (train.jsonl, "
+                          "validation.csv, ...); or a Hugging Face dataset name (needs the network or its cache)."),
+        click.option("--dataset-config", default=None,
+                     help="Configuration of a hub dataset, as in load_dataset(name, config), e.g. 3.0.0."),
+        click.option("--format", "data_format", type=click.Choice(["columns", "alpaca"]), default="columns",
+                     show_default=True,
+                     help="columns: --text-column -> --summary-column (or --label-column). alpaca: rows with "
+                          "instruction / input / output; the prompt is the instruction (plus the input when "
+                          "there is one), the target is the output."),
+        click.option("--text-column", default=None,
+                     help="Column with the input text. [default: the built-in dataset's, else dialogue]"),
+        click.option("--summary-column", default=None,
+                     help="Column with the reference output (seq2seq, causal). [default: summary]"),
+        click.option("--label-column", default=None,
+                     help="Column with the class label (classification). [default: label]"),
+        click.option("--prompt-template", default=None,
+                     help="Template with {text} (or {dialogue}) where the input text goes; with --format alpaca "
+                          "also {instruction} and {input}. [default: 'Summarize the following conversation.' "
+                          "prompt; the standard Alpaca prompt for --format alpaca; the bare text for "
+                          "classification]"),
+        click.option("--prompt-template-file", type=click.Path(), default=None,
+                     help="Read the prompt template from this UTF-8 file (one final newline is dropped); "
+                          "instead of --prompt-template."),
+        click.option("--seed", default=42, show_default=True, type=int,
+                     help="Seeds the 80/10/10 split of a single file or Dataset folder, the --train-limit subset "
+                          "and training."),
         click.option("--wait", is_flag=True, help="Block until the job finishes, showing progress."),
         click.option("--json", "as_json", is_flag=True, help="Print the job as JSON."),
         PRIORITY_OPTION,
@@ -123,6 +143,20 @@ def _data_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _data_fields(options: dict) -> dict:
+    """The data options as spec fields: --prompt-template-file read into prompt_template."""
+    path = options.pop("prompt_template_file", None)
+    if path is not None:
+        if options.get("prompt_template") is not None:
+            fail("give either --prompt-template or --prompt-template-file, not both")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read --prompt-template-file {path}: {getattr(exc, 'strerror', None) or exc}")
+        options["prompt_template"] = text.removesuffix("\n")
+    return options
 
 
 def _submit(ctx: Context, session, spec, *, wait: bool, as_json: bool, priority: int = 0, max_attempts: int = 3):
@@ -163,15 +197,26 @@ def _build(data: dict):
 @click.option("--name", required=True, help="Adapter name (letters, digits, . _ -); unique.")
 @click.option("--model", default="tiny-t5", show_default=True,
               help="Base model: built-in name, local folder, or hub id (e.g. google/flan-t5-base).")
-@click.option("--method", type=click.Choice(["lora"]), default="lora", show_default=True,
-              help="lora: LoRA adapter via PEFT on a seq2seq (T5 family) model.")
+@click.option("--method", type=click.Choice(["lora", "qlora", "prompt-tuning", "full"]), default="lora",
+              show_default=True,
+              help="lora: LoRA layers (--lora-r, --target-modules) on the resident base. qlora: base loaded in 4-bit "
+                   "NF4 with bitsandbytes, LoRA on top (needs a CUDA worker). prompt-tuning: --num-virtual-tokens "
+                   "trained prompt embeddings. full: every weight; writes a whole model folder.")
+@click.option("--task", type=click.Choice(["seq2seq", "causal", "classification"]), default=None,
+              help="Model kind [default: read from the model's config]. seq2seq: T5/FLAN-T5/BART. causal: "
+                   "Llama/Qwen/GPT-2 style, loss on the summary tokens only. classification: DistilBERT style, "
+                   "text -> --label-column.")
+@click.option("--num-virtual-tokens", type=int, default=20, show_default=True, help="Prompt tuning: prompt length.")
+@click.option("--prompt-tuning-init", type=click.Choice(["text", "random"]), default="text", show_default=True,
+              help="Prompt tuning: start from the embeddings of the prompt template's instruction, or at random.")
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--lora-r", "--r", "lora_r", type=int, default=16, show_default=True, help="LoRA rank.")
 @click.option("--lora-alpha", "--alpha", "lora_alpha", type=float, default=32, show_default=True)
 @click.option("--lora-dropout", "--dropout", "lora_dropout", type=float, default=0.0, show_default=True)
 @click.option("--target-modules", default="all-linear", show_default=True,
               help="'all-linear' or a comma-separated list such as q,v.")
-@click.option("--learning-rate", "--lr", "learning_rate", type=float, default=3e-3, show_default=True)
+@click.option("--learning-rate", "--lr", "learning_rate", type=float, default=None,
+              help="[default: 3e-3 for lora/qlora, 3e-2 for prompt-tuning, 1e-3 for full]")
 @click.option("--epochs", "num_train_epochs", type=float, default=3, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (overrides --epochs).")
 @click.option("--batch-size", "per_device_train_batch_size", type=int, default=16, show_default=True)
@@ -179,34 +224,74 @@ def _build(data: dict):
               help="Also cap each batch at this many padded input tokens (length-bucketed batches).")
 @click.option("--max-source-length", type=int, default=256, show_default=True)
 @click.option("--max-target-length", type=int, default=64, show_default=True)
-@click.option("--train-limit", type=int, default=None, help="Use only the first N training examples.")
+@click.option("--train-limit", type=int, default=None,
+              help="Train on N examples of the split, a random subset chosen by --seed (the same seed, the same "
+                   "subset).")
+@click.option("--eval-split", default=None,
+              help="Split for the eval loss (loss curves, early stopping). [default: validation]")
+@click.option("--eval-limit", type=int, default=None, help="Evaluate on the first N examples. [default: 200]")
 @click.option("--checkpoint-every", "checkpoint_every_steps", type=int, default=100, show_default=True,
               help="Save a resumable checkpoint every N steps; a re-run after a crash resumes from it.")
 @click.option("--time-limit", "time_limit_s", type=float, default=None,
               help="Soft limit in seconds: checkpoint, then fail with the reason.")
+@click.option("--replace", is_flag=True,
+              help="Re-use the name of an existing adapter: it is replaced when this job succeeds.")
 @_data_options
 @pass_ctx
 def finetune(ctx: Context, wait, as_json, priority, max_attempts, target_modules, **options):
-    """Queue a LoRA fine-tune of a base model on a dialogue-summary dataset.
+    """Queue a fine-tune of a base model: LoRA, QLoRA, prompt tuning or full, on any of three model kinds.
 
-    The adapter is saved in PEFT's format under TUNEQUEUE_HOME/adapters/NAME and recorded in the database.
+    \b
+    Methods (--method):  lora | qlora (CUDA + bitsandbytes) | prompt-tuning | full
+    Model kinds (--task, read from the model's config.json unless given):
+      seq2seq         T5 / FLAN-T5: prompt -> summary
+      causal          Llama / Qwen / GPT-2: prompt + summary in one sequence, loss on the summary only
+      classification  DistilBERT / BERT: text -> label (--label-column), scored by accuracy and F1
 
-    Built-in offline model: tiny-t5 (built on first use under TUNEQUEUE_HOME, no download). Built-in dataset:
-    synthetic-dialogsum.
+    A PEFT adapter (adapter_config.json + adapter_model.safetensors), or for --method full a whole model folder, is
+    written under TUNEQUEUE_HOME/adapters/NAME and recorded with its trainable/total parameters and size on disk.
+
+    \b
+    Built-in offline models (built on first use under TUNEQUEUE_HOME, no download):
+      tiny-t5 (seq2seq), tiny-llama (causal), tiny-bert (classification)
+    Built-in datasets: synthetic-dialogsum (dialogue -> summary), synthetic-sentiment (text -> label)
     """
     from worker.validate import validate_finetune
 
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
-    spec = _build({"kind": "finetune", "target_modules": targets, **options})
+    spec = _build({"kind": "finetune", "target_modules": targets, **_data_fields(options)})
     with ctx.session() as session:
-        _check(validate_finetune, spec, session)
+        spec = _check(validate_finetune, spec, session)
+        if spec.method == "qlora":
+            _warn_without_cuda_worker(ctx)
         _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
+
+
+def _warn_without_cuda_worker(ctx: Context) -> None:
+    """QLoRA runs only on a CUDA worker: say so now rather than when the job fails in the night."""
+    from worker.registry import live_workers
+
+    try:
+        found = live_workers(ctx.app)
+    except Exception:
+        return
+    if not any(w.get("cuda") for w in found):
+        click.echo(f"warning: no running worker on queue {ctx.settings.queue!r} reports CUDA; a qlora job fails on "
+                   "a worker without it (start a worker on a GPU machine)", err=True)
 
 
 @cli.command()
 @click.option("--model", default=None, help="Base model [default: the adapter's base, else tiny-t5].")
 @click.option("--adapter", default=None, help="Name of a trained adapter; without it the base model alone.")
-@click.option("--split", default="test", show_default=True)
+@click.option("--adapters", "adapter_list", default=None,
+              help="Comma-separated adapters of one base, generated together in mixed batches (one row per "
+                   "adapter and example).")
+@click.option("--task", type=click.Choice(["seq2seq", "causal", "classification"]), default=None,
+              help="Model kind [default: the adapter's, else read from the model's config]. classification "
+                   "stores the predicted label per example.")
+@click.option("--split", "--test-split", "split", default="test", show_default=True,
+              help="Split to generate for: train/validation/test of a built-in or carved file, or any split of a "
+                   "folder or hub dataset.")
 @click.option("--limit", type=int, default=None, help="Only the first N examples of the split.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
@@ -214,15 +299,16 @@ def finetune(ctx: Context, wait, as_json, priority, max_attempts, target_modules
               help="Never repeat an n-gram of this size (0: off).")
 @_data_options
 @pass_ctx
-def generate(ctx: Context, wait, as_json, priority, max_attempts, model, **options):
-    """Queue batched greedy generation for every example of a split (one row per example).
+def generate(ctx: Context, wait, as_json, priority, max_attempts, model, adapter_list, **options):
+    """Queue batched greedy generation (or classification) for every example of a split: one row per example.
 
-    Built-in offline model: tiny-t5 (built on first use under TUNEQUEUE_HOME, no download). Built-in dataset:
-    synthetic-dialogsum.
+    Built-in offline models: tiny-t5, tiny-llama, tiny-bert (built on first use under TUNEQUEUE_HOME, no
+    download). Built-in datasets: synthetic-dialogsum, synthetic-sentiment.
     """
     from worker.validate import validate_generate
 
-    spec = _build({"kind": "generate", "model": model or "tiny-t5", **options})
+    adapters = [a.strip() for a in adapter_list.split(",") if a.strip()] if adapter_list else []
+    spec = _build({"kind": "generate", "model": model or "tiny-t5", "adapters": adapters, **_data_fields(options)})
     with ctx.session() as session:
         spec = _check(validate_generate, spec, session, ctx.settings.home, model_given=model is not None)
         _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
@@ -230,8 +316,9 @@ def generate(ctx: Context, wait, as_json, priority, max_attempts, model, **optio
 
 @cli.command()
 @click.argument("generate_job_id", type=int)
-@click.option("--metric", "metrics", multiple=True, type=click.Choice(["rouge"]), default=["rouge"],
-              show_default=True, help="ROUGE-1/2/L/Lsum F-measure with stemming (rouge_score, offline).")
+@click.option("--metric", "metrics", multiple=True, type=click.Choice(["rouge", "classification"]),
+              help="rouge: ROUGE-1/2/L/Lsum F-measure with stemming (rouge_score, offline); classification: "
+                   "accuracy, precision, recall, F1 (binary and macro). [default: from the generate job's task]")
 @click.option("--wait", is_flag=True, help="Block until the job finishes.")
 @click.option("--json", "as_json", is_flag=True)
 @PRIORITY_OPTION
@@ -241,7 +328,7 @@ def score(ctx: Context, generate_job_id, metrics, wait, as_json, priority, max_a
     """Queue scoring of a finished generate job's rows against their references."""
     from worker.validate import validate_score
 
-    spec = _build({"kind": "score", "generate_job_id": generate_job_id, "metrics": list(metrics)})
+    spec = _build({"kind": "score", "generate_job_id": generate_job_id, "metrics": list(metrics) or None})
     with ctx.session() as session:
         _check(validate_score, spec, session)
         _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
@@ -253,6 +340,7 @@ def _job_dict(job, full: bool = False) -> dict:
         "id": job.id, "kind": job.kind.value, "status": job.status.value, "parent_id": job.parent_id,
         "attempts": job.attempts, "worker_host": job.worker_host, "created_at": job.created_at,
         "started_at": job.started_at, "finished_at": job.finished_at, "duration_s": job.duration_s,
+        "queued_at": job.queued_at, "queue_wait_s": job.queue_wait_s, "queue": job.queue,
         "error": job.error, "progress": job.progress, "result": job.result,
     }
     if full:
@@ -293,10 +381,11 @@ def jobs_list(ctx: Context, status, limit, as_json):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "kind", "status", "what", "attempts", "duration", "progress")
+    table = Table("id", "kind", "status", "what", "attempts", "queue wait", "duration", "progress")
     for job in found:
         progress = job.progress or {}
         table.add_row(str(job.id), job.kind.value, job.status.value, _describe(job), str(job.attempts),
+                      f"{job.queue_wait_s:.2f}s" if job.queue_wait_s is not None else "",
                       f"{job.duration_s:.1f}s" if job.duration_s else "",
                       f"{progress.get('step', '')}/{progress.get('total_steps', '')}" if progress else "")
     Console().print(table)
@@ -561,6 +650,12 @@ def sweeps_cancel(ctx: Context, name):
     click.echo(f"sweep {name}: " + (", ".join(f"{n} {k}" for k, n in outcomes.items()) or "nothing left to cancel"))
 
 
+# ------------------------------------------------------------------------------------------------ adapters
+from api.adapters_cli import adapters  # noqa: E402  (imports only Click)
+
+cli.add_command(adapters)
+
+
 # -------------------------------------------------------------------------------------------------- worker
 @cli.command()
 @click.option("--burst", is_flag=True, help="Exit once the queue is empty and no job is running (like rq).")
@@ -571,6 +666,29 @@ def worker(ctx: Context, burst, loglevel):
     from worker.launch import run_worker
 
     run_worker(ctx.app, burst=burst, loglevel=loglevel)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def workers(ctx: Context, as_json):
+    """Running workers of this queue: CUDA, loaded base models, current job (from their Redis records)."""
+    from worker.registry import live_workers
+
+    try:
+        found = live_workers(ctx.app)
+    except Exception as exc:
+        fail(f"cannot read the worker registry at {mask_url(ctx.settings.redis_url)}: {exc}")
+    if as_json:
+        echo_json(found)
+        return
+    if not found:
+        click.echo(f"no worker is running on queue {ctx.settings.queue!r}")
+        return
+    for w in found:  # plain lines: hostnames and model paths are long, a table would cut them
+        cuda = {True: w.get("gpu") or "yes", False: "no"}.get(w.get("cuda"), "?")
+        click.echo(f"{w['hostname']}  pid {w['pid']}  cuda {cuda}  job {w['current_job'] or '-'}  "
+                   f"bases {', '.join(w['loaded_bases']) or '-'}  (seen {w['updated_at']})")
 
 
 @cli.command()

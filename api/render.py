@@ -16,7 +16,7 @@ def _columns(rows: list[dict], metrics: list[str]) -> list[str]:
     cols = ["model", "variant", *params]
     for m in metrics:
         cols += [m, f"{m}_ci_low", f"{m}_ci_high", f"delta_{m}"]
-    return cols + ["examples", "train_time_s", "best"]
+    return cols + ["examples", "train_time_s", "queue_wait_s", "best"]
 
 
 def _flat(row: dict) -> dict:
@@ -40,7 +40,7 @@ def _cells(row: dict, metrics: list[str]) -> list[str]:
         if row.get(f"{m}_ci_low") is not None and value:
             value += f" [{row[f'{m}_ci_low']:.3f}–{row[f'{m}_ci_high']:.3f}]"
         cells += [value, _fmt(row.get(f"delta_{m}"), sign=True)]
-    return cells + [str(row["examples"]), _fmt(row.get("train_time_s"), 1)]
+    return cells + [str(row["examples"]), _fmt(row.get("train_time_s"), 1), _fmt(row.get("queue_wait_s"), 2)]
 
 
 def _headers(rows: list[dict], metrics: list[str]) -> list[str]:
@@ -48,7 +48,7 @@ def _headers(rows: list[dict], metrics: list[str]) -> list[str]:
     heads = ["model", "variant", *params]
     for m in metrics:
         heads += [f"{m} [95% CI]", f"Δ {m}"]
-    return heads + ["examples", "train s"]
+    return heads + ["examples", "train s", "queue wait s"]
 
 
 def render_report(rows: list[dict], metrics: list[str], fmt: str) -> str:

@@ -1,7 +1,8 @@
 """Queue overhead: N tiny generate jobs (one example, one new token) through the real Redis and one real worker.
 
 Prints per-job overhead (wall time per job minus the time the jobs' own work took), enqueue → start latency p50 and
-p99 (from the rows' created_at / started_at), and how many times the worker loaded the base model.
+p99 (from the rows' queued_at / started_at) for the batch and for jobs sent one at a time to the idle worker, and how
+many times the worker loaded the base model.
 
     python bench/queue.py --tiny          # 50 jobs
     python bench/queue.py                 # 200 jobs
@@ -33,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--idle-jobs", type=int, default=20, help="Jobs sent one at a time to the idle worker.")
     args = parser.parse_args()
     n = args.jobs or (50 if args.tiny else 200)
     home = Path(tempfile.mkdtemp(prefix="tq-queue-bench-"))
@@ -71,11 +73,20 @@ def main() -> None:
                 break
         time.sleep(0.05)
     wall = time.monotonic() - started
+    idle_ids = []
+    for _ in range(args.idle_jobs):  # one at a time: the worker is blocked in BRPOP when each one is sent
+        time.sleep(0.1)
+        with sessions() as session:
+            job = enqueue(session, app, spec)
+            idle_ids.append(job.id)
+            while not session.get(Job, job.id, populate_existing=True).status.finished:
+                time.sleep(0.02)
     worker.terminate()
     worker.wait(timeout=60)
     with sessions() as session:
         jobs = [session.get(Job, i) for i in ids]
-        waits = sorted((j.started_at - j.created_at).total_seconds() * 1000 for j in jobs)
+        waits = sorted(1000 * j.queue_wait_s for j in jobs)
+        idle = sorted(1000 * session.get(Job, i).queue_wait_s for i in idle_ids)
         work = sum(j.result["duration_s"] for j in jobs if j.result)
         loads = max(j.result["base_loads"] for j in jobs if j.result)
         ok = sum(j.status == JobStatus.succeeded for j in jobs)
@@ -85,6 +96,9 @@ def main() -> None:
     emit(figure="enqueue_to_start_ms", p50=round(statistics.median(waits), 1),
          p99=round(waits[min(len(waits) - 1, int(0.99 * len(waits)))], 1),
          note="jobs are enqueued all at once, so later ones wait behind earlier ones")
+    if idle:
+        emit(figure="idle_enqueue_to_start_ms", jobs=len(idle), p50=round(statistics.median(idle), 1),
+             p99=round(idle[min(len(idle) - 1, int(0.99 * len(idle)))], 1), note="one job at a time, idle worker")
     emit(ratio="overhead_ms_per_job", value=round(1000 * (wall - work) / n, 1), target=50)
 
 

@@ -43,6 +43,7 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)  # 0..9, higher runs first
     celery_task_id: Mapped[Optional[str]] = mapped_column(String(64))
     queue: Mapped[Optional[str]] = mapped_column(String(255))  # the broker queue it was last published to
+    queued_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))  # when it was last published
     worker_host: Mapped[Optional[str]] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
@@ -60,6 +61,13 @@ class Job(Base):
     def duration_s(self) -> Optional[float]:
         if self.started_at and self.finished_at:
             return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+    @property
+    def queue_wait_s(self) -> Optional[float]:
+        """Seconds between the last publish and the start of the last attempt."""
+        if self.queued_at and self.started_at:
+            return max(0.0, (_aware(self.started_at) - _aware(self.queued_at)).total_seconds())
         return None
 
 

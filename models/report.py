@@ -16,7 +16,10 @@ from models.jobs import Job, JobKind
 from models.results import Adapter, ExampleScore, Generation, LossPoint, Metric
 from models.sweeps import Sweep
 
-METRIC_GROUPS = {"rouge": ["rouge1", "rouge2", "rougeL", "rougeLsum"]}
+METRIC_GROUPS = {
+    "rouge": ["rouge1", "rouge2", "rougeL", "rougeLsum"],
+    "classification": ["accuracy", "f1", "precision", "recall", "f1_macro", "precision_macro", "recall_macro"],
+}
 BOOTSTRAP_SAMPLES = 1000
 
 
@@ -81,11 +84,13 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
                sweep: str | None = None, sort: str | None = None, top: int | None = None,
                intervals: bool = True) -> list[dict]:
     """One dict per (base model, variant): metric means, 95% intervals, deltas vs base, examples, training time,
-    the hyperparameters that vary between rows, and `best` on the row with the highest `sort` metric."""
+    mean queue wait of its jobs, the hyperparameters that vary between rows, and `best` on the row with the
+    highest `sort` metric."""
     sweep_row = sweep_by_name(session, sweep) if sweep else None
     table: dict[tuple[str, str], dict] = {}
     order: dict[tuple[str, str], tuple] = {}
     hyper: dict[tuple[str, str], dict] = {}
+    job_ids: dict[tuple[str, str], set[int]] = {}
     for metric, adapter in _newest_metrics(session, metrics, split, sweep_row):
         if variants is not None and metric.variant not in variants:
             continue
@@ -96,11 +101,14 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
         })
         order[key] = (metric.variant != "base", adapter.created_at.isoformat() if adapter else "", metric.variant)
         hyper[key] = dict(adapter.hyperparameters) if adapter else {}
+        job_ids.setdefault(key, set()).update({metric.job_id, adapter.job_id if adapter else None} - {None})
         row[metric.name] = metric.value
         if intervals:
             low, high = bootstrap_interval(example_values(session, metric.job_id, metric.variant, metric.name))
             row[f"{metric.name}_ci_low"], row[f"{metric.name}_ci_high"] = low, high
         row["examples"] = min(row["examples"], metric.n_examples)
+    for key, wait in _mean_queue_waits(session, job_ids).items():
+        table[key]["queue_wait_s"] = wait
     rows = [table[key] for key in sorted(table, key=lambda k: (k[0], order[k]))]
     varied = _varied_keys([hyper[(r["model"], r["variant"])] for r in rows if r["variant"] != "base"])
     for row in rows:
@@ -123,6 +131,21 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
     for row in rows:
         row["best"] = row is best
     return rows
+
+
+def _mean_queue_waits(session: Session, job_ids: dict[tuple, set[int]]) -> dict[tuple, float | None]:
+    """Per row, the mean queue wait (start - last publish) of its fine-tune, generate and score jobs."""
+    wanted = {i for ids in job_ids.values() for i in ids}
+    jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(wanted)))}
+    generate_of = {j.id: j.spec.get("generate_job_id") for j in jobs.values() if j.kind == JobKind.score}
+    more = set(generate_of.values()) - set(jobs) - {None}
+    jobs.update({j.id: j for j in session.scalars(select(Job).where(Job.id.in_(more)))})
+    means = {}
+    for key, ids in job_ids.items():
+        ids = ids | {generate_of[i] for i in ids if generate_of.get(i)}
+        waits = [jobs[i].queue_wait_s for i in ids if i in jobs and jobs[i].queue_wait_s is not None]
+        means[key] = round(sum(waits) / len(waits), 2) if waits else None
+    return means
 
 
 def _varied_keys(params: list[dict]) -> list[str]:

@@ -22,11 +22,12 @@ RUN_ID = uuid.uuid4().hex[:8]
 
 @pytest.fixture(scope="session")
 def builtin_home(tmp_path_factory) -> Path:
-    """A home whose built-in tiny-t5 is built once per test session and copied into each test's home."""
-    from worker.builtin import ensure_builtin
+    """A home whose built-in models are built once per test session and copied into each test's home."""
+    from worker.builtin import BUILTIN_MODELS, ensure_builtin
 
     home = tmp_path_factory.mktemp("builtin-home")
-    ensure_builtin("tiny-t5", home)
+    for name in BUILTIN_MODELS:
+        ensure_builtin(name, home)
     return home
 
 
@@ -102,11 +103,11 @@ def session_of(env: dict):
 
 
 def queue_length(env: dict) -> int:
+    """Messages waiting in the default queue and every base queue of this environment."""
     from worker.celery_app import make_app
-    from worker.launch import queue_length as length
+    from worker.launch import pending_messages
 
-    settings = settings_of(env)
-    return length(make_app(settings), settings.queue)
+    return pending_messages(make_app(settings_of(env)))
 
 
 def cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

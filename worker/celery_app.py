@@ -38,7 +38,9 @@ def make_app(settings: Settings) -> Celery:
             # --priority 0..9: one Redis list per level, served highest first (Redis counts 0 as the highest)
             "priority_steps": list(range(10)),
             "sep": ":",
-            "queue_order_strategy": "priority",
+            # kombu's "priority" order (fixed, not round robin) with the queues of the worker's loaded bases first;
+            # BRPOP keys go by priority level first, so a job's priority still beats affinity (worker/affinity.py)
+            "queue_order_strategy": "worker.affinity:AffinityCycle",
         },
         worker_hijack_root_logger=False,
     )

@@ -1,75 +1,113 @@
-"""Load dataset examples as `{id, source, target}` dicts for one split (built-in, local file, or hub dataset).
+"""Examples of one dataset split as `{id, text, source, target}` dicts, for training and generation.
 
-A single local file is split deterministically (80/10/10 by a seeded shuffle) into train/validation/test; a folder
-holds one file per split. Hub datasets go through `datasets.load_dataset` (needs the network or a local cache).
+`examples_for(spec, split, ...)` reads the dataset (a built-in, a local file or folder, or a hub dataset with its
+configuration), maps its columns (`text_column` and a target column, or alpaca's instruction / input / output onto
+prompt and target) and applies the prompt template. A single local file or `Dataset.save_to_disk` folder is carved
+80/10/10 into train/validation/test by a seeded shuffle (`worker.datafiles`).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import random
-from pathlib import Path
+import re
 
-from worker import synthetic
-from worker.refs import SPLITS, RefError, local_split_file
+from worker import datafiles
+from worker.builtin import DEFAULT_PROMPT_TEMPLATE
+from worker.refs import BUILTIN_DATASETS, RefError, looks_like_path
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}
+# The Stanford Alpaca prompts, used for --format alpaca while the prompt template is the default one.
+ALPACA_PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_TEMPLATE_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n")
+SLOT = re.compile(r"\{(text|dialogue|instruction|input)\}")
 
 
-def _read_local(path: Path) -> list[dict]:
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def split_rows(dataset: str, split: str, seed: int, dataset_config: str | None = None) -> list[tuple[str, dict]]:
+    """`(example id, row)` pairs of one split, in the dataset's order (a carved split: file order)."""
+    if dataset in BUILTIN_DATASETS:
+        module = BUILTIN_DATASETS[dataset]
+        if split not in module.SPLIT_SIZES:
+            raise RefError(f"dataset {dataset!r} has splits {', '.join(module.SPLIT_SIZES)}, not {split!r}")
+        return [(ex["id"], ex) for ex in module.generate_split(split)]
+    if looks_like_path(dataset):
+        source = datafiles.locate(dataset, split)
+        rows = datafiles.read_rows(source)
+        if not source.carved:
+            return [(str(row.get("id", i)), row) for i, row in enumerate(rows)]
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        lo, hi = SPLIT_FRACTIONS[split]
+        return [(str(i), rows[i]) for i in sorted(order[int(lo * len(rows)):int(hi * len(rows))])]
+    return _hub_rows(dataset, split, dataset_config)
 
 
-def _rows_for_split(dataset: str, split: str, seed: int) -> list[tuple[str, dict]]:
-    if dataset == synthetic.NAME:
-        return [(ex["id"], ex) for ex in synthetic.generate_split(split)]
-    path = Path(dataset).expanduser()
-    if path.exists():
-        file = local_split_file(dataset, split)
-        if file is None:
-            raise RefError(f"dataset folder {dataset!r} has no {split} file")
-        rows = _read_local(file)
-        if path.is_file():
-            if split not in SPLIT_FRACTIONS:
-                raise RefError(f"a single-file dataset has splits {', '.join(SPLITS)}, not {split!r}")
-            order = list(range(len(rows)))
-            random.Random(seed).shuffle(order)
-            lo, hi = SPLIT_FRACTIONS[split]
-            picked = sorted(order[int(lo * len(rows)):int(hi * len(rows))])
-            return [(str(i), rows[i]) for i in picked]
-        return [(str(row.get("id", i)), row) for i, row in enumerate(rows)]
+def _hub_rows(dataset: str, split: str, config: str | None) -> list[tuple[str, dict]]:
     import datasets
 
     try:
-        hub = datasets.load_dataset(dataset, split=split)
+        hub = datasets.load_dataset(dataset, config, split=split)
     except Exception as exc:
-        raise RefError(f"cannot load hub dataset {dataset!r} split {split!r}: {exc.__class__.__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return [(str(row.get("id", i)), row) for i, row in enumerate(hub)]
+        named = f"{dataset!r}" + (f" (config {config!r})" if config else "")
+        raise RefError(f"cannot load hub dataset {named} split {split!r}: {datafiles.first_line(exc)} "
+                       "(needs the network or the local Hugging Face cache)") from None
+    return [(str(row.get("id", i)), row) for i, row in enumerate(datafiles.dataset_rows(hub))]
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    """The template with {text} / {dialogue} (and for alpaca {instruction} / {input}) filled in, in one pass."""
+    return SLOT.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+def _value(row: dict, column: str, where: str) -> str:
+    if column not in row:
+        raise RefError(f"{where} has no column {column!r} (columns: {', '.join(map(str, row))})")
+    return "" if row[column] is None else str(row[column])
+
+
+def to_examples(rows: list[tuple[str, dict]], where: str, *, text_column: str, target_column: str | None,
+                template: str, alpaca: bool = False, limit: int | None = None) -> list[dict]:
+    """Map rows onto `{id, text, source, target}`; alpaca rows: instruction (+ input) -> output."""
+    default_alpaca = alpaca and template == DEFAULT_PROMPT_TEMPLATE
+    examples = []
+    for example_id, row in rows[:limit]:
+        if alpaca:
+            instruction, extra = _value(row, "instruction", where), str(row.get("input") or "")
+            text = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+            values = {"instruction": instruction, "input": extra}
+            if default_alpaca:
+                template = ALPACA_PROMPT_TEMPLATE if extra.strip() else ALPACA_PROMPT_TEMPLATE_NO_INPUT
+            target = row.get("output") if target_column else None
+        else:
+            text, values = _value(row, text_column, where), {}
+            target = row.get(target_column) if target_column else None
+        examples.append({"id": example_id, "text": text, "source": render(template, {**values, "text": text,
+                                                                                    "dialogue": text}),
+                         "target": None if target is None else str(target)})
+    if not examples:
+        raise RefError(f"{where} is empty")
+    return examples
+
+
+def examples_for(spec, split: str, *, target_column: str | None, limit: int | None = None,
+                 shuffle: bool = False) -> list[dict]:
+    """Examples of `split` for a finetune/generate spec (dataset, dataset_config, data_format, text_column,
+    prompt_template, seed). `shuffle` orders them by a shuffle seeded with `spec.seed` before `limit` applies, so a
+    limit takes the same random subset for the same seed."""
+    rows = split_rows(spec.dataset, split, spec.seed, spec.dataset_config)
+    if shuffle:
+        random.Random(f"subset-{spec.seed}").shuffle(rows)
+    return to_examples(rows, f"dataset {spec.dataset!r} split {split!r}", text_column=spec.text_column,
+                       target_column=target_column, template=spec.prompt_template,
+                       alpaca=spec.data_format == "alpaca", limit=limit)
 
 
 def load_examples(dataset: str, split: str, text_column: str, summary_column: str | None, *,
                   template: str, seed: int = 0, limit: int | None = None) -> list[dict]:
-    """Examples of one split with the prompt template applied to the text column."""
-    examples = []
-    for example_id, row in _rows_for_split(dataset, split, seed):
-        if text_column not in row:
-            raise RefError(f"dataset {dataset!r} split {split!r} has no column {text_column!r}")
-        target = row.get(summary_column) if summary_column else None
-        text = str(row[text_column])
-        examples.append({
-            "id": example_id,
-            "text": text,
-            "source": template.replace("{dialogue}", text).replace("{text}", text),
-            "target": None if target is None else str(target),
-        })
-        if limit is not None and len(examples) >= limit:
-            break
-    if not examples:
-        raise RefError(f"dataset {dataset!r} split {split!r} is empty")
-    return examples
+    """Examples of one split with the prompt template applied to the text column (older entry point)."""
+    return to_examples(split_rows(dataset, split, seed), f"dataset {dataset!r} split {split!r}",
+                       text_column=text_column, target_column=summary_column, template=template, limit=limit)

@@ -1,28 +1,104 @@
-"""Generation: `generate_summaries(spec, session, ...)` writes one prediction row per example of a split.
+"""Generation: `generate_summaries(spec, session, ...)` writes one prediction row per example and variant.
 
-Examples are sorted by length and generated in batches (greedy, stopping at EOS). Rows already written by an earlier
-attempt of the same job are kept and skipped, so a re-run finishes the rest instead of duplicating.
+Examples are sorted by length and generated in batches (greedy, stopping at EOS); a causal LM's rows hold only the
+new tokens, a classifier's rows the predicted label. A job may name several adapters: LoRA adapters of one base are
+loaded together on the resident model and run in mixed batches (PEFT's `adapter_names`, rows of one example for
+every adapter side by side), instead of one pass per adapter; other kinds (full models, prompt tuning, QLoRA,
+classifiers) get a pass each. Rows already written by an earlier attempt are kept and skipped, so a re-run
+finishes the rest instead of duplicating.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.results import Adapter, Generation
-from worker.data import load_examples
+from worker.data import examples_for
 from worker.faults import parse_faults
-from worker.model_cache import ModelCache
+from worker.features import attention_mask, pad
+from worker.methods import classification_labels
+from worker.model_cache import LoadedModel, ModelCache
 from worker.specs import GenerateSpec
-from worker.train import JobCancelled, ProgressFn, pad
+from worker.train import JobCancelled, ProgressFn, with_task_defaults
 
 log = logging.getLogger("tunequeue.generate")
+BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
+
+
+@dataclass
+class Pass:
+    """Variants generated together on one model: a single variant, or several LoRA adapters mixed."""
+
+    variants: list[tuple[str, Optional[Adapter]]]
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.variants) > 1
+
+
+def plan_passes(variants: list[tuple[str, Optional[Adapter]]], task: str) -> list[Pass]:
+    mixable = [v for v in variants if v[1] is not None and v[1].method == "lora" and task != "classification"]
+    if len(mixable) < 2:
+        return [Pass([v]) for v in variants]
+    if any(v[1] is None for v in variants):
+        mixable.insert(0, next(v for v in variants if v[1] is None))  # the base rides along as "__base__"
+    return [Pass(mixable)] + [Pass([v]) for v in variants if v not in mixable]
+
+
+def _adapters(spec: GenerateSpec, session: Session) -> list[tuple[str, Optional[Adapter]]]:
+    names = list(spec.adapters) or ([spec.adapter] if spec.adapter else [])
+    if not names:
+        return [("base", None)]
+    found = {a.name: a for a in session.scalars(select(Adapter).where(Adapter.name.in_(names)))}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise LookupError(f"adapter {missing[0]!r} does not exist")
+    return [(n, found[n]) for n in names]
+
+
+@contextlib.contextmanager
+def _pass_model(p: Pass, cache: ModelCache, spec: GenerateSpec, task: str, home: Path,
+                labels: Optional[list[str]]) -> Iterator[tuple[object, LoadedModel]]:
+    adapter = p.variants[0][1]
+    if p.mixed:
+        loaded = cache.get(spec.model, task)
+        with cache.with_adapters(loaded, {name: home / a.path for name, a in p.variants if a is not None}) as model:
+            yield model, loaded
+        return
+    if adapter is not None and adapter.method == "full":  # a whole fine-tuned model: its own cache entry
+        loaded = cache.get(str(home / adapter.path), task, labels=labels)
+        yield loaded.model, loaded
+        return
+    loaded = cache.get(spec.model, task, labels=labels, load_in_4bit=adapter is not None and adapter.method == "qlora")
+    with cache.with_adapter(loaded, home / adapter.path if adapter else None) as model:
+        yield model, loaded
+
+
+def _run_batch(model, loaded: LoadedModel, task: str, spec: GenerateSpec, ids: list[list[int]],
+               adapter_names: Optional[list[str]], labels: Optional[list[str]]) -> list[str]:
+    tokenizer, device = loaded.tokenizer, loaded.device
+    left = task == "causal"
+    input_ids = pad(ids, tokenizer.pad_token_id, left=left).to(device)
+    mask = attention_mask(ids, left=left).to(device)
+    extra = {"adapter_names": adapter_names} if adapter_names else {}
+    if task == "classification":
+        logits = model(input_ids=input_ids, attention_mask=mask, **extra).logits
+        return [labels[i] for i in logits.argmax(-1).tolist()]
+    output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=spec.max_new_tokens,
+                            do_sample=False, num_beams=1, no_repeat_ngram_size=spec.no_repeat_ngram_size or None,
+                            pad_token_id=tokenizer.pad_token_id, **extra)
+    if left:  # a causal LM returns prompt + continuation: keep the new tokens only
+        output = output[:, input_ids.shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
 def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, home: Path, *,
@@ -30,57 +106,62 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
     import torch
 
     started = time.monotonic()
-    adapter = None
-    if spec.adapter:
-        adapter = session.scalar(select(Adapter).where(Adapter.name == spec.adapter))
-        if adapter is None:
-            raise LookupError(f"adapter {spec.adapter!r} does not exist")
-    examples = load_examples(spec.dataset, spec.split, spec.text_column, spec.summary_column,
-                             template=spec.prompt_template, seed=spec.seed, limit=spec.limit)
-    done = set(session.scalars(select(Generation.example_id).where(
-        Generation.job_id == job_id, Generation.variant == spec.variant)))
-    todo = [e for e in examples if e["id"] not in done]
+    task = spec.task or cache.task_of(spec.model)
+    spec = with_task_defaults(spec, task)
+    variants = _adapters(spec, session)
+    target_column = spec.label_column if task == "classification" else spec.summary_column
+    examples = examples_for(spec, spec.split, target_column=target_column, limit=spec.limit)
+    done = set(session.execute(select(Generation.variant, Generation.example_id).where(
+        Generation.job_id == job_id)).tuples())
     was_loaded = cache.is_loaded(spec.model)
-    loaded = cache.get(spec.model)
-    tokenizer = loaded.tokenizer
-    encoded = tokenizer([e["source"] for e in todo], truncation=True,
-                        max_length=spec.max_source_length)["input_ids"] if todo else []
-    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
-    adapter_path = home / adapter.path if adapter else None
     faults = parse_faults(os.environ.get("TUNEQUEUE_FAULTS", ""))
-    batch_size, start, batch_number = spec.batch_size, 0, 0
-    with cache.with_adapter(spec.model, adapter_path) as model, torch.inference_mode():
-        while start < len(order):
-            batch = order[start:start + batch_size]
-            batch_number += 1
-            try:
-                faults.maybe_oom_batch(batch_number)
-                input_ids = pad([encoded[i] for i in batch], tokenizer.pad_token_id).to(loaded.device)
-                output = model.generate(input_ids=input_ids,
-                                        attention_mask=(input_ids != tokenizer.pad_token_id).long(),
-                                        max_new_tokens=spec.max_new_tokens, do_sample=False, num_beams=1,
-                                        no_repeat_ngram_size=spec.no_repeat_ngram_size or None)
-            except torch.cuda.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
-                batch_size = max(1, batch_size // 2)  # the same batch again, smaller
-                log.warning("out of memory generating: batch size now %s", batch_size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            predictions = tokenizer.batch_decode(output, skip_special_tokens=True)
-            session.add_all([
-                Generation(job_id=job_id, variant=spec.variant, adapter_id=adapter.id if adapter else None,
-                           split=spec.split, example_id=todo[i]["id"], source=todo[i]["text"],
-                           prediction=prediction.strip(), reference=todo[i]["target"])
-                for i, prediction in zip(batch, predictions)
-            ])
-            session.commit()
-            start += len(batch)
-            finished = start
-            if on_progress and on_progress({"step": finished + len(done), "total_steps": len(examples)}):
-                raise JobCancelled(f"cancelled after {finished + len(done)} examples")
+    total, finished, batch_size, batch_number = len(examples) * len(variants), len(done), spec.batch_size, 0
+    passes = plan_passes(variants, task)
+    for p in passes:
+        items = [(name, adapter, e) for e in examples for name, adapter in p.variants if (name, e["id"]) not in done]
+        if not items:
+            continue
+        labels = None
+        if task == "classification":
+            adapter = p.variants[0][1]
+            labels = (adapter.hyperparameters.get("labels") if adapter is not None else None) or \
+                classification_labels(cache.resolve(spec.model), [e["target"] for e in examples])
+        with _pass_model(p, cache, spec, task, home, labels) as (model, loaded), torch.inference_mode():
+            encoded = loaded.tokenizer([e["source"] for _, _, e in items], truncation=True,
+                                       max_length=spec.max_source_length)["input_ids"]
+            order = sorted(range(len(items)), key=lambda i: (len(encoded[i]), items[i][0]))
+            start = 0
+            while start < len(order):
+                batch = order[start:start + batch_size]
+                batch_number += 1
+                names = [items[i][0] if items[i][1] is not None else BASE_ADAPTER_NAME for i in batch] \
+                    if p.mixed else None
+                try:
+                    faults.maybe_oom_batch(batch_number)
+                    predictions = _run_batch(model, loaded, task, spec, [encoded[i] for i in batch], names, labels)
+                except torch.cuda.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise
+                    batch_size = max(1, batch_size // 2)  # the same batch again, smaller
+                    log.warning("out of memory generating: batch size now %s", batch_size)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                session.add_all([
+                    Generation(job_id=job_id, variant=items[i][0], adapter_id=items[i][1].id if items[i][1] else None,
+                               split=spec.split, example_id=items[i][2]["id"], source=items[i][2]["text"],
+                               prediction=prediction, reference=items[i][2]["target"])
+                    for i, prediction in zip(batch, predictions)
+                ])
+                session.commit()
+                start += len(batch)
+                finished += len(batch)
+                if on_progress and on_progress({"step": finished, "total_steps": total}):
+                    raise JobCancelled(f"cancelled after {finished} of {total} rows")
     duration = time.monotonic() - started
-    return {"variant": spec.variant, "examples": len(examples), "resumed_from": len(done),
-            "model_was_loaded": was_loaded, "base_loads": cache.loads, "duration_s": round(duration, 2),
-            "examples_per_s": round(len(todo) / duration, 2) if duration else None, "batch_size": batch_size}
+    generated = finished - len(done)
+    return {"variant": spec.variant if len(variants) == 1 else None, "variants": [v for v, _ in variants],
+            "task": task, "examples": len(examples), "rows": total, "resumed_from": len(done),
+            "passes": len(passes), "model_was_loaded": was_loaded, "base_loads": cache.loads,
+            "duration_s": round(duration, 2), "rows_per_s": round(generated / duration, 2) if duration else None,
+            "examples_per_s": round(generated / duration, 2) if duration else None, "batch_size": batch_size}

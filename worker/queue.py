@@ -38,11 +38,17 @@ MAX_PRIORITY = 9
 
 
 def publish(session: Session, app, job: Job) -> None:
+    """Send the job's id to the queue of its base model (worker/affinity.py); every (re)publish goes through here."""
+    from celery.utils import uuid
+
+    from worker.affinity import register_queue, route
+
+    job.queue, job.queued_at, job.celery_task_id = route(app, job.spec), utcnow(), uuid()
+    session.commit()  # the row is complete before a worker can see the message
+    register_queue(app, job.queue)
     # tunequeue's priority grows with urgency; the Redis transport serves 0 first, so the scale is turned over
-    result = app.send_task(TASK_NAMES[job.kind], args=[job.id], queue=app.conf.task_default_queue,
-                           priority=MAX_PRIORITY - job.priority)
-    job.celery_task_id = result.id
-    session.commit()
+    app.send_task(TASK_NAMES[job.kind], args=[job.id], queue=job.queue, priority=MAX_PRIORITY - job.priority,
+                  task_id=job.celery_task_id)
 
 
 def enqueue(session: Session, app, spec, parent: Job | None = None, *, priority: int = 0,

@@ -22,12 +22,12 @@ from worker.queue import MAX_PRIORITY, publish, skip_descendants
 log = logging.getLogger("tunequeue.reaper")
 
 
-def broker_job_ids(app, queue: str) -> set[int]:
-    """Job ids of the messages waiting in the queue's priority lists or delivered but not yet acknowledged."""
-    import redis
+def broker_job_ids(app, queues: list[str]) -> set[int]:
+    """Job ids of the messages waiting in the queues' priority lists or delivered but not yet acknowledged."""
+    from worker.affinity import redis_client
 
-    client = redis.Redis.from_url(app.conf.broker_url)
-    keys = [queue] + [f"{queue}:{level}" for level in range(1, MAX_PRIORITY + 1)]
+    client = redis_client(app)
+    keys = [key for queue in queues for key in [queue] + [f"{queue}:{level}" for level in range(1, MAX_PRIORITY + 1)]]
     raw = [m for key in keys for m in client.lrange(key, 0, -1)]
     raw += [json.loads(v)[0] for v in client.hvals("unacked")]  # [message, exchange, routing key]
     ids = set()
@@ -59,12 +59,16 @@ def reap_lost_workers(session: Session, app, stale_seconds: float) -> list[tuple
     return outcomes
 
 
-def republish_lost_messages(session: Session, app, queue: str) -> list[int]:
+def republish_lost_messages(session: Session, app) -> list[int]:
     """Queued jobs that should be in the broker (no parent, or a succeeded one) but are not: publish them again."""
-    waiting = broker_job_ids(app, queue)
+    from worker.affinity import known_queues
+
+    queued = list(session.scalars(select(Job).where(Job.status == JobStatus.queued)))
+    queues = set(known_queues(app)) | {job.queue for job in queued if job.queue}
+    waiting = broker_job_ids(app, sorted(queues))
     parent = Job.__table__.alias("parent")
     lost = []
-    for job in session.scalars(select(Job).where(Job.status == JobStatus.queued)):
+    for job in queued:
         if job.id in waiting:
             continue
         if job.parent_id is not None:
@@ -79,9 +83,8 @@ def republish_lost_messages(session: Session, app, queue: str) -> list[int]:
 
 
 def reconcile(session: Session, app, stale_seconds: float) -> dict:
-    settings = app.tunequeue_settings
     return {"requeued_or_failed": reap_lost_workers(session, app, stale_seconds),
-            "republished": republish_lost_messages(session, app, settings.queue)}
+            "republished": republish_lost_messages(session, app)}
 
 
 class ReaperThread(threading.Thread):

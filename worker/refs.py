@@ -1,30 +1,30 @@
 """Cheap checks of model and dataset references (no torch import), used before anything is enqueued or written.
 
 A model reference is a built-in name, a local folder with a `config.json`, or a Hugging Face hub id (`org/name`).
-A dataset reference is the built-in name, a local `.jsonl` / `.csv` file (or a folder of `train.jsonl`,
-`validation.jsonl`, `test.jsonl` / `.csv`), or a hub dataset name.
+A dataset reference is a built-in name (`BUILTIN_DATASETS`), a local file or folder (formats in `worker.datafiles`),
+or a hub dataset name.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 from pathlib import Path
 
-from worker import synthetic
+from worker import synthetic, synthetic_sentiment
 from worker.builtin import BUILTIN_MODELS
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-LOCAL_SUFFIXES = (".jsonl", ".csv")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SPLITS = ("train", "validation", "test")
+# Built-in datasets by name; each module has NAME, SPLIT_SIZES, COLUMNS and generate_split(split).
+BUILTIN_DATASETS = {module.NAME: module for module in (synthetic, synthetic_sentiment)}
 
 
 class RefError(ValueError):
     """A reference that does not name anything usable; the message is one line for the user."""
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists() or ref.endswith(LOCAL_SUFFIXES)
 
 
@@ -32,7 +32,7 @@ def check_model(ref: str) -> str:
     """Return the kind of reference ('builtin', 'local', 'hub'), or raise RefError."""
     if ref in BUILTIN_MODELS:
         return "builtin"
-    if _looks_like_path(ref):
+    if looks_like_path(ref):
         path = Path(ref).expanduser()
         if not path.is_dir():
             raise RefError(f"model path {ref!r} does not exist or is not a folder")
@@ -67,63 +67,44 @@ def _check_hub(ref: str, repo_type: str) -> None:
         raise RefError(f"unknown {repo_type} {ref!r} on the Hugging Face hub")
 
 
-def local_split_file(ref: str, split: str) -> Path | None:
-    """For a folder dataset, the file holding `split`; for a single file, the file itself."""
-    path = Path(ref).expanduser()
-    if path.is_file():
-        return path
-    for suffix in LOCAL_SUFFIXES:
-        candidate = path / f"{split}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
+def required_columns(data_format: str, text_column: str, target_column: str | None = None) -> list[str]:
+    """The columns a job reads: its text and target columns, or alpaca's instruction and output."""
+    if data_format == "alpaca":
+        return ["instruction"] + (["output"] if target_column else [])
+    return [text_column] + ([target_column] if target_column else [])
 
 
-def read_columns(path: Path) -> list[str]:
-    """Column names of a local .jsonl (first record) or .csv (header)."""
-    try:
-        if path.suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                return next(csv.reader(f), [])
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    record = json.loads(line)
-                    if not isinstance(record, dict):
-                        raise RefError(f"{path}: each line must be a JSON object")
-                    return list(record)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RefError(f"cannot read dataset file {path}: {exc}") from None
-    return []
+def _check_columns(what: str, found, columns: list[str], data_format: str) -> None:
+    hint = "; --format alpaca reads instruction, input (optional) and output" if data_format == "alpaca" else ""
+    for column in columns:
+        if column not in found:
+            raise RefError(f"{what} has no column {column!r} (columns: {', '.join(found)}){hint}")
 
 
-def check_dataset(ref: str, columns: list[str], splits: list[str]) -> str:
+def check_dataset(ref: str, columns: list[str], splits: list[str], *, dataset_config: str | None = None,
+                  data_format: str = "columns") -> str:
     """Return the dataset kind ('builtin', 'local', 'hub'), or raise RefError naming what is wrong."""
-    if ref == synthetic.NAME:
+    if dataset_config and (ref in BUILTIN_DATASETS or looks_like_path(ref)):
+        raise RefError(f"--dataset-config is for hub datasets; {ref!r} is not one")
+    if ref in BUILTIN_DATASETS:
+        module = BUILTIN_DATASETS[ref]
         for split in splits:
-            if split not in synthetic.SPLIT_SIZES:
-                raise RefError(f"dataset {ref!r} has splits {', '.join(synthetic.SPLIT_SIZES)}, not {split!r}")
-        missing = [c for c in columns if c not in ("dialogue", "summary")]
+            if split not in module.SPLIT_SIZES:
+                raise RefError(f"dataset {ref!r} has splits {', '.join(module.SPLIT_SIZES)}, not {split!r}")
+        missing = [c for c in columns if c not in module.COLUMNS]
         if missing:
-            raise RefError(f"dataset {ref!r} has columns dialogue, summary; no column {missing[0]!r}")
+            raise RefError(f"dataset {ref!r} has columns {', '.join(module.COLUMNS)}; no column {missing[0]!r}")
         return "builtin"
-    if _looks_like_path(ref):
-        path = Path(ref).expanduser()
-        if not path.exists():
-            raise RefError(f"dataset path {ref!r} does not exist")
-        if path.is_file() and path.suffix not in LOCAL_SUFFIXES:
-            raise RefError(f"dataset file {ref!r} must end in {' or '.join(LOCAL_SUFFIXES)}")
+    if looks_like_path(ref):
+        from worker import datafiles
+
         for split in splits:
-            file = local_split_file(ref, split)
-            if file is None:
-                raise RefError(f"dataset folder {ref!r} has no {split}.jsonl or {split}.csv")
-            found = read_columns(file)
+            source = datafiles.locate(ref, split)
+            found = datafiles.columns(source)
             if not found:
-                raise RefError(f"dataset file {file} is empty")
-            for column in columns:
-                if column not in found:
-                    raise RefError(f"dataset file {file} has no column {column!r} "
-                                   f"(columns: {', '.join(found)})")
+                raise RefError(f"dataset file {source.path} is empty")
+            _check_columns(f"dataset {'folder' if source.path.is_dir() else 'file'} {source.path}", found, columns,
+                           data_format)
         return "local"
     if HUB_ID.match(ref) or re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", ref):
         _check_hub(ref, "dataset")

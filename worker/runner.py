@@ -17,10 +17,12 @@ from models import make_session_factory
 import threading
 
 from models.jobs import Job, JobStatus, claim, fail_attempt, finish, heartbeat, report_progress
+from worker.affinity import note_job
 from worker.model_cache import ModelCache
 from worker.queue import publish, release_children, skip_descendants
 from worker.settings import Settings
 from worker.specs import parse_spec
+from worker.methods import PermanentJobError
 from worker.train import JobCancelled
 
 log = logging.getLogger("tunequeue.worker")
@@ -87,10 +89,13 @@ def run_job(task, job_id: int, kind: str) -> str:
         if job is None or job.kind.value != kind:
             log.error("job %s is not a %s job in the database; message dropped", job_id, kind)
             return "missing"
-        if not claim(session, job_id, task_id, socket.gethostname()):
+        # the Celery node name tells apart two workers on one machine (and matches `manage.py workers`)
+        if not claim(session, job_id, task_id, task.request.hostname or socket.gethostname()):
             log.warning("job %s is %s, not queued; this delivery does nothing", job_id, job.status.value)
             return "not-queued"
         log.info("job %s (%s) started", job_id, kind)
+        base = job.spec.get("model")
+        note_job(app, runtime.cache, job_id, base)
         progress_session = runtime.sessions()
         beat = Heartbeat(runtime.sessions, job_id, runtime.settings.heartbeat_seconds)
         beat.start()
@@ -109,6 +114,12 @@ def run_job(task, job_id: int, kind: str) -> str:
             finish(session, job_id, JobStatus.cancelled, error=str(exc))
             skip_descendants(session, job_id, f"parent job {job_id} was cancelled")
             return "cancelled"
+        except PermanentJobError as exc:  # no retry can help (e.g. QLoRA on a worker without CUDA)
+            session.rollback()
+            log.error("job %s failed: %s", job_id, exc)
+            finish(session, job_id, JobStatus.failed, error=f"{exc}")
+            skip_descendants(session, job_id, f"parent job {job_id} failed")
+            return "failed"
         except Exception as exc:
             session.rollback()
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
@@ -121,6 +132,7 @@ def run_job(task, job_id: int, kind: str) -> str:
         finally:
             beat.stopped.set()
             progress_session.close()
+            note_job(app, runtime.cache, None, base)  # loaded bases' queues first from the next message on
         finish(session, job_id, JobStatus.succeeded, result=result)
         log.info("job %s (%s) succeeded: %s", job_id, kind, result)
         release_children(session, app, job_id)

@@ -4,6 +4,8 @@ ROUGE-1/2/L/Lsum F-measures (with Porter stemming) are those of `rouge_score`, t
 `evaluate.load("rouge")` wraps (`evaluate` itself fetches its metric script from the hub and fails offline). The
 scores are computed by `rouge-score-rs`, a Rust implementation of the same algorithm that scores a batch on all
 cores; the tests hold it equal to `rouge_score` within 1e-9, and `rouge_score` is used when it is not installed.
+Classification rows (predicted label vs reference label) get accuracy, precision, recall and F1: binary ones for
+the positive class (the second label of the head, e.g. "positive" or "1") and macro averages over all labels.
 Per-example scores and aggregated means are replaced as a whole, so a re-run never duplicates them.
 """
 
@@ -22,6 +24,26 @@ from worker.specs import GenerateSpec, ScoreSpec
 from worker.train import ProgressFn
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "f1_macro", "precision_macro", "recall_macro")
+METRICS_FOR_TASK = {"seq2seq": "rouge", "causal": "rouge", "classification": "classification"}
+
+
+def classification_metrics(predictions: list[str], references: list[str], labels: list[str]) -> dict[str, float]:
+    """Accuracy; precision, recall and F1 of the positive label (`labels[-1]` when binary); macro averages."""
+    def prf(label: str) -> tuple[float, float, float]:
+        tp = sum(p == label and r == label for p, r in zip(predictions, references))
+        predicted = sum(p == label for p in predictions)
+        actual = sum(r == label for r in references)
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        return precision, recall, (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+
+    per_label = [prf(label) for label in labels]
+    positive = prf(labels[-1]) if len(labels) == 2 else tuple(sum(x) / len(labels) for x in zip(*per_label))
+    macro = tuple(sum(x) / len(labels) for x in zip(*per_label))
+    return {"accuracy": sum(p == r for p, r in zip(predictions, references)) / len(references),
+            "precision": positive[0], "recall": positive[1], "f1": positive[2],
+            "precision_macro": macro[0], "recall_macro": macro[1], "f1_macro": macro[2]}
 
 
 def rouge_scores(predictions: list[str], references: list[str], use_stemmer: bool = True,
@@ -43,31 +65,72 @@ def rouge_scores(predictions: list[str], references: list[str], use_stemmer: boo
             for pred, ref in zip(predictions, references)]
 
 
+def metric_family(spec: ScoreSpec, generate_spec: GenerateSpec, task: str) -> str:
+    family = (spec.metrics or [METRICS_FOR_TASK[task]])[0]
+    if family != METRICS_FOR_TASK[task]:
+        raise ValueError(f"generate job {spec.generate_job_id} is a {task} job; score it with --metric "
+                         f"{METRICS_FOR_TASK[task]}, not {family}")
+    return family
+
+
 def score_rows(spec: ScoreSpec, session: Session, *, job_id: int,
                on_progress: Optional[ProgressFn] = None) -> dict:
     generate_job = session.get(Job, spec.generate_job_id)
     generate_spec = GenerateSpec.model_validate(generate_job.spec)
+    task = generate_spec.task or (generate_job.result or {}).get("task") or _task_of(generate_spec.model)
+    family = metric_family(spec, generate_spec, task)
     rows = list(session.scalars(select(Generation).where(Generation.job_id == spec.generate_job_id)
                                 .order_by(Generation.id)))
     rows = [r for r in rows if r.reference is not None]
     if not rows:
         raise ValueError(f"generate job {spec.generate_job_id} has no rows with a reference to score")
-    per_example = rouge_scores([r.prediction for r in rows], [r.reference for r in rows], spec.use_stemmer)
+    if family == "rouge":
+        per_example = rouge_scores([r.prediction for r in rows], [r.reference for r in rows], spec.use_stemmer)
+        names = ROUGE_TYPES
+    else:
+        per_example = [{"accuracy": float(r.prediction == r.reference)} for r in rows]
+        names = CLASSIFICATION_METRICS
     parse_faults(os.environ.get("TUNEQUEUE_FAULTS", "")).maybe_delay_scoring()
     session.execute(delete(ExampleScore).where(ExampleScore.job_id == job_id))
     session.execute(delete(Metric).where(Metric.job_id == job_id))
     session.add_all([ExampleScore(job_id=job_id, generation_id=row.id, name=name, value=value)
                      for row, scores in zip(rows, per_example) for name, value in scores.items()])
-    means = {name: sum(s[name] for s in per_example) / len(per_example) for name in ROUGE_TYPES}
-    by_variant = {r.variant: r for r in rows}
-    for variant, row in by_variant.items():
-        variant_scores = [s for r, s in zip(rows, per_example) if r.variant == variant]
-        for name in ROUGE_TYPES:
+    summary: dict[str, float] = {}
+    for variant in dict.fromkeys(r.variant for r in rows):
+        picked = [i for i, r in enumerate(rows) if r.variant == variant]
+        if family == "rouge":
+            values = {name: sum(per_example[i][name] for i in picked) / len(picked) for name in names}
+        else:
+            labels = sorted({rows[i].reference for i in picked} | {rows[i].prediction for i in picked})
+            labels = _label_order(session, rows[picked[0]], labels)
+            values = classification_metrics([rows[i].prediction for i in picked], [rows[i].reference for i in picked],
+                                            labels)
+        for name, value in values.items():
             session.add(Metric(job_id=job_id, generate_job_id=spec.generate_job_id, variant=variant,
-                               adapter_id=row.adapter_id, base_model=generate_spec.model, split=row.split,
-                               name=name, value=sum(s[name] for s in variant_scores) / len(variant_scores),
-                               n_examples=len(variant_scores)))
+                               adapter_id=rows[picked[0]].adapter_id, base_model=generate_spec.model,
+                               split=rows[picked[0]].split, name=name, value=value, n_examples=len(picked)))
+        summary = summary or values
     session.commit()
     if on_progress:
         on_progress({"step": len(rows), "total_steps": len(rows)})
-    return {"examples": len(rows), **{k: round(v, 4) for k, v in means.items()}}
+    return {"examples": len(rows), "metrics": family, **{k: round(v, 4) for k, v in summary.items()}}
+
+
+def _task_of(model: str) -> str:
+    from worker.model_kinds import TaskError, detect_task
+
+    try:
+        return detect_task(model)
+    except TaskError:
+        return "seq2seq"
+
+
+def _label_order(session: Session, row: Generation, found: list[str]) -> list[str]:
+    """The adapter's head order when known (so "positive" is the positive class), else the labels sorted."""
+    from models.results import Adapter
+
+    adapter = session.get(Adapter, row.adapter_id) if row.adapter_id else None
+    labels = (adapter.hyperparameters or {}).get("labels") if adapter else None
+    if labels and set(found) <= set(labels):
+        return list(labels)
+    return found

@@ -12,6 +12,7 @@ import random
 from typing import Iterator
 
 NAME = "synthetic-dialogsum"
+COLUMNS = ("dialogue", "summary")
 SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
 DEFAULT_SEED = 1234
 SMALL_TALK_RATE = 0.4

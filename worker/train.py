@@ -1,8 +1,10 @@
-"""Fine-tuning: `train_adapter(spec, session, ...)` trains a LoRA adapter on the resident base and records it.
+"""Fine-tuning: `train_adapter(spec, session, ...)` trains with any method (worker/methods.py) on any model kind
+(worker/features.py) and records the result.
 
 Batches are built from length-sorted windows with dynamic padding (labels padded with -100), so the loss is the
-summary tokens' only and little compute goes to padding. The adapter is written in PEFT's own format
-(`adapter_config.json` + `adapter_model.safetensors`) under `TUNEQUEUE_HOME/adapters/NAME`.
+target tokens' only and little compute goes to padding. A PEFT adapter is written in PEFT's own format
+(`adapter_config.json` + `adapter_model.safetensors`) under `TUNEQUEUE_HOME/adapters/NAME`; full fine-tuning writes
+a whole model folder there.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from models.results import Adapter, LossPoint
-from worker.data import load_examples
-from worker.model_cache import ModelCache
+from worker.builtin import DEFAULT_PROMPT_TEMPLATE
+from worker.data import examples_for
 from worker.faults import parse_faults
+from worker.features import cached_encode, collate, label_tokens, pad  # noqa: F401 (pad: re-exported)
+from worker.methods import (base_for, check_method_supported, classification_labels, parameter_counts, save_output,
+                            trainable_model)
+from worker.model_cache import ModelCache
 from worker.specs import FinetuneSpec
 
 log = logging.getLogger("tunequeue.train")
@@ -60,7 +66,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, rng: random.Ra
 
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
-        "adapter": {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k},
+        "adapter": trainable_state(model),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": asdict(state),
     }
@@ -88,7 +94,7 @@ def load_checkpoint(directory: Optional[Path], model, optimizer, scheduler, rng:
     return state.step
 
 
-def _train_batch(model, batch, sources, targets, pad_id, device, micro_batches: int):
+def _train_batch(model, batch, features, pad_id, device, micro_batches: int):
     """Forward and backward over `batch` in `micro_batches` slices, gradients accumulated; returns the loss."""
     import torch
 
@@ -96,10 +102,9 @@ def _train_batch(model, batch, sources, targets, pad_id, device, micro_batches: 
     total = None
     for start in range(0, len(batch), size):
         part = batch[start:start + size]
-        input_ids = pad([sources[i] for i in part], pad_id).to(device)
-        labels = pad([targets[i] for i in part], -100).to(device)
+        inputs = collate(features, part, pad_id, device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):  # fp32 on CPU
-            loss = model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long(), labels=labels).loss
+            loss = model(**inputs).loss
         (loss * len(part) / len(batch)).backward()
         weighted = loss.detach() * len(part) / len(batch)
         total = weighted if total is None else total + weighted
@@ -130,34 +135,23 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Ran
     return batches
 
 
-def pad(sequences: list[list[int]], value: int):
-    import torch
-
-    width = max(len(s) for s in sequences)
-    return torch.tensor([s + [value] * (width - len(s)) for s in sequences])
-
-
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def eval_loss(model, sources: list[list[int]], targets: list[list[int]], pad_id: int, device: str,
-              batch_size: int) -> float:
-    """Mean per-token loss on held-out examples (length-sorted batches, no gradients)."""
+def eval_loss(model, features: list[dict], pad_id: int, device: str, batch_size: int) -> float:
+    """Mean loss per target token (per example for classification) on held-out examples, without gradients."""
     import torch
 
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     total, tokens = 0.0, 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            input_ids = pad([sources[i] for i in batch], pad_id).to(device)
-            labels = pad([targets[i] for i in batch], -100).to(device)
-            n = int((labels != -100).sum())
-            loss = model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long(), labels=labels).loss
-            total += float(loss) * n
+            inputs = collate(features, order[start:start + batch_size], pad_id, device)
+            n = label_tokens(inputs)
+            total += float(model(**inputs).loss) * n
             tokens += n
     model.train(was_training)
     return total / max(tokens, 1)
@@ -165,28 +159,32 @@ def eval_loss(model, sources: list[list[int]], targets: list[list[int]], pad_id:
 
 def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home: Path, *,
                   job_id: Optional[int] = None, on_progress: Optional[ProgressFn] = None) -> dict:
+    """Fine-tune `spec.model` with `spec.method` and record the adapter (or full model) row; returns a summary."""
     import torch
-    from peft import LoraConfig, TaskType
 
     started = time.monotonic()
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
-    loaded = cache.get(spec.model)
+    check_method_supported(spec, cache.device)
+    task = spec.task or cache.task_of(spec.model)
+    spec = with_task_defaults(spec, task)
+    target_column = spec.label_column if task == "classification" else spec.summary_column
+    # a --train-limit takes a random subset chosen by the seed, not the file's first rows
+    examples = examples_for(spec, spec.train_split, target_column=target_column, limit=spec.train_limit,
+                            shuffle=spec.train_limit is not None)
+    labels = classification_labels(cache.resolve(spec.model), [e["target"] for e in examples]) \
+        if task == "classification" else None
+    loaded = base_for(spec, cache, task, labels)
     tokenizer = loaded.tokenizer
-    examples = load_examples(spec.dataset, spec.train_split, spec.text_column, spec.summary_column,
-                             template=spec.prompt_template, seed=spec.seed, limit=spec.train_limit)
-    sources = tokenizer([e["source"] for e in examples], truncation=True,
-                        max_length=spec.max_source_length)["input_ids"]
-    targets = tokenizer([e["target"] for e in examples], truncation=True,
-                        max_length=spec.max_target_length)["input_ids"]
+    encoding = {"max_source_length": spec.max_source_length, "max_target_length": spec.max_target_length,
+                "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
+    features, from_cache = cached_encode(home, task, tokenizer, examples, **encoding)
     evaluation = None
     if spec.eval_split:
-        held_out = load_examples(spec.dataset, spec.eval_split, spec.text_column, spec.summary_column,
-                                 template=spec.prompt_template, seed=spec.seed, limit=spec.eval_limit)
-        evaluation = (tokenizer([e["source"] for e in held_out], truncation=True,
-                                max_length=spec.max_source_length)["input_ids"],
-                      tokenizer([e["target"] for e in held_out], truncation=True,
-                                max_length=spec.max_target_length)["input_ids"])
+        held_out = examples_for(spec, spec.eval_split, target_column=target_column, limit=spec.eval_limit)
+        if labels:
+            held_out = [e for e in held_out if e["target"] in encoding["label2id"]]
+        evaluation = cached_encode(home, task, tokenizer, held_out, **encoding)[0] or None
     if job_id is not None:
         session.execute(delete(LossPoint).where(LossPoint.job_id == job_id))  # a re-run draws its curve anew
         session.commit()
@@ -197,13 +195,10 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
     steps_per_epoch = math.ceil(len(examples) / spec.per_device_train_batch_size)
     total_steps = spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.num_train_epochs))
 
-    lora_config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=spec.lora_r, lora_alpha=spec.lora_alpha,
-                             lora_dropout=spec.lora_dropout, target_modules=spec.target_modules)
     checkpoint_dir = home / "checkpoints" / f"job-{job_id}" if job_id is not None else None
     faults = parse_faults(os.environ.get("TUNEQUEUE_FAULTS", ""))
-    with cache.training_adapter(spec.model, lora_config) as model:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+    with trainable_model(spec, cache, loaded, task) as model:
+        trainable, total = parameter_counts(model)
         params = [p for p in model.parameters() if p.requires_grad]
         on_cuda = str(loaded.device).startswith("cuda")
         optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, **({"fused": True} if on_cuda else {}))
@@ -212,12 +207,15 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
             optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) * max(0.0, 1 - s / total_steps))
         model.train()
         pad_id = tokenizer.pad_token_id
-        lengths = [len(s) for s in sources]
+        lengths = [len(f["input_ids"]) for f in features]
         eval_every = spec.eval_steps or steps_per_epoch
         batching = {"max_tokens": spec.max_tokens_per_batch}
         state = TrainState(batches=length_bucketed_batches(lengths, spec.per_device_train_batch_size, rng,
                                                            **batching))
         resumed_from = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, rng, state)
+        initial_eval = None  # the untrained starting point, so "evaluation improved" has a number to beat
+        if evaluation and not resumed_from:
+            initial_eval = eval_loss(model, evaluation, pad_id, loaded.device, spec.per_device_train_batch_size)
         if resumed_from:
             curve.update(state.curve)
         best_state = None
@@ -237,7 +235,7 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
             while True:
                 try:
                     faults.maybe_oom(state.step + 1, micro_batches)
-                    loss = _train_batch(model, batch, sources, targets, pad_id, loaded.device, micro_batches)
+                    loss = _train_batch(model, batch, features, pad_id, loaded.device, micro_batches)
                     break
                 except torch.cuda.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)
@@ -258,12 +256,12 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
             recent.append(loss.detach())
             faults.maybe_crash(step)
             if evaluation and (step % eval_every == 0 or step == total_steps):
-                last_eval = eval_loss(model, *evaluation, pad_id, loaded.device, spec.per_device_train_batch_size)
+                last_eval = eval_loss(model, evaluation, pad_id, loaded.device, spec.per_device_train_batch_size)
                 curve.setdefault(step, {})["eval_loss"] = last_eval
                 if state.best_eval is None or last_eval < state.best_eval:
                     state.best_eval, state.evals_without_gain = last_eval, 0
                     if spec.early_stopping_patience:
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+                        best_state = trainable_state(model, clone=True)
                 else:
                     state.evals_without_gain += 1
                     if spec.early_stopping_patience and state.evals_without_gain >= spec.early_stopping_patience:
@@ -303,7 +301,7 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
         out_dir = home / "adapters" / spec.name
         staging = home / "adapters" / f".{spec.name}.staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
+        save_output(spec, model, loaded, staging)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
@@ -311,9 +309,10 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is saved; the checkpoint has served
 
     duration = time.monotonic() - started
-    session.execute(delete(Adapter).where(Adapter.name == spec.name))  # a re-run of this job replaces its row
-    adapter = Adapter(name=spec.name, job_id=job_id, base_model=spec.model, method=spec.method,
-                      hyperparameters=spec.hyperparameters, path=str(out_dir.relative_to(home)),
+    hyperparameters = {**spec.hyperparameters, **({"labels": labels} if labels else {})}
+    session.execute(delete(Adapter).where(Adapter.name == spec.name))  # a re-run (or --replace) replaces the row
+    adapter = Adapter(name=spec.name, job_id=job_id, base_model=spec.model, method=spec.method, task=task,
+                      hyperparameters=hyperparameters, path=str(out_dir.relative_to(home)),
                       size_bytes=dir_size(out_dir), trainable_params=trainable, total_params=total,
                       train_loss=final_loss, eval_loss=last_eval, best_eval_loss=best_eval, duration_s=duration)
     session.add(adapter)
@@ -321,10 +320,28 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
         session.add_all([LossPoint(job_id=job_id, step=s, train_loss=point.get("train_loss"),
                                    eval_loss=point.get("eval_loss")) for s, point in sorted(curve.items())])
     session.commit()
-    return {"adapter_id": adapter.id, "adapter": spec.name, "steps": step, "total_steps": total_steps,
-            "stopped_early": stopped_early, "train_loss": round(final_loss, 4),
+    return {"adapter_id": adapter.id, "adapter": spec.name, "method": spec.method, "task": task, "steps": step,
+            "total_steps": total_steps, "stopped_early": stopped_early, "train_loss": round(final_loss, 4),
+            "initial_eval_loss": None if initial_eval is None else round(initial_eval, 4),
             "eval_loss": None if last_eval is None else round(last_eval, 4),
             "best_eval_loss": None if best_eval is None else round(best_eval, 4),
-            "trainable_params": trainable, "total_params": total, "duration_s": round(duration, 2),
-            "base_loads": cache.loads, "resumed_from_step": resumed_from,
+            "first_train_loss": next((p["train_loss"] for _, p in sorted(curve.items()) if "train_loss" in p), None),
+            "trainable_params": trainable, "total_params": total,
+            "percent_trainable": round(100 * trainable / total, 4) if total else None,
+            "size_bytes": adapter.size_bytes, "duration_s": round(duration, 2), "base_loads": cache.loads,
+            "tokenized_from_cache": from_cache, "resumed_from_step": resumed_from,
             "micro_batch_size": math.ceil(spec.per_device_train_batch_size / micro_batches)}
+
+
+def with_task_defaults(spec, task: str):
+    """The spec with its task filled in; classification reads the bare text unless a template was chosen."""
+    update: dict = {"task": task}
+    if task == "classification" and spec.prompt_template == DEFAULT_PROMPT_TEMPLATE:
+        update["prompt_template"] = "{text}"
+    return spec.model_copy(update=update)
+
+
+def trainable_state(model, clone: bool = False) -> dict:
+    """The weights this run trains (LoRA layers, virtual tokens, heads, or everything for full fine-tuning)."""
+    return {name: (p.detach().clone() if clone else p.detach().cpu()) for name, p in model.named_parameters()
+            if p.requires_grad}

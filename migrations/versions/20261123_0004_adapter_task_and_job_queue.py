@@ -1,4 +1,4 @@
-"""adapter task (seq2seq / causal / classification) and the queue a job was published to
+"""adapter task (seq2seq / causal / classification), the queue a job was published to and when
 
 Revision ID: 0004
 Revises: 0003
@@ -21,10 +21,12 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('task', sa.String(length=16), nullable=False, server_default='seq2seq'))
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('queue', sa.String(length=255), nullable=True))
+        batch_op.add_column(sa.Column('queued_at', sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('queued_at')
         batch_op.drop_column('queue')
     with op.batch_alter_table('adapters', schema=None) as batch_op:
         batch_op.drop_column('task')

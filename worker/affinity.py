@@ -1,0 +1,102 @@
+"""Base affinity: one broker queue per base model, and workers read the queues of the bases they hold first.
+
+Routing: a job whose spec names a `model` (fine-tune, generate) goes to `{queue}.base.{slug}`; a score job names no
+model (CPU only, nothing to load) and stays on the default queue `{queue}`, which every worker consumes. Each base
+queue is added to a Redis set, the queue registry: a worker starts consuming every registered queue, and the first
+time a queue is registered an `add_consumer` remote-control message reaches the deployment's live workers at once.
+
+Ordering: kombu's Redis transport pops with one BRPOP over the keys `[queue(:level) for level in priority_steps for
+queue in queues]` (`Channel._brpop_start`), so keys go by priority level first and only then by queue order, and the
+queue order is whatever the channel's `queue_order_strategy` cycle returns. `AffinityCycle` is kombu's "priority"
+cycle (fixed order) with the queues of the loaded bases moved first (the last job's base first), then the default
+queue, then the other bases. A job's priority therefore still beats affinity; among equal priorities a worker takes
+work for a base it holds before paying for a load.
+
+Idle workers: with nothing waiting, Redis hands a new message to whichever worker has been blocked longest, whatever
+it has loaded. Affinity acts on backlogs (sweeps), which is where reloads add up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from kombu.utils.scheduling import priority_cycle
+
+
+def base_queue(default_queue: str, model: str) -> str:
+    # Queue names must not contain ":" (the transport's priority separator); refs that needed cleaning up or
+    # shortening (paths, hub ids) get a hash so two different refs never share a queue.
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.")[-48:]
+    if slug != model:
+        slug = f"{slug}-{hashlib.sha1(model.encode()).hexdigest()[:8]}"
+    return f"{default_queue}.base.{slug}"
+
+
+def route(app, spec: dict) -> str:
+    """The queue a job with this spec is published to."""
+    model = spec.get("model")
+    return base_queue(app.conf.task_default_queue, model) if model else app.conf.task_default_queue
+
+
+def redis_client(app):
+    """One Redis client per app, for the registry keys (the broker's own connections stay kombu's)."""
+    client = getattr(app, "tunequeue_redis", None)
+    if client is None:
+        import redis
+
+        client = app.tunequeue_redis = redis.Redis.from_url(app.conf.broker_url)
+    return client
+
+
+def registry_key(app, what: str) -> str:
+    return f"_tunequeue.{app.conf.task_default_queue}.{what}"
+
+
+def register_queue(app, queue: str) -> None:
+    """Record a base queue; when it is new, tell the deployment's running workers to consume it now."""
+    if queue == app.conf.task_default_queue or not redis_client(app).sadd(registry_key(app, "queues"), queue):
+        return
+    from worker.registry import live_workers
+
+    hosts = [w["hostname"] for w in live_workers(app)]
+    if hosts:  # only this deployment's workers: other deployments may share the broker
+        app.control.add_consumer(queue, destination=hosts, reply=False)
+
+
+def known_queues(app) -> list[str]:
+    """The default queue and every registered base queue: what a worker consumes."""
+    members = sorted(m.decode() for m in redis_client(app).smembers(registry_key(app, "queues")))
+    return [app.conf.task_default_queue] + members
+
+
+class AffinityCycle(priority_cycle):
+    """kombu queue-order cycle (the `queue_order_strategy` transport option): `preferred` queues first, in order,
+    then the rest in consuming order. kombu creates the cycle itself, so the preference is a class attribute set by
+    `prefer()`; it is per process, and only a worker process ever sets it."""
+
+    preferred: tuple[str, ...] = ()
+
+    def consume(self, n):
+        rank = {queue: i for i, queue in enumerate(self.preferred)}
+        return sorted(self.items[:n], key=lambda queue: rank.get(queue, len(rank)))
+
+
+def prefer(app, loaded: list[str], last: str | None) -> tuple[str, ...]:
+    """Put the queues of the loaded bases first (`last`, the base just used, leading), then the default queue."""
+    default = app.conf.task_default_queue
+    bases = ([last] if last in loaded else []) + [ref for ref in loaded if ref != last]
+    AffinityCycle.preferred = tuple(base_queue(default, ref) for ref in bases) + (default,)
+    return AffinityCycle.preferred
+
+
+def note_job(app, cache, job_id: int | None, base: str | None) -> None:
+    """Called by the runner when a job starts (`job_id`) and ends (None), in the task thread: when it ends,
+    re-rank the queues before the message is acknowledged (so before the next BRPOP); either way refresh this
+    worker's registry record."""
+    loaded = list(getattr(cache, "loaded_refs", []))
+    if job_id is None:
+        prefer(app, loaded, base)
+    record = getattr(app, "tunequeue_worker_record", None)
+    if record is not None:
+        record.update(current_job=job_id, loaded_bases=loaded)

@@ -1,0 +1,120 @@
+"""Fine-tuning methods: what is trained and on which copy of the base.
+
+- lora: LoRA layers injected into the resident base (`target_modules` "all-linear" or a list), removed after the job.
+- qlora: the base loaded in 4-bit NF4 (double quantization, bf16 compute; a separate cache entry), prepared with
+  `prepare_model_for_kbit_training`, LoRA on top. Needs CUDA and bitsandbytes; elsewhere the job fails at once.
+- prompt-tuning: `num_virtual_tokens` trained prompt embeddings, initialised from the prompt's instruction words or
+  at random.
+- full: every weight of a private copy loaded from disk (the resident base is never touched); the output is a whole
+  model folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Iterator
+
+from worker.model_cache import LoadedModel, ModelCache
+from worker.model_kinds import PEFT_TASK_TYPES
+from worker.specs import FinetuneSpec
+
+
+CLASSIFIER_HEADS = ["pre_classifier", "classifier", "score"]
+
+
+class PermanentJobError(RuntimeError):
+    """A job that cannot succeed on any retry (e.g. QLoRA on a worker without CUDA): failed at once."""
+
+
+def check_method_supported(spec: FinetuneSpec, device: str) -> None:
+    if spec.method != "qlora":
+        return
+    import socket
+
+    if not str(device).startswith("cuda"):
+        raise PermanentJobError(f"qlora needs a CUDA GPU (bitsandbytes 4-bit weights); worker "
+                                f"{socket.gethostname()} has none. Run a worker on a GPU machine, or use --method lora")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PermanentJobError("qlora needs the bitsandbytes package on the worker: pip install bitsandbytes"
+                                ) from None
+
+
+def prompt_init_text(template: str) -> str:
+    """The instruction words of a prompt template (the text before its first slot), for prompt-tuning init."""
+    words = re.sub(r"\s+", " ", template.split("{", 1)[0]).strip()
+    return words or "Complete the task."
+
+
+def peft_config(spec: FinetuneSpec, task: str, loaded: LoadedModel):
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit
+
+    if spec.method == "prompt-tuning":
+        text_init = spec.prompt_tuning_init == "text"
+        return PromptTuningConfig(
+            task_type=PEFT_TASK_TYPES[task], num_virtual_tokens=spec.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT if text_init else PromptTuningInit.RANDOM,
+            prompt_tuning_init_text=prompt_init_text(spec.prompt_template) if text_init else None,
+            tokenizer_name_or_path=loaded.path if text_init else None)
+    # a classifier's head is trained whole (PEFT's modules_to_save), so LoRA must not wrap it as well
+    exclude = CLASSIFIER_HEADS if task == "classification" and spec.target_modules == "all-linear" else None
+    return LoraConfig(task_type=PEFT_TASK_TYPES[task], r=spec.lora_r, lora_alpha=spec.lora_alpha,
+                      lora_dropout=spec.lora_dropout, target_modules=spec.target_modules, exclude_modules=exclude)
+
+
+def classification_labels(path: str, targets) -> list[str]:
+    """Label names in head order: the model config's own names when they cover the data (tiny-bert's
+    negative/positive), else the data's labels sorted."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    names = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else []
+    found = sorted({str(t) for t in targets if t is not None})
+    if names and not all(n.startswith("LABEL_") for n in names) and set(found) <= set(names):
+        return names
+    return found
+
+
+def base_for(spec: FinetuneSpec, cache: ModelCache, task: str, labels) -> LoadedModel:
+    return cache.get(spec.model, task, labels=labels, load_in_4bit=spec.method == "qlora")
+
+
+@contextlib.contextmanager
+def trainable_model(spec: FinetuneSpec, cache: ModelCache, loaded: LoadedModel, task: str) -> Iterator[Any]:
+    """The model to train for `spec.method`, cleaned up (adapter removed, private copy dropped) afterwards."""
+    if spec.method == "full":
+        from worker.model_kinds import load_model
+
+        model = load_model(loaded.path, task, labels=loaded.labels).to(loaded.device)
+        model.train()
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        try:
+            yield model
+        finally:
+            del model
+        return
+    if spec.method == "qlora" and not loaded.extra.get("prepared_for_kbit"):
+        from peft import prepare_model_for_kbit_training
+
+        loaded.model = prepare_model_for_kbit_training(loaded.model)
+        loaded.extra["prepared_for_kbit"] = True
+    with cache.training_adapter(loaded, peft_config(spec, task, loaded)) as model:
+        yield model
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) as PEFT prints them; for a plain model every parameter is trainable."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def save_output(spec: FinetuneSpec, model, loaded: LoadedModel, directory) -> None:
+    """PEFT's adapter folder, or for full fine-tuning a whole model folder with its tokenizer."""
+    model.save_pretrained(directory)
+    if spec.method == "full":
+        loaded.tokenizer.save_pretrained(directory)
