@@ -178,7 +178,7 @@ def test_qlora_merges_with_dtype(lab_env, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- list / show / export
-def test_list_and_show(lab_env):
+def test_list_and_show(lab_env, monkeypatch):
     rows = json.loads(run("adapters", "list", "--json").output)
     by_name = {r["name"]: r for r in rows}
     assert {"t5-lora", "llama-lora", "bert-lora"} <= set(by_name)
@@ -194,6 +194,7 @@ def test_list_and_show(lab_env):
     assert [r["name"] for r in only] == ["llama-lora"]
     shown = json.loads(run("adapters", "show", "t5-lora", "--json").output)
     assert shown["name"] == "t5-lora" and shown["trainable_params"] == t5["trainable_params"]
+    monkeypatch.setenv("COLUMNS", "250")  # rich sizes the table to the terminal
     table = run("adapters", "list").output
     assert "t5-lora" in table and "% trainable" in table and "KB" in table
     assert "percent_trainable" in run("adapters", "show", "t5-lora").output

@@ -27,7 +27,7 @@ def enqueue_pipeline(session: Session, app, home: Path, generate_spec: GenerateS
         jobs.append(parent)
     generate_job = enqueue(session, app, generate_spec, parent, priority=priority, sweep_id=sweep_id,
                            max_attempts=max_attempts)
-    score_spec = ScoreSpec(generate_job_id=generate_job.id, metrics=metrics or ["rouge"])
+    score_spec = ScoreSpec(generate_job_id=generate_job.id, metrics=metrics)
     jobs += [generate_job, enqueue(session, app, score_spec, generate_job, priority=priority, sweep_id=sweep_id,
                                    max_attempts=max_attempts)]
     return jobs

@@ -60,12 +60,12 @@ class _DataFields(_Spec):
                                                                                   if v is not None}}
         return data
 
-    @field_validator("prompt_template")
-    @classmethod
-    def _template_has_slot(cls, value: str) -> str:
-        if "{dialogue}" not in value and "{text}" not in value:
-            raise ValueError("must contain {dialogue} (or {text}) where the input text goes")
-        return value
+    @model_validator(mode="after")
+    def _template_has_slot(self):
+        slots = ["{dialogue}", "{text}"] + (["{instruction}"] if self.data_format == "alpaca" else [])
+        if not any(slot in self.prompt_template for slot in slots):
+            raise ValueError(f"prompt_template: must contain {' or '.join(slots)} where the input text goes")
+        return self
 
 
 class FinetuneSpec(_DataFields):
@@ -180,11 +180,11 @@ def parse_spec(data: dict) -> FinetuneSpec | GenerateSpec | ScoreSpec:
 def one_line(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "spec"
+        field = ".".join(str(p) for p in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         got = err.get("input")
         suffix = f" (got {got!r})" if err["type"] != "missing" and not isinstance(got, dict) else ""
-        parts.append(f"{field}: {message}{suffix}")
+        parts.append(f"{field}: {message}{suffix}" if field else f"{message}{suffix}")
     return "; ".join(parts)

@@ -161,7 +161,7 @@ def expand(data: dict, name: str | None = None) -> SweepPlan:
         raise SpecError(f"the sweep expands to {len(varied_points)} points; more than 1000 is surely a mistake")
 
     evaluation = blocks["eval"]
-    metrics = evaluation.get("metrics", ["rouge"])
+    metrics = evaluation.get("metrics")  # None: chosen from the model's task when scoring
     eval_fields = {k: v for k, v in evaluation.items() if k != "metrics"}
     points = []
     for index, varied in enumerate(varied_points, start=1):
@@ -173,6 +173,8 @@ def expand(data: dict, name: str | None = None) -> SweepPlan:
             generate = GenerateSpec.model_validate({
                 "adapter": finetune.name, "model": finetune.model, "dataset": finetune.dataset,
                 "text_column": finetune.text_column, "summary_column": finetune.summary_column,
+                "label_column": finetune.label_column, "dataset_config": finetune.dataset_config,
+                "data_format": finetune.data_format, "task": finetune.task,
                 "prompt_template": finetune.prompt_template, "seed": finetune.seed, **eval_fields})
             ScoreSpec.model_validate({"generate_job_id": 1, "metrics": metrics})
         except ValueError as exc:

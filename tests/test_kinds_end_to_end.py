@@ -1,0 +1,59 @@
+"""Sentiment classification and causal-LM summarization through the queue, as a user drives them: CLI → Redis →
+real worker → SQL → report; plus QLoRA's enqueue warning and its immediate failure on a worker without CUDA."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from sqlalchemy import select
+
+from models.jobs import Job, JobStatus
+from tests.conftest import cli, session_of, start_worker
+from tests.test_end_to_end import ok_json
+
+SENTIMENT = ("--model", "tiny-bert", "--dataset", "synthetic-sentiment")
+
+
+def test_classification_and_causal_through_the_queue(make_env, tmp_path):
+    env = make_env("postgresql")
+    worker = start_worker(env, log=tmp_path / "worker.log")
+    try:
+        tuned = ok_json(cli(env, "finetune", "--name", "sentiment", *SENTIMENT, "--train-limit", "600",
+                            "--epochs", "2", "--wait", "--json"))
+        base = ok_json(cli(env, "generate", *SENTIMENT, "--limit", "80", "--wait", "--json"))
+        adapted = ok_json(cli(env, "generate", "--adapter", "sentiment", "--dataset", "synthetic-sentiment",
+                              "--limit", "80", "--wait", "--json"))
+        wrong = cli(env, "score", str(adapted["id"]), "--metric", "rouge")
+        for job in (base, adapted):
+            ok_json(cli(env, "score", str(job["id"]), "--wait", "--json"))
+
+        causal = ok_json(cli(env, "finetune", "--name", "causal", "--model", "tiny-llama", "--train-limit", "600",
+                             "--epochs", "2", "--wait", "--json"))
+        llama_base = ok_json(cli(env, "generate", "--model", "tiny-llama", "--limit", "40", "--wait", "--json"))
+        llama = ok_json(cli(env, "generate", "--adapter", "causal", "--limit", "40", "--wait", "--json"))
+        for job in (llama_base, llama):
+            ok_json(cli(env, "score", str(job["id"]), "--wait", "--json"))
+
+        qlora = cli(env, "finetune", "--name", "q", "--model", "tiny-llama", "--method", "qlora", "--wait", "--json")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    log = (tmp_path / "worker.log").read_text()
+    assert tuned["result"]["task"] == "classification" and tuned["result"]["method"] == "lora", log[-3000:]
+    assert causal["result"]["task"] == "causal"
+    assert wrong.returncode == 1 and "score it with --metric classification" in wrong.stderr
+
+    report = json.loads(cli(env, "report", "--metric", "classification", "--format", "json").stdout)
+    f1 = {row["variant"]: row["f1"] for row in report if row["model"] == "tiny-bert"}
+    assert f1["sentiment"] > f1["base"] + 0.1, report
+    report = json.loads(cli(env, "report", "--metric", "rouge", "--format", "json").stdout)
+    rouge = {row["variant"]: row["rouge1"] for row in report if row["model"] == "tiny-llama"}
+    assert rouge["causal"] > rouge["base"] + 0.05, report
+
+    # QLoRA: warned at enqueue (no worker reports CUDA), failed at once on this CPU worker, no retries
+    assert "no running worker" in qlora.stderr and "reports CUDA" in qlora.stderr
+    assert qlora.returncode == 1 and "qlora needs a CUDA GPU" in qlora.stderr
+    with session_of(env) as session:
+        job = session.scalars(select(Job).where(Job.kind == "finetune").order_by(Job.id.desc())).first()
+        assert job.status == JobStatus.failed and job.attempts == 1 and "CUDA" in job.error
