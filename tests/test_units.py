@@ -149,3 +149,25 @@ def test_token_budget_batches():
     assert all(len(b) <= 64 for b in batches)
     unbounded = length_bucketed_batches(lengths, 64, random.Random(0))
     assert max(len(b) * max(lengths[i] for i in b) for b in unbounded) > 2000  # the budget did cut batches
+
+
+def test_tokenization_cache_keys_on_tokenizer_text_and_lengths(tmp_path, builtin_home):
+    from transformers import AutoTokenizer
+
+    from worker.features import cached_encode
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_home / "builtin" / "tiny-t5")
+    examples = [{"source": f"Summarize: Anna meets Tom at {i} pm.", "target": f"Anna and Tom meet at {i}."}
+                for i in range(20)]
+    options = {"max_source_length": 64, "max_target_length": 16, "label2id": None}
+    first, hit = cached_encode(tmp_path, "seq2seq", tokenizer, examples, **options)
+    assert not hit
+    again, hit = cached_encode(tmp_path, "seq2seq", tokenizer, examples, **options)
+    assert hit and again == first
+    assert first[0]["input_ids"] == tokenizer(examples[0]["source"])["input_ids"]
+    # any change of text, lengths or task is a different entry
+    changed = [dict(examples[0], target="Someone else.")] + examples[1:]
+    assert not cached_encode(tmp_path, "seq2seq", tokenizer, changed, **options)[1]
+    assert not cached_encode(tmp_path, "seq2seq", tokenizer, examples, **{**options, "max_source_length": 8})[1]
+    assert not cached_encode(tmp_path, "causal", tokenizer, examples, **options)[1]
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.pkl"))) == 4

@@ -44,6 +44,11 @@ class Pass:
     def mixed(self) -> bool:
         return len(self.variants) > 1
 
+    def peft_name(self, variant: str) -> str:
+        """PEFT's name for a variant inside the mixed model (adapter names may hold dots, module names may not)."""
+        index = [name for name, _ in self.variants].index(variant)
+        return BASE_ADAPTER_NAME if self.variants[index][1] is None else f"adapter_{index}"
+
 
 def plan_passes(variants: list[tuple[str, Optional[Adapter]]], task: str) -> list[Pass]:
     mixable = [v for v in variants if v[1] is not None and v[1].method == "lora" and task != "classification"]
@@ -71,7 +76,8 @@ def _pass_model(p: Pass, cache: ModelCache, spec: GenerateSpec, task: str, home:
     adapter = p.variants[0][1]
     if p.mixed:
         loaded = cache.get(spec.model, task)
-        with cache.with_adapters(loaded, {name: home / a.path for name, a in p.variants if a is not None}) as model:
+        with cache.with_adapters(loaded, {p.peft_name(name): home / a.path for name, a in p.variants
+                                          if a is not None}) as model:
             yield model, loaded
         return
     if adapter is not None and adapter.method == "full":  # a whole fine-tuned model: its own cache entry
@@ -134,8 +140,7 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
             while start < len(order):
                 batch = order[start:start + batch_size]
                 batch_number += 1
-                names = [items[i][0] if items[i][1] is not None else BASE_ADAPTER_NAME for i in batch] \
-                    if p.mixed else None
+                names = [p.peft_name(items[i][0]) for i in batch] if p.mixed else None
                 try:
                     faults.maybe_oom_batch(batch_number)
                     predictions = _run_batch(model, loaded, task, spec, [encoded[i] for i in batch], names, labels)

@@ -5,17 +5,31 @@ time and counts loads; a base is keyed by reference, task, quantization (4-bit b
 classification, its label set. `with_adapter()`, `with_adapters()` and `training_adapter()` inject PEFT layers into
 the resident model for the duration of one job and remove them afterwards, so the base weights stay untouched and
 the next job on the same base never reloads it.
+
+The cache holds at most `budget_bytes` of weights (parameters + buffers, as stored: 4-bit bases count their packed
+storage). Before a new entry is loaded, least-recently-used entries are evicted until its estimated size fits; once
+it is loaded and measured, more are evicted if it still does not. The entry being returned is never evicted, so one
+larger than the whole budget is still loaded (with a warning) and then sits alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from worker.builtin import BUILTIN_MODELS, ensure_builtin
+
+log = logging.getLogger("tunequeue.worker")
+GIB = 1 << 30
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 @dataclass
@@ -29,14 +43,19 @@ class LoadedModel:
     labels: Optional[list[str]] = None
     load_in_4bit: bool = False
     extra: dict = field(default_factory=dict)
+    size_bytes: int = 0
+    last_used: float = 0.0  # time.time() of the last get()
 
 
 class ModelCache:
-    def __init__(self, home: Path, device: str | None = None):
+    def __init__(self, home: Path, device: str | None = None, budget_bytes: int | None = None):
         self.home = home
         self.device = device or _default_device()
+        self.budget_bytes = default_budget(self.device) if budget_bytes is None else budget_bytes
         self.loads = 0
-        self._models: dict[tuple, LoadedModel] = {}
+        self.evictions = 0
+        self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()  # least recently used first
+        self._measured: dict[tuple, int] = {}  # sizes of entries loaded before: the estimate when one comes back
         self._lock = threading.Lock()  # one job at a time uses the resident model
 
     def resolve(self, ref: str) -> str:
@@ -55,7 +74,12 @@ class ModelCache:
     def get(self, ref: str, task: Optional[str] = None, *, labels: Optional[list[str]] = None,
             load_in_4bit: bool = False) -> LoadedModel:
         key = self._key(ref, task, labels, load_in_4bit)
-        if key not in self._models:
+        loaded = self._models.get(key)
+        if loaded is not None:
+            self._models.move_to_end(key)
+            loaded.size_bytes = model_bytes(loaded.model)  # QLoRA preparation upcasts some weights in place
+        else:
+            self._make_room(self._estimate(key))
             from transformers import AutoTokenizer
             from transformers.utils import logging as hf_logging
 
@@ -75,9 +99,52 @@ class ModelCache:
             model.eval()
             if labels is None and task == "classification":
                 labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-            self._models[key] = LoadedModel(ref, path, model, tokenizer, self.device, task, labels, load_in_4bit)
+            loaded = LoadedModel(ref, path, model, tokenizer, self.device, task, labels, load_in_4bit,
+                                 size_bytes=model_bytes(model))
+            self._models[key] = loaded
+            self._measured[key] = loaded.size_bytes
             self.loads += 1
-        return self._models[key]
+            self._make_room(0, keep=key)
+            if loaded.size_bytes > self.budget_bytes:
+                log.warning("model %s takes %s, more than the whole model cache budget of %s; loaded anyway",
+                            ref, _human(loaded.size_bytes), _human(self.budget_bytes))
+        loaded.last_used = time.time()
+        return loaded
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(loaded.size_bytes for loaded in self._models.values())
+
+    def _estimate(self, key: tuple) -> int:
+        """Bytes the entry will take: its measured size if it was loaded before, else its weight files on disk
+        (a quarter of them for a 4-bit load); 0 when the files are not at hand."""
+        if key in self._measured:
+            return self._measured[key]
+        on_disk = _weight_file_bytes(self.resolve(key[0]))
+        return on_disk // 4 if key[3] else on_disk
+
+    def _make_room(self, incoming: int, keep: tuple | None = None) -> None:
+        """Evict least-recently-used entries (never `keep`) until `incoming` more bytes fit in the budget."""
+        while self.resident_bytes + incoming > self.budget_bytes:
+            victim = next((key for key in self._models if key != keep), None)
+            if victim is None:
+                return
+            evicted = self._models.pop(victim)
+            self.evictions += 1
+            log.info("model cache: evicted %s (%s) to stay within %s", evicted.name, _human(evicted.size_bytes),
+                     _human(self.budget_bytes))
+            del evicted
+            gc.collect()  # PEFT and HF modules hold reference cycles; free the weights now, not at some later GC
+            _empty_cuda_cache()
+
+    def stats(self) -> dict:
+        """Budget, usage, counters and the entries (most recently used first), JSON-ready for the worker record."""
+        entries = [{"ref": loaded.name, "task": loaded.task, "labels": loaded.labels,
+                    "load_in_4bit": loaded.load_in_4bit, "bytes": loaded.size_bytes,
+                    "last_used": datetime.fromtimestamp(loaded.last_used, timezone.utc).isoformat(timespec="seconds")}
+                   for loaded in reversed(self._models.values())]
+        return {"budget_bytes": self.budget_bytes, "resident_bytes": self.resident_bytes, "loads": self.loads,
+                "evictions": self.evictions, "entries": entries}
 
     def is_loaded(self, ref: str) -> bool:
         return any(key[0] == ref for key in self._models)
@@ -149,6 +216,66 @@ def detach(peft_model) -> Any:
             parent_name, _, attr = name.rpartition(".")
             setattr(inner.get_submodule(parent_name) if parent_name else inner, attr, module.original_module)
     return peft_model.unload()
+
+
+def model_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers as stored (tied weights counted once)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.element_size() * t.nelement() for t in tensors)
+
+
+def default_budget(device: str) -> int:
+    """Half the memory free when the worker starts, on CPU at most 8 GiB. The budget covers resident weights only:
+    a job also needs activations, optimizer state, a full fine-tune's private copy and the generation cache, and
+    on CPU several workers may share one machine's RAM."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0] // 2
+    try:
+        with open("/proc/meminfo") as meminfo:
+            available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 8 * GIB
+    return min(8 * GIB, available // 2)
+
+
+def _weight_file_bytes(path: str) -> int:
+    """Size of the weight files of a local folder or of a hub id's snapshot in the local cache; 0 if unknown (the
+    load itself then reports what is wrong)."""
+    folder = Path(path)
+    try:
+        if not folder.is_dir():
+            from huggingface_hub import try_to_load_from_cache
+
+            config = try_to_load_from_cache(path, "config.json")
+            if not isinstance(config, str):
+                return 0
+            folder = Path(config).parent
+        return sum(_tensor_bytes(f) for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    except Exception:
+        return 0
+
+
+def _tensor_bytes(file: Path) -> int:
+    """A weight file's size without the safetensors header (so that a budget of exactly the sum of two models'
+    sizes holds both)."""
+    size = file.stat().st_size
+    if file.suffix != ".safetensors":
+        return size
+    with open(file, "rb") as f:
+        return size - 8 - int.from_bytes(f.read(8), "little")
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _human(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.1f} MiB"
 
 
 def _default_device() -> str:

@@ -57,7 +57,8 @@ def runtime_for(app) -> WorkerRuntime:
     runtime = getattr(app, "tunequeue_runtime", None)
     if runtime is None:
         settings = app.tunequeue_settings
-        runtime = WorkerRuntime(settings, make_session_factory(settings.database_url), ModelCache(settings.home))
+        runtime = WorkerRuntime(settings, make_session_factory(settings.database_url),
+                                ModelCache(settings.home, budget_bytes=settings.model_cache_bytes))
         app.tunequeue_runtime = runtime
     return runtime
 

@@ -1,7 +1,8 @@
 """The one typed settings object of tunequeue, read from the environment.
 
 `DATABASE_URL`, `REDIS_URL` and `TUNEQUEUE_HOME` are the settings users change; `TUNEQUEUE_QUEUE` names the Celery
-queue (tests use a fresh one per run so that runs never see each other's messages).
+queue (tests use a fresh one per run so that runs never see each other's messages). `TUNEQUEUE_MODEL_CACHE_BYTES`
+caps the weights a worker keeps resident (`8GiB`, `500MB` or plain bytes); unset, the cache picks its default.
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ def _normalise_database_url(url: str) -> str:
     return url
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """`8GiB`, `500MB`, `1.5gb` or a plain number of bytes, as an int."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match[2].lower() not in _BYTE_UNITS:
+        raise ValueError(f"not a size: {text!r} (write e.g. 8GiB, 500MB or a number of bytes)")
+    return int(float(match[1]) * _BYTE_UNITS[match[2].lower()])
+
+
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ***, for printing and logs."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
@@ -33,6 +46,7 @@ class Settings:
     heartbeat_seconds: float = 10.0  # a running job's row is touched this often
     stale_seconds: float = 60.0  # a running job whose heartbeat is older is taken as lost
     reap_seconds: float = 30.0  # how often each worker runs the reaper
+    model_cache_bytes: int | None = None  # None: half the free device memory, on CPU at most 8 GiB
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -47,6 +61,8 @@ class Settings:
             heartbeat_seconds=float(env.get("TUNEQUEUE_HEARTBEAT_SECONDS", 10)),
             stale_seconds=float(env.get("TUNEQUEUE_STALE_SECONDS", 60)),
             reap_seconds=float(env.get("TUNEQUEUE_REAP_SECONDS", 30)),
+            model_cache_bytes=parse_bytes(env["TUNEQUEUE_MODEL_CACHE_BYTES"])
+            if env.get("TUNEQUEUE_MODEL_CACHE_BYTES") else None,
         )
 
     @property
