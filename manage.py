@@ -658,7 +658,7 @@ cli.add_command(adapters)
 
 # -------------------------------------------------------------------------------------------------- worker
 @cli.command()
-@click.option("--burst", is_flag=True, help="Exit once the queue is empty and no job is running (like rq).")
+@click.option("--burst", is_flag=True, help="Exit once its queues are empty and no job is running (like rq).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @pass_ctx
 def worker(ctx: Context, burst, loglevel):

@@ -56,8 +56,9 @@ class _DataFields(_Spec):
     def _dataset_column_defaults(cls, data):
         if isinstance(data, dict):
             defaults = BUILTIN_DATASET_COLUMNS.get(data.get("dataset", "synthetic-dialogsum"), {})
-            data = {**{k: v for k, v in defaults.items() if data.get(k) is None}, **{k: v for k, v in data.items()
-                                                                                  if v is not None}}
+            data = {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
+            data = {k: v for k, v in data.items() if v is not None or k not in ("text_column", "summary_column",
+                                                                               "label_column")}
         return data
 
     @model_validator(mode="after")
