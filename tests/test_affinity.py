@@ -26,6 +26,11 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def jobs_of(env, ids: list[int]) -> list[Job]:
+    with session_of(env) as session:
+        return list(session.scalars(select(Job).where(Job.id.in_(ids))))
+
+
 def app_of(env):
     from worker.celery_app import make_app
 
@@ -150,11 +155,6 @@ def test_two_workers_keep_their_bases(make_env, tmp_path):
     assert all(jobs[i].result["model_was_loaded"] is True and jobs[i].result["base_loads"] == 1 for i in batch)
     assert {jobs[i].queue for i in warm + batch} == queues
     assert all(j.queued_at and j.queue_wait_s is not None for j in jobs.values())
-
-
-def jobs_of(env, ids: list[int]) -> list[Job]:
-    with session_of(env) as session:
-        return list(session.scalars(select(Job).where(Job.id.in_(ids))))
 
 
 def test_new_base_reaches_a_running_worker_and_the_registry(make_env, tmp_path):

@@ -83,10 +83,11 @@ class AffinityCycle(priority_cycle):
 
 
 def prefer(app, loaded: list[str], last: str | None) -> tuple[str, ...]:
-    """Put the queues of the loaded bases first (`last`, the base just used, leading), then the default queue."""
+    """The default queue first (it holds only score jobs, seconds each, which finish pipelines for the report), then
+    the queues of the loaded bases (`last`, the base just used, leading), then the other bases."""
     default = app.conf.task_default_queue
     bases = ([last] if last in loaded else []) + [ref for ref in loaded if ref != last]
-    AffinityCycle.preferred = tuple(base_queue(default, ref) for ref in bases) + (default,)
+    AffinityCycle.preferred = (default,) + tuple(base_queue(default, ref) for ref in bases)
     return AffinityCycle.preferred
 
 
@@ -99,4 +100,5 @@ def note_job(app, cache, job_id: int | None, base: str | None) -> None:
         prefer(app, loaded, base)
     record = getattr(app, "tunequeue_worker_record", None)
     if record is not None:
-        record.update(current_job=job_id, loaded_bases=loaded)
+        stats = cache.stats() if hasattr(cache, "stats") else None
+        record.update(current_job=job_id, loaded_bases=loaded, model_cache=stats)
