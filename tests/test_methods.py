@@ -23,13 +23,13 @@ EVAL_LIMIT = 60
 # (model, dataset, method, metric, training overrides) — sized to learn in seconds on 2 CPU cores
 CASES = [
     ("tiny-t5", "synthetic-dialogsum", "lora", "rouge1", {"train_limit": 800, "num_train_epochs": 2}),
-    # 20 trained prompt embeddings on a randomly initialised tiny model: loss and eval loss fall, but greedy ROUGE
-    # barely moves (tiny-t5 0.054 -> 0.058 here, 0.05 -> 0.10 after 2000 examples; tiny-llama 0.133 -> 0.117):
-    # frozen random attention cannot be steered into writing in order. Eval loss against the untrained start is
-    # the evaluation these two cases assert.
-    ("tiny-t5", "synthetic-dialogsum", "prompt-tuning", "eval_loss", {"train_limit": 800, "num_train_epochs": 2}),
+    # prompt tuning moves 20 embeddings only: it needs the whole train split and a larger step (0.05 -> 0.19 here)
+    ("tiny-t5", "synthetic-dialogsum", "prompt-tuning", "rouge1", {"num_train_epochs": 2, "learning_rate": 0.1}),
     ("tiny-t5", "synthetic-dialogsum", "full", "rouge1", {"train_limit": 800, "num_train_epochs": 2}),
     ("tiny-llama", "synthetic-dialogsum", "lora", "rouge1", {"train_limit": 800, "num_train_epochs": 2}),
+    # ... but cannot steer a randomly initialised 2-layer causal LM into writing in order: loss and eval loss fall,
+    # greedy ROUGE stays at the base's (0.133 -> 0.117 measured), so this case asserts the eval loss against the
+    # untrained start
     ("tiny-llama", "synthetic-dialogsum", "prompt-tuning", "eval_loss", {"train_limit": 800, "num_train_epochs": 2}),
     ("tiny-llama", "synthetic-dialogsum", "full", "rouge1", {"train_limit": 800, "num_train_epochs": 2}),
     ("tiny-bert", "synthetic-sentiment", "lora", "f1", {"train_limit": 800, "num_train_epochs": 2}),
