@@ -68,7 +68,7 @@ def run(*args: str, ok: bool = True, input: str | None = None):
     return result
 
 
-def one_line_error(result, expected: str) -> None:
+def assert_one_line_error(result, expected: str) -> None:
     assert result.exit_code == 1, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and expected in errors[0], result.output
@@ -155,15 +155,15 @@ def test_merge_refusals(lab_env, tmp_path):
     add_row(lab_env, "prompts", "prompt-tuning")
     add_row(lab_env, "quantized", "qlora")
     out = str(tmp_path / "out")
-    one_line_error(run("adapters", "merge", "whole", out, ok=False), "already a full model; use 'adapters export'")
-    one_line_error(run("adapters", "merge", "prompts", out, ok=False), "virtual tokens cannot be merged")
+    assert_one_line_error(run("adapters", "merge", "whole", out, ok=False), "already a full model; use 'adapters export'")
+    assert_one_line_error(run("adapters", "merge", "prompts", out, ok=False), "virtual tokens cannot be merged")
     result = run("adapters", "merge", "quantized", out, ok=False)
-    one_line_error(result, "was trained on a 4-bit base (qlora); merging into 4-bit weights is not supported")
+    assert_one_line_error(result, "was trained on a 4-bit base (qlora); merging into 4-bit weights is not supported")
     assert "load the base in bf16 first with --dtype bfloat16" in result.output
     assert not (tmp_path / "out").exists()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
-    one_line_error(run("adapters", "merge", "t5-lora", str(tmp_path / "busy"), ok=False), "is not an empty folder")
+    assert_one_line_error(run("adapters", "merge", "t5-lora", str(tmp_path / "busy"), ok=False), "is not an empty folder")
 
 
 def test_qlora_merges_with_dtype(lab_env, tmp_path):
@@ -202,9 +202,9 @@ def test_list_and_show(lab_env, monkeypatch):
 
 def test_unknown_name_is_one_line_error(lab_env):
     result = run("adapters", "show", "t5-lroa", ok=False)
-    one_line_error(result, "adapter 't5-lroa' does not exist; did you mean 't5-lora'?")
+    assert_one_line_error(result, "adapter 't5-lroa' does not exist; did you mean 't5-lora'?")
     for args in (["export", "zzz", "/tmp/x"], ["merge", "zzz", "/tmp/x"], ["delete", "zzz", "--yes"]):
-        one_line_error(run("adapters", *args, ok=False), "adapter 'zzz' does not exist")
+        assert_one_line_error(run("adapters", *args, ok=False), "adapter 'zzz' does not exist")
 
 
 def test_export_loads_with_peft(lab_env, tmp_path):
@@ -220,7 +220,7 @@ def test_export_loads_with_peft(lab_env, tmp_path):
     model = PeftModel.from_pretrained(base, str(out))
     assert any("lora_A" in name for name, _ in model.named_parameters())
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    one_line_error(run("adapters", "export", "t5-lora", str(out), ok=False), "is not an empty folder")
+    assert_one_line_error(run("adapters", "export", "t5-lora", str(out), ok=False), "is not an empty folder")
 
 
 # -------------------------------------------------------------------------------------------------- delete
@@ -265,7 +265,7 @@ def test_delete_refused_while_a_job_uses_it(env):
     with session_of(env) as session:
         make_doomed(home, session, "busy")
     job_id = add_job(env, JobKind.generate, JobStatus.queued, {"kind": "generate", "adapters": ["x", "busy"]})
-    one_line_error(run("adapters", "delete", "busy", "--yes", ok=False), f"used by queued or running job(s) {job_id}")
+    assert_one_line_error(run("adapters", "delete", "busy", "--yes", ok=False), f"used by queued or running job(s) {job_id}")
     assert (home / "adapters" / "busy").is_dir()
     with session_of(env) as session:
         assert session.scalar(select(Adapter).where(Adapter.name == "busy")) is not None
@@ -309,7 +309,7 @@ def test_taken_name_needs_replace(make_env, monkeypatch):
     with session_of(env) as session:
         assert session.get(Job, job["id"]).spec["replace"] is True
     # a second replacement while the first is still queued is refused: two jobs would race for the name
-    one_line_error(run("finetune", "--name", "taken", "--replace", ok=False),
+    assert_one_line_error(run("finetune", "--name", "taken", "--replace", ok=False),
                    "already used by a queued or running fine-tune")
     assert job_count(env) == before + 1 and queue_length(env) == 1
     with session_of(env) as session:

@@ -7,23 +7,13 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import time
 from pathlib import Path
 
 from sqlalchemy import select
 
 from models.jobs import Job, JobStatus
 from tests.conftest import cli, session_of, settings_of, start_worker
-
-
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.test_faults import wait_until
 
 
 def jobs_of(env, ids: list[int]) -> list[Job]:

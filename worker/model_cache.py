@@ -156,19 +156,12 @@ class ModelCache:
     @contextlib.contextmanager
     def with_adapter(self, loaded: LoadedModel, adapter_path: Path | None) -> Iterator[Any]:
         """The resident base (adapter_path None) or base + adapter in eval mode, for one job."""
-        with self._lock:
-            if adapter_path is None:
+        if adapter_path is None:
+            with self._lock:
                 yield loaded.model
-                return
-            from peft import PeftModel
-
-            peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_path), is_trainable=False)
-            try:
-                peft_model.eval()
-                yield peft_model
-            finally:
-                loaded.model = detach(peft_model)
-                loaded.model.eval()
+            return
+        with self.with_adapters(loaded, {"default": adapter_path}) as model:
+            yield model
 
     @contextlib.contextmanager
     def with_adapters(self, loaded: LoadedModel, adapters: dict[str, Path]) -> Iterator[Any]:
