@@ -42,6 +42,17 @@ def _drop_pg_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def sqlite_home(tmp_path_factory, builtin_home: Path, name: str) -> tuple[Path, str]:
+    """A fresh home holding the built-in models and a migrated SQLite database: (home, database url)."""
+    from models.migrate import upgrade
+
+    home = tmp_path_factory.mktemp(name)
+    shutil.copytree(builtin_home / "builtin", home / "builtin")
+    url = f"sqlite:///{home / 'db.sqlite'}"
+    upgrade(url)
+    return home, url
+
+
 @pytest.fixture
 def make_env(tmp_path, builtin_home):
     """Build an environment (dict) for one backend: fresh database, fresh queue, fresh home."""

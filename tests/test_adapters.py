@@ -8,7 +8,6 @@ one-line error; delete removes the row and the folder together.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -17,9 +16,8 @@ from sqlalchemy import func, select
 from manage import cli
 from models import make_session_factory
 from models.jobs import Job, JobKind, JobStatus
-from models.migrate import upgrade
 from models.results import Adapter, Generation
-from tests.conftest import REDIS_URL, queue_length, session_of
+from tests.conftest import REDIS_URL, queue_length, session_of, sqlite_home
 from tests.test_bad_input import add_job, check_rejected, job_count
 from worker.specs import FinetuneSpec
 from worker.train import train_adapter
@@ -38,10 +36,7 @@ def lab(tmp_path_factory, builtin_home):
     """A home with one small LoRA adapter per model kind, trained with the plain function."""
     from worker.model_cache import ModelCache
 
-    home = tmp_path_factory.mktemp("adapters-home")
-    shutil.copytree(builtin_home / "builtin", home / "builtin")
-    url = f"sqlite:///{home / 'db.sqlite'}"
-    upgrade(url)
+    home, url = sqlite_home(tmp_path_factory, builtin_home, "adapters-home")
     sessions = make_session_factory(url)
     cache = ModelCache(home, device="cpu")
     with sessions() as session:

@@ -4,7 +4,6 @@ and the saved adapter reproduces the stored predictions with plain PEFT in a fre
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -13,13 +12,13 @@ from sqlalchemy import func, select
 
 from models import make_session_factory
 from models.jobs import Job, JobKind, JobStatus
-from models.migrate import upgrade
 from models.results import Adapter, ExampleScore, Generation, Metric
 from worker.generate import generate_summaries
 from worker.model_cache import ModelCache
 from worker.score import rouge_scores, score_rows
 from worker.specs import FinetuneSpec, GenerateSpec, ScoreSpec
 from worker.train import train_adapter
+from tests.conftest import sqlite_home
 
 TEST_LIMIT = 100
 
@@ -35,10 +34,7 @@ def new_job(session, kind: JobKind, spec) -> Job:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, builtin_home):
     """One adapter trained on tiny-t5 (3 epochs), base and adapter generations and ROUGE on the test split."""
-    home = tmp_path_factory.mktemp("learning-home")
-    shutil.copytree(builtin_home / "builtin", home / "builtin")
-    url = f"sqlite:///{home / 'db.sqlite'}"
-    upgrade(url)
+    home, url = sqlite_home(tmp_path_factory, builtin_home, "learning-home")
     session = make_session_factory(url)()
     cache = ModelCache(home)
     losses = []

@@ -3,13 +3,11 @@ evaluation beats the base (ROUGE-1 for generation, F1 for classification). QLoRA
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
 from models import make_session_factory
 from models.jobs import JobKind
-from models.migrate import upgrade
 from models.results import Adapter
 from worker.generate import generate_summaries
 from worker.methods import PermanentJobError
@@ -17,6 +15,7 @@ from worker.model_cache import ModelCache
 from worker.score import score_rows
 from worker.specs import FinetuneSpec, GenerateSpec, ScoreSpec
 from worker.train import train_adapter
+from tests.conftest import sqlite_home
 from tests.test_learning import new_job
 
 EVAL_LIMIT = 60
@@ -39,10 +38,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, builtin_home):
-    home = tmp_path_factory.mktemp("methods-home")
-    shutil.copytree(builtin_home / "builtin", home / "builtin")
-    url = f"sqlite:///{home / 'db.sqlite'}"
-    upgrade(url)
+    home, url = sqlite_home(tmp_path_factory, builtin_home, "methods-home")
     session = make_session_factory(url)()
     cache = ModelCache(home, device="cpu")
     base_scores: dict = {}
