@@ -285,7 +285,7 @@ def _warn_without_cuda_worker(ctx: Context) -> None:
 @click.option("--adapter", default=None, help="Name of a trained adapter; without it the base model alone.")
 @click.option("--adapters", "adapter_list", default=None,
               help="Comma-separated adapters of one base, generated together in mixed batches (one row per "
-                   "adapter and example).")
+                   "adapter and example); 'base' in the list adds the base model's own rows.")
 @click.option("--task", type=click.Choice(["seq2seq", "causal", "classification"]), default=None,
               help="Model kind [default: the adapter's, else read from the model's config]. classification "
                    "stores the predicted label per example.")
@@ -426,7 +426,7 @@ def jobs_cancel(ctx: Context, job_id):
     from worker.queue import cancel
 
     with ctx.session() as session:
-        outcome = cancel(session, _get_job(session, job_id))
+        outcome = cancel(session, ctx.app, _get_job(session, job_id))
     click.echo(f"job {job_id}: {outcome}")
 
 
@@ -514,7 +514,8 @@ def _wait_for(ctx: Context, job_ids: list[int], quiet: bool = False, poll: float
 @ATTEMPTS_OPTION
 @pass_ctx
 def sweep(ctx: Context, file, overrides, name, dry_run, as_json, priority, max_attempts):
-    """Queue a sweep from a YAML file: every point becomes fine-tune → generate → score, plus one base row.
+    """Queue a sweep from a YAML file: one fine-tune per point, then one generate job that waits for all of them
+    and evaluates every adapter and the base model in mixed batches, then one score job.
 
     OVERRIDES are key=value (into base, replacing a grid list of that key) or block.key=value, e.g.
     num_train_epochs=1 grid.learning_rate=[1e-3,3e-3]. The whole file is checked before anything is enqueued.
@@ -529,19 +530,23 @@ def sweep(ctx: Context, file, overrides, name, dry_run, as_json, priority, max_a
     if dry_run:
         points = [{"point": p.index, "adapter": p.finetune.name, **p.varied} for p in plan.points]
         if as_json:
-            echo_json({"sweep": plan.name, "points": points, "jobs": 2 + 3 * len(points)})
+            echo_json({"sweep": plan.name, "points": points, "jobs": plan.job_count})
             return
         from rich.console import Console
         from rich.table import Table
 
         keys = sorted({k for p in plan.points for k in p.varied})
         table = Table("point", "adapter", *keys, "jobs", title=f"sweep {plan.name} (dry run: nothing enqueued)")
-        table.add_row("base", "—", *["" for _ in keys], "generate → score")
+        evaluations = plan.evaluations
+        step = {p.index: number for number, e in enumerate(evaluations, start=1) for p in e.points}
+        after = (lambda p: f"finetune → eval {step[p.index]}") if len(evaluations) > 1 else (lambda p: "finetune")
+        table.add_row("base", "—", *["" for _ in keys], "eval" + (" 1" if len(evaluations) > 1 else ""))
         for p in plan.points:
-            table.add_row(str(p.index), p.finetune.name, *[str(p.varied.get(k, "")) for k in keys],
-                          "finetune → generate → score")
+            table.add_row(str(p.index), p.finetune.name, *[str(p.varied.get(k, "")) for k in keys], after(p))
         Console().print(table)
-        click.echo(f"{len(plan.points)} points, {2 + 3 * len(plan.points)} jobs")
+        click.echo(f"{len(plan.points)} points, {plan.job_count} jobs: {len(plan.points)} fine-tunes, then "
+                   + (f"{len(evaluations)} evaluations" if len(evaluations) > 1 else "one evaluation")
+                   + " (generate every adapter and the base in one job → score)")
         return
     from worker.queue import BrokerUnavailable, check_broker
 
@@ -642,10 +647,11 @@ def sweeps_cancel(ctx: Context, name):
 
     with ctx.session() as session:
         outcomes: dict[str, int] = {}
-        for job in sweep_jobs(session, _get_sweep(session, name)):
-            session.refresh(job)  # cancelling a parent may have skipped this job already
+        # children first, so that cancelling the last fine-tune does not release the evaluation it was waiting for
+        for job in reversed(sweep_jobs(session, _get_sweep(session, name))):
+            session.refresh(job)
             if not job.status.finished:
-                outcome = cancel(session, job)
+                outcome = cancel(session, ctx.app, job)
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
     click.echo(f"sweep {name}: " + (", ".join(f"{n} {k}" for k, n in outcomes.items()) or "nothing left to cancel"))
 

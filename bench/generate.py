@@ -1,5 +1,7 @@
 """Generation throughput, side by side in one run: one summary at a time (the seed recipe) vs tunequeue's
-length-sorted batches, and N adapters swapped between passes vs one mixed pass (PEFT `adapter_names`).
+length-sorted batches, and N adapters swapped between passes (PEFT `set_adapter`, all adapters already loaded) vs
+one mixed pass (tunequeue's gather-matmul hooks, worker/multi_lora.py; PEFT's own `adapter_names` mixing is printed
+too, for reference).
 
     python bench/generate.py --tiny          # tiny-t5 on CPU, seconds
     python bench/generate.py                 # FLAN-T5-base architecture (random weights), for a GPU
@@ -17,6 +19,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from bench._common import Timer, emit, examples, load_model  # noqa: E402
 
@@ -30,14 +35,17 @@ def generate(model, tokenizer, sources: list[str], batch_size: int, new_tokens: 
     encoded = tokenizer(sources, truncation=True, max_length=512)["input_ids"]
     order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
     names = extra.pop("adapter_names", None)
+    mixer, slots = extra.pop("mixer", None), extra.pop("slots", None)
     done = 0
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             ids = pad([encoded[i] for i in batch], tokenizer.pad_token_id).to(device)
             kwargs = {"adapter_names": [names[i] for i in batch]} if names else {}
-            model.generate(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), do_sample=False,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+            scope = mixer.batch([slots[i] for i in batch]) if mixer else contextlib.nullcontext()
+            with scope:
+                model.generate(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(),
+                               do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
             done += len(batch)
     return done
 
@@ -71,12 +79,17 @@ def main() -> None:
     emit(figure="batched", device=device, summaries=n, batch_size=batch_size, summaries_per_s=round(fast_rate, 2))
     emit(ratio="batched / one_at_a_time", value=round(fast_rate / slow_rate, 1), target=30 if args.tiny else 150)
 
+    from worker.multi_lora import MixedLora
+
     names = [f"a{i}" for i in range(args.adapters)]
     config = LoraConfig(r=16, lora_alpha=32, target_modules=["q", "v"], init_lora_weights=False)
     peft_model = get_peft_model(model, config, adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, config)
     peft_model.eval()
+    folder = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
+    peft_model.save_pretrained(folder)  # the first adapter at the top, the others in subfolders by name
+    folders = [folder] + [folder / name for name in names[1:]]
     per_adapter = max(batch_size // args.adapters, 1) * 2
     mixed_sources = (sources * (args.adapters * per_adapter // len(sources) + 1))[: args.adapters * per_adapter]
     with Timer(device) as swapped:
@@ -84,13 +97,21 @@ def main() -> None:
             peft_model.set_adapter(name)
             generate(peft_model, tokenizer, mixed_sources[i * per_adapter:(i + 1) * per_adapter], batch_size,
                      new_tokens, device)
-    rows = [names[i // per_adapter] for i in range(len(mixed_sources))]
+    rows = [i // per_adapter for i in range(len(mixed_sources))]
+    with Timer(device) as peft_mixed:
+        generate(peft_model, tokenizer, mixed_sources, batch_size, new_tokens, device,
+                 adapter_names=[names[r] for r in rows])
+    base = peft_model.unload()
+    mixer = MixedLora(base, folders)
     with Timer(device) as mixed:
-        generate(peft_model, tokenizer, mixed_sources, batch_size, new_tokens, device, adapter_names=rows)
+        generate(base, tokenizer, mixed_sources, batch_size, new_tokens, device, mixer=mixer, slots=rows)
+    mixer.remove()
     total = len(mixed_sources)
     emit(figure="adapters_swapped", adapters=args.adapters, summaries=total,
          summaries_per_s=round(total / swapped.seconds, 2))
-    emit(figure="adapters_mixed_batch", adapters=args.adapters, summaries=total,
+    emit(figure="adapters_mixed_peft_adapter_names", adapters=args.adapters, summaries=total,
+         summaries_per_s=round(total / peft_mixed.seconds, 2))
+    emit(figure="adapters_mixed_batch", adapters=args.adapters, summaries=total, path="gather-matmul hooks",
          summaries_per_s=round(total / mixed.seconds, 2))
     emit(ratio="mixed / swapped", value=round(swapped.seconds / mixed.seconds, 2), target=2)
 

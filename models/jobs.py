@@ -144,5 +144,52 @@ def report_progress(session: Session, job_id: int, progress: dict) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
+class JobWait(Base):
+    """A join: the job runs once every job it waits for has finished and at least one of them succeeded (a sweep's
+    evaluation waits for all its fine-tunes). A job has either one `parent_id` or rows here."""
+
+    __tablename__ = "job_waits"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    waits_for_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True, index=True)
+
+
+def parent_ids(session: Session, job: Job) -> list[int]:
+    """Every job `job` waits for: its parent, or the jobs of its join."""
+    if job.parent_id is not None:
+        return [job.parent_id]
+    return list(session.scalars(select(JobWait.waits_for_id).where(JobWait.job_id == job.id)
+                                .order_by(JobWait.waits_for_id)))
+
+
+def readiness(session: Session, job: Job) -> tuple[str, str]:
+    """("ready" | "wait" | "skip", reason): a job runs when all its parents have finished and one succeeded."""
+    ids = parent_ids(session, job)
+    if not ids:
+        return "ready", ""
+    statuses = dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(ids))).tuples().all())
+    statuses = {i: JobStatus(s) for i, s in statuses.items()}
+    if any(not s.finished for s in statuses.values()):
+        return "wait", ""
+    if any(s == JobStatus.succeeded for s in statuses.values()):
+        return "ready", ""
+    if len(ids) == 1:
+        status = statuses.get(ids[0])
+        verb = {JobStatus.failed: "failed", JobStatus.cancelled: "was cancelled"}.get(status, "was skipped")
+        return "skip", f"parent job {ids[0]} {verb}"
+    return "skip", f"none of the jobs it waits for ({', '.join(map(str, ids))}) succeeded"
+
+
+def unfinished_outputs(session: Session, job: Job) -> list[str]:
+    """Adapter names that fine-tunes this job waits for did not produce (they failed, were cancelled or skipped)."""
+    ids = parent_ids(session, job)
+    rows = session.execute(select(Job.spec).where(Job.id.in_(ids), Job.kind == JobKind.finetune,
+                                                  Job.status != JobStatus.succeeded)).scalars()
+    return sorted(spec["name"] for spec in rows if spec.get("name"))
+
+
 def children(session: Session, job_id: int) -> list[Job]:
-    return list(session.scalars(select(Job).where(Job.parent_id == job_id).order_by(Job.id)))
+    """Jobs that wait for `job_id`, as their parent or in a join."""
+    joined = select(JobWait.job_id).where(JobWait.waits_for_id == job_id)
+    query = select(Job).where((Job.parent_id == job_id) | Job.id.in_(joined)).order_by(Job.id)
+    return list(session.scalars(query.execution_options(populate_existing=True)))  # sessions keep rows past commits

@@ -109,8 +109,8 @@ def test_qlora_without_cuda_fails_at_once(lab):
 
 
 def test_one_job_generates_for_several_adapters_in_mixed_batches(lab):
-    """A generate job naming several LoRA adapters runs them in one mixed pass (PEFT adapter_names) and writes the
-    same predictions as one job per adapter."""
+    """A generate job naming several LoRA adapters (and the base) runs them in one mixed pass (gather-matmul hooks)
+    and writes the same predictions as one job per adapter; the resident base keeps no hook."""
     from sqlalchemy import select
 
     from models.results import Generation
@@ -121,23 +121,26 @@ def test_one_job_generates_for_several_adapters_in_mixed_batches(lab):
         spec = FinetuneSpec(name=f"mix-{lr:g}", learning_rate=lr, max_steps=40, eval_split=None, train_limit=640)
         train_adapter(spec, session, lab["cache"], lab["home"])
         names.append(spec.name)
-    mixed_spec = GenerateSpec(adapters=names, limit=30)
+    mixed_spec = GenerateSpec(adapters=["base", *names], limit=30)
     mixed_job = new_job(session, JobKind.generate, mixed_spec)
     result = generate_summaries(mixed_spec, session, lab["cache"], lab["home"], job_id=mixed_job.id)
-    assert result["passes"] == 1 and result["rows"] == 90
+    assert result["passes"] == 1 and result["rows"] == 120 and result["mixed_by"] == "gather-matmul"
+    resident = lab["cache"].get("tiny-t5").model
+    assert not any(m._forward_hooks for m in resident.modules())
+    names = ["base", *names]
     mixed = {(g.variant, g.example_id): g.prediction
              for g in session.scalars(select(Generation).where(Generation.job_id == mixed_job.id))}
     single = {}
     for name in names:
-        spec = GenerateSpec(adapter=name, limit=30)
+        spec = GenerateSpec(adapter=None if name == "base" else name, limit=30)
         job = new_job(session, JobKind.generate, spec)
         generate_summaries(spec, session, lab["cache"], lab["home"], job_id=job.id)
         single.update({(g.variant, g.example_id): g.prediction
                        for g in session.scalars(select(Generation).where(Generation.job_id == job.id))})
-    assert mixed.keys() == single.keys() and len(mixed) == 90
+    assert mixed.keys() == single.keys() and len(mixed) == 120
     same = sum(mixed[k] == single[k] for k in mixed)
     assert same >= 0.95 * len(mixed), same  # padding differs between batchings: allow rare float ties
     example_ids = {e for _, e in mixed}
     assert any(len({mixed[(n, e)] for n in names}) > 1 for e in example_ids)  # the adapters really differ
     scored = new_job(session, JobKind.score, ScoreSpec(generate_job_id=mixed_job.id))
-    assert score_rows(ScoreSpec(generate_job_id=mixed_job.id), session, job_id=scored.id)["examples"] == 90
+    assert score_rows(ScoreSpec(generate_job_id=mixed_job.id), session, job_id=scored.id)["examples"] == 120

@@ -9,12 +9,12 @@ import json
 
 import pytest
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from models.jobs import Job, JobStatus
 from models.results import LossPoint
 from models.sweeps import Sweep
-from tests.conftest import cli, queue_length, session_of, start_worker
+from tests.conftest import cli, queue_length, session_of, settings_of, start_worker
 from worker.specs import SpecError
 from worker.sweep import apply_overrides, expand, load_sweep_file
 
@@ -37,13 +37,24 @@ def test_grid_and_random_expansion():
         {"learning_rate": 3e-3, "lora_r": 8}, {"learning_rate": 3e-3, "lora_r": 16}]
     assert [p.finetune.name for p in plan.points] == ["grid-01", "grid-02", "grid-03", "grid-04"]
     assert all(p.generate.adapter == p.finetune.name and p.generate.limit == 30 for p in plan.points)
-    assert plan.base_generate.adapter is None and plan.base_generate.split == "test"
+    [evaluation] = plan.evaluations  # one generate job for the whole sweep, the base riding along
+    assert evaluation.generate.adapters == ["base", "grid-01", "grid-02", "grid-03", "grid-04"]
+    assert evaluation.generate.adapter is None and evaluation.generate.limit == 30 and plan.job_count == 6
     sampled = expand({"name": "r", "random": {"n": 5, "seed": 1, "learning_rate": {"low": 1e-4, "high": 1e-2,
                                                                                  "log": True},
                                               "lora_r": {"choices": [4, 8]}}})
     rates = [p.finetune.learning_rate for p in sampled.points]
     assert len(rates) == 5 and all(1e-4 <= r <= 1e-2 for r in rates) and len(set(rates)) == 5
     assert [p.varied for p in sampled.points] == [p.varied for p in expand(sampled.spec).points]  # seeded
+
+
+def test_points_with_different_generate_settings_get_their_own_evaluation():
+    plan = expand({**GRID_2X2, "grid": {"lora_r": [8, 16], "prompt_template": ["Sum up: {dialogue}", "{dialogue}"]}})
+    first, second = plan.evaluations
+    assert first.generate.adapters == ["base", "grid-01", "grid-03"] and second.generate.adapters == ["grid-02",
+                                                                                                      "grid-04"]
+    assert first.generate.prompt_template == "Sum up: {dialogue}" and second.generate.prompt_template == "{dialogue}"
+    assert plan.job_count == 4 + 2 * 2
 
 
 def test_overrides():
@@ -94,9 +105,9 @@ def test_dry_run_and_bad_files_enqueue_nothing(make_env, tmp_path):
     env = make_env("sqlite")
     result = cli(env, "sweep", write(tmp_path, GRID_2X2), "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert "grid-04" in result.stdout and "4 points, 14 jobs" in result.stdout
+    assert "grid-04" in result.stdout and "4 points, 6 jobs" in result.stdout
     dry = json.loads(cli(env, "sweep", write(tmp_path, GRID_2X2), "--dry-run", "--json").stdout)
-    assert [p["adapter"] for p in dry["points"]] == ["grid-01", "grid-02", "grid-03", "grid-04"]
+    assert [p["adapter"] for p in dry["points"]] == ["grid-01", "grid-02", "grid-03", "grid-04"] and dry["jobs"] == 6
     for args, message in [
         ([write(tmp_path, {**GRID_2X2, "grid": {"learning_rate": [1e-3, 0]}}, "a.yaml")], "point 2 (learning_rate=0)"),
         ([write(tmp_path, {**GRID_2X2, "base": {"model": "no-such-model"}}, "b.yaml")],
@@ -114,14 +125,18 @@ def test_dry_run_and_bad_files_enqueue_nothing(make_env, tmp_path):
 def test_sweep_to_morning_report(make_env, tmp_path):
     env = make_env("postgresql")
     queued = cli(env, "sweep", write(tmp_path, GRID_2X2))
-    assert queued.returncode == 0 and "4 points, 14 jobs" in queued.stdout, queued.stderr
+    assert queued.returncode == 0 and "4 points, 6 jobs" in queued.stdout, queued.stderr
     again = cli(env, "sweep", write(tmp_path, GRID_2X2))
     assert again.returncode != 0 and "sweep 'grid' already exists" in again.stderr
     worker = start_worker(env, "--burst", log=tmp_path / "worker.log")
     assert worker.wait(timeout=400) == 0, (tmp_path / "worker.log").read_text()[-3000:]
     with session_of(env) as session:
-        statuses = session.scalars(select(Job.status)).all()
-        assert statuses == [JobStatus.succeeded] * 14
+        jobs = session.scalars(select(Job).order_by(Job.id)).all()
+        assert [j.status for j in jobs] == [JobStatus.succeeded] * 6
+        assert [j.kind.value for j in jobs] == ["finetune"] * 4 + ["generate", "score"]
+        evaluation = jobs[4].result  # every adapter and the base in one pass of mixed batches
+        assert evaluation["passes"] == 1 and evaluation["rows"] == 5 * 30 and jobs[4].started_at > max(
+            j.finished_at for j in jobs[:4])
         assert session.scalar(select(func.count(LossPoint.id))) >= 4 * 6  # train points every 10 steps, evals
 
     rows = json.loads(cli(env, "report", "--sweep", "grid", "--format", "json").stdout)
@@ -161,12 +176,12 @@ def test_sweep_to_morning_report(make_env, tmp_path):
                                                  "2", "--format", "csv").stdout)))
     assert len(as_csv) == 2 and {"reference", "difference"} <= set(as_csv[0])
     watched = cli(env, "jobs", "watch", "--sweep", "grid")
-    assert watched.returncode == 0 and "14 succeeded" in watched.stdout
+    assert watched.returncode == 0 and "6 succeeded" in watched.stdout
     shown = json.loads(cli(env, "sweeps", "show", "grid", "--json").stdout)
-    assert shown["spec"]["grid"] == GRID_2X2["grid"] and len(shown["jobs"]) == 14
+    assert shown["spec"]["grid"] == GRID_2X2["grid"] and len(shown["jobs"]) == 6
 
 
-def test_failing_point_skips_only_its_pipeline(make_env, tmp_path):
+def test_failing_point_is_left_out_of_the_evaluation(make_env, tmp_path):
     env = make_env("sqlite")
     data = {"name": "mixed", "base": {**SMALL, "max_steps": 20},
             "grid": {"target_modules": [["q", "v"], ["no_such_module"]]}, "eval": {"limit": 10}}
@@ -176,13 +191,53 @@ def test_failing_point_skips_only_its_pipeline(make_env, tmp_path):
     with session_of(env) as session:
         jobs = {j.id: j for j in session.scalars(select(Job))}
     by_status = {s: sorted(i for i, j in jobs.items() if j.status == s) for s in JobStatus}
-    assert len(by_status[JobStatus.succeeded]) == 5  # base generate + score, point 1's three jobs
-    assert len(by_status[JobStatus.failed]) == 1 and len(by_status[JobStatus.skipped]) == 2
+    assert len(by_status[JobStatus.succeeded]) == 3  # point 1's fine-tune, the evaluation and its score
+    assert len(by_status[JobStatus.failed]) == 1 and not by_status[JobStatus.skipped]
     failed = jobs[by_status[JobStatus.failed][0]]
     assert "no_such_module" in failed.error
-    assert all("failed" in jobs[i].error for i in by_status[JobStatus.skipped])
+    evaluation = next(j for j in jobs.values() if j.kind.value == "generate")
+    assert evaluation.result["left_out_adapters"] == ["mixed-02"] and evaluation.result["variants"] == [
+        "base", "mixed-01"]
     rows = json.loads(cli(env, "report", "--sweep", "mixed", "--format", "json").stdout)
     assert [r["variant"] for r in rows] == ["base", "mixed-01"]
+
+
+def test_evaluation_waits_for_every_fine_tune_and_is_skipped_when_none_succeeded(make_env, tmp_path):
+    from models.jobs import finish, readiness
+    from worker.celery_app import make_app
+    from worker.pipelines import enqueue_sweep
+    from worker.queue import settle_children
+
+    env = make_env("sqlite")
+    app, plan = make_app(settings_of(env)), expand({**GRID_2X2, "grid": {"lora_r": [4, 8, 16]}})
+    with session_of(env) as session:
+        _, jobs = enqueue_sweep(session, app, settings_of(env).home, plan)
+        finetunes, generate, score = jobs[:3], jobs[3], jobs[4]
+        assert queue_length(env) == 3  # the fine-tunes only; the evaluation waits in the database
+
+        def end(job, status):
+            session.execute(update(Job).where(Job.id == job.id).values(status=JobStatus.running))
+            finish(session, job.id, status, error=status.value)
+            settle_children(session, app, job.id)
+
+        end(finetunes[0], JobStatus.failed)
+        end(finetunes[1], JobStatus.cancelled)
+        assert readiness(session, generate) == ("wait", "") and queue_length(env) == 3
+        end(finetunes[2], JobStatus.failed)
+        session.refresh(generate), session.refresh(score)
+        assert generate.status == JobStatus.skipped and score.status == JobStatus.skipped
+        assert f"none of the jobs it waits for ({', '.join(str(j.id) for j in finetunes)}) succeeded" == \
+            generate.error and score.error == f"parent job {generate.id} was skipped"
+
+        plan = expand({**GRID_2X2, "name": "half", "grid": {"lora_r": [4, 8]}})
+        _, jobs = enqueue_sweep(session, app, settings_of(env).home, plan)
+        waiting = queue_length(env)
+        end(jobs[0], JobStatus.succeeded)
+        end(jobs[1], JobStatus.failed)
+        settle_children(session, app, jobs[1].id)  # a second settling (two workers racing) publishes nothing more
+        session.refresh(jobs[2])
+        assert jobs[2].status == JobStatus.queued and jobs[2].queued_at is not None
+        assert queue_length(env) == waiting + 1
 
 
 def test_priority_passes_queued_jobs(make_env, tmp_path):

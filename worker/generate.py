@@ -1,10 +1,10 @@
 """Generation: `generate_summaries(spec, session, ...)` writes one prediction row per example and variant.
 
 Examples are sorted by length and generated in batches (greedy, stopping at EOS); a causal LM's rows hold only the
-new tokens, a classifier's rows the predicted label. A job may name several adapters: LoRA adapters of one base are
-loaded together on the resident model and run in mixed batches (PEFT's `adapter_names`, rows of one example for
-every adapter side by side), instead of one pass per adapter; other kinds (full models, prompt tuning, QLoRA,
-classifiers) get a pass each. Rows already written by an earlier attempt are kept and skipped, so a re-run
+new tokens, a classifier's rows the predicted label. A job may name several adapters: LoRA adapters of one base run
+together on the resident model in mixed batches (rows of one example for every adapter side by side; one gather-matmul
+per layer for all adapters, worker/multi_lora.py, or PEFT's `adapter_names` for what that does not cover), instead
+of one pass per adapter; other kinds (full models, prompt tuning, QLoRA, classifiers) get a pass each. Rows already written by an earlier attempt are kept and skipped, so a re-run
 finishes the rest instead of duplicating.
 """
 
@@ -16,12 +16,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.results import Adapter, Generation
+from worker import multi_lora
 from worker.data import examples_for
 from worker.faults import parse_faults
 from worker.features import attention_mask, pad
@@ -39,6 +40,7 @@ class Pass:
     """Variants generated together on one model: a single variant, or several LoRA adapters mixed."""
 
     variants: list[tuple[str, Optional[Adapter]]]
+    mixed_by: Optional[str] = None  # how a mixed pass applied its adapters
 
     @property
     def mixed(self) -> bool:
@@ -64,38 +66,56 @@ def _adapters(spec: GenerateSpec, session: Session) -> list[tuple[str, Optional[
     if not names:
         return [("base", None)]
     found = {a.name: a for a in session.scalars(select(Adapter).where(Adapter.name.in_(names)))}
-    missing = [n for n in names if n not in found]
+    missing = [n for n in names if n not in found and n != "base"]
     if missing:
         raise LookupError(f"adapter {missing[0]!r} does not exist")
-    return [(n, found[n]) for n in names]
+    return [(n, found.get(n)) for n in names]  # "base" (no adapter) may ride along in a list
+
+
+Rows = Callable[[list[str]], ContextManager[dict]]  # a batch's variants → extra generate() arguments, in scope
 
 
 @contextlib.contextmanager
 def _pass_model(p: Pass, cache: ModelCache, spec: GenerateSpec, task: str, home: Path,
-                labels: Optional[list[str]]) -> Iterator[tuple[object, LoadedModel]]:
+                labels: Optional[list[str]]) -> Iterator[tuple[object, LoadedModel, Optional[Rows]]]:
     adapter = p.variants[0][1]
     if p.mixed:
         loaded = cache.get(spec.model, task)
-        with cache.with_adapters(loaded, {p.peft_name(name): home / a.path for name, a in p.variants
-                                          if a is not None}) as model:
-            yield model, loaded
+        paths = [home / a.path if a is not None else None for _, a in p.variants]
+        names = [name for name, _ in p.variants]
+        if all(multi_lora.supported(path) for path in paths if path is not None):
+            # one gather-matmul per layer for all adapters (worker/multi_lora.py)
+            with cache.with_lora_mix(loaded, paths) as mix:
+                p.mixed_by = "gather-matmul"
+                yield loaded.model, loaded, lambda batch: _in_scope(mix.batch([names.index(v) for v in batch]))
+            return
+        with cache.with_adapters(loaded, {p.peft_name(name): path for name, path in zip(names, paths)
+                                          if path is not None}) as model:
+            p.mixed_by = "peft adapter_names"
+            yield model, loaded, lambda batch: contextlib.nullcontext({"adapter_names": [p.peft_name(v)
+                                                                                         for v in batch]})
         return
     if adapter is not None and adapter.method == "full":  # a whole fine-tuned model: its own cache entry
         loaded = cache.get(str(home / adapter.path), task, labels=labels)
-        yield loaded.model, loaded
+        yield loaded.model, loaded, None
         return
     loaded = cache.get(spec.model, task, labels=labels, load_in_4bit=adapter is not None and adapter.method == "qlora")
     with cache.with_adapter(loaded, home / adapter.path if adapter else None) as model:
-        yield model, loaded
+        yield model, loaded, None
+
+
+@contextlib.contextmanager
+def _in_scope(scope: ContextManager) -> Iterator[dict]:
+    with scope:
+        yield {}
 
 
 def _run_batch(model, loaded: LoadedModel, task: str, spec: GenerateSpec, ids: list[list[int]],
-               adapter_names: Optional[list[str]], labels: Optional[list[str]]) -> list[str]:
+               extra: dict, labels: Optional[list[str]]) -> list[str]:
     tokenizer, device = loaded.tokenizer, loaded.device
     left = task == "causal"
     input_ids = pad(ids, tokenizer.pad_token_id, left=left).to(device)
     mask = attention_mask(ids, left=left).to(device)
-    extra = {"adapter_names": adapter_names} if adapter_names else {}
     if task == "classification":
         logits = model(input_ids=input_ids, attention_mask=mask, **extra).logits
         return [labels[i] for i in logits.argmax(-1).tolist()]
@@ -132,7 +152,7 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
             adapter = p.variants[0][1]
             labels = (adapter.hyperparameters.get("labels") if adapter is not None else None) or \
                 classification_labels(cache.resolve(spec.model), [e["target"] for e in examples])
-        with _pass_model(p, cache, spec, task, home, labels) as (model, loaded), torch.inference_mode():
+        with _pass_model(p, cache, spec, task, home, labels) as (model, loaded, rows), torch.inference_mode():
             encoded = loaded.tokenizer([e["source"] for _, _, e in items], truncation=True,
                                        max_length=spec.max_source_length)["input_ids"]
             order = sorted(range(len(items)), key=lambda i: (len(encoded[i]), items[i][0]))
@@ -140,10 +160,12 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
             while start < len(order):
                 batch = order[start:start + batch_size]
                 batch_number += 1
-                names = [p.peft_name(items[i][0]) for i in batch] if p.mixed else None
+                scope = rows([items[i][0] for i in batch]) if rows else contextlib.nullcontext({})
                 try:
                     faults.maybe_oom_batch(batch_number)
-                    predictions = _run_batch(model, loaded, task, spec, [encoded[i] for i in batch], names, labels)
+                    with scope as extra:
+                        predictions = _run_batch(model, loaded, task, spec, [encoded[i] for i in batch], extra,
+                                                 labels)
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:
                         raise
@@ -167,6 +189,7 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
     generated = finished - len(done)
     return {"variant": spec.variant if len(variants) == 1 else None, "variants": [v for v, _ in variants],
             "task": task, "examples": len(examples), "rows": total, "resumed_from": len(done),
-            "passes": len(passes), "model_was_loaded": was_loaded, "base_loads": cache.loads,
+            "passes": len(passes), "mixed_by": next((p.mixed_by for p in passes if p.mixed_by), None),
+            "model_was_loaded": was_loaded, "base_loads": cache.loads,
             "duration_s": round(duration, 2), "rows_per_s": round(generated / duration, 2) if duration else None,
             "examples_per_s": round(generated / duration, 2) if duration else None, "batch_size": batch_size}

@@ -182,6 +182,18 @@ class ModelCache:
                 loaded.model.eval()
 
     @contextlib.contextmanager
+    def with_lora_mix(self, loaded: LoadedModel, adapters: list[Optional[Path]]) -> Iterator[Any]:
+        """Several saved LoRA adapters applied row by row through hooks (worker/multi_lora.py); removed after."""
+        with self._lock:
+            from worker.multi_lora import MixedLora
+
+            mix = MixedLora(loaded.model, adapters)
+            try:
+                yield mix
+            finally:
+                mix.remove()
+
+    @contextlib.contextmanager
     def training_adapter(self, loaded: LoadedModel, peft_config) -> Iterator[Any]:
         """A fresh trainable PEFT adapter on the resident base; removed again when the job ends."""
         with self._lock:

@@ -1,5 +1,6 @@
 """Chained jobs: fine-tune → generate → score pipelines (each step waits in the database for its parent), and whole
-sweeps of them, validated completely before the first job is enqueued."""
+sweeps, validated completely before the first job is enqueued: every point's fine-tune, then one generate job that
+waits for all of them and evaluates every adapter (and the base) in mixed batches, then one score job."""
 
 from __future__ import annotations
 
@@ -59,8 +60,13 @@ def enqueue_sweep(session: Session, app, home: Path, plan: SweepPlan, priority: 
     sweep = Sweep(name=plan.name, spec=plan.spec, priority=priority, points=len(plan.points))
     session.add(sweep)
     session.commit()
-    common = {"metrics": plan.metrics, "priority": priority, "sweep_id": sweep.id, "max_attempts": max_attempts}
-    jobs = enqueue_pipeline(session, app, home, plan.base_generate, **common)
-    for point in plan.points:
-        jobs += enqueue_pipeline(session, app, home, point.generate, point.finetune, **common)
+    common = {"priority": priority, "sweep_id": sweep.id, "max_attempts": max_attempts}
+    finetunes = {point.index: enqueue(session, app, point.finetune, **common) for point in plan.points}
+    jobs = list(finetunes.values())
+    for evaluation in plan.evaluations:
+        # runs once every fine-tune it waits for has finished; adapters whose fine-tune failed are left out
+        generate_job = enqueue(session, app, evaluation.generate,
+                               waits_for=[finetunes[point.index] for point in evaluation.points], **common)
+        score_spec = ScoreSpec(generate_job_id=generate_job.id, metrics=plan.metrics)
+        jobs += [generate_job, enqueue(session, app, score_spec, generate_job, **common)]
     return sweep, jobs

@@ -1,7 +1,8 @@
 """Enqueueing: insert the job row (the source of truth), then publish only its id to Redis.
 
-A job with an unfinished parent is stored but not published; the worker publishes it when the parent succeeds and
-marks it skipped when the parent fails or is cancelled.
+A job with an unfinished parent (or join, `JobWait`) is stored but not published; when a job finishes, the worker
+publishes each child whose parents have all finished with one success, and marks skipped those whose parents all
+failed or were cancelled (`settle_children`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
-from models.jobs import Job, JobKind, JobStatus, children
+from models.jobs import Job, JobKind, JobStatus, JobWait, children, readiness
 
 TASK_NAMES = {kind: f"worker.tasks.{kind.value}" for kind in JobKind}
 
@@ -51,45 +52,62 @@ def publish(session: Session, app, job: Job) -> None:
                   task_id=job.celery_task_id)
 
 
-def enqueue(session: Session, app, spec, parent: Job | None = None, *, priority: int = 0,
-            sweep_id: int | None = None, max_attempts: int = 3) -> Job:
+def enqueue(session: Session, app, spec, parent: Job | None = None, *, waits_for: list[Job] = (),
+            priority: int = 0, sweep_id: int | None = None, max_attempts: int = 3) -> Job:
+    """Store the job (after `parent`, or after every job of `waits_for`) and publish it if it can run now."""
     if not 0 <= priority <= MAX_PRIORITY:
         raise ValueError(f"priority must be between 0 and {MAX_PRIORITY}")
+    if parent is not None and waits_for:
+        raise ValueError("a job has one parent or a join of jobs it waits for, not both")
     job = Job(kind=JobKind(spec.kind), status=JobStatus.queued, spec=spec.model_dump(mode="json"),
               parent_id=parent.id if parent else None, attempts=0, cancel_requested=False, priority=priority,
               sweep_id=sweep_id, max_attempts=max_attempts)
     session.add(job)
+    session.flush()
+    session.add_all([JobWait(job_id=job.id, waits_for_id=other.id) for other in waits_for])
     session.commit()
-    if parent is None or parent.status == JobStatus.succeeded:
+    state, reason = readiness(session, job)
+    if state == "ready":
         publish(session, app, job)
+    elif state == "skip":
+        skip(session, job.id, reason)
     return job
 
 
-def release_children(session: Session, app, job_id: int) -> None:
-    for child in children(session, job_id):
-        if child.status == JobStatus.queued:
-            publish(session, app, child)
+def skip(session: Session, job_id: int, reason: str) -> bool:
+    done = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
+                           .values(status=JobStatus.skipped, error=reason, finished_at=utcnow()))
+    session.commit()
+    return bool(done.rowcount)
 
 
-def skip_descendants(session: Session, job_id: int, reason: str) -> None:
+def settle_children(session: Session, app, job_id: int) -> None:
+    """After job `job_id` finished (any outcome): publish the children that can run now, skip those that never can
+    (and, in turn, theirs). Safe to race: only the caller that sets a child's first `queued_at` publishes it."""
     pending = [job_id]
     while pending:
-        current = pending.pop()
-        for child in children(session, current):
-            session.execute(update(Job).where(Job.id == child.id, Job.status == JobStatus.queued)
-                            .values(status=JobStatus.skipped, error=reason, finished_at=utcnow()))
-            pending.append(child.id)
-    session.commit()
+        for child in children(session, pending.pop()):
+            if child.status != JobStatus.queued:
+                continue
+            state, reason = readiness(session, child)
+            if state == "ready" and child.queued_at is None:
+                first = session.execute(update(Job).where(Job.id == child.id, Job.status == JobStatus.queued,
+                                                          Job.queued_at.is_(None)).values(queued_at=utcnow()))
+                session.commit()
+                if first.rowcount:
+                    publish(session, app, session.get(Job, child.id))
+            elif state == "skip" and skip(session, child.id, reason):
+                pending.append(child.id)
 
 
-def cancel(session: Session, job: Job) -> str:
+def cancel(session: Session, app, job: Job) -> str:
     """Cancel a queued job at once; ask a running one to stop at its next step. Returns what happened."""
     if job.status == JobStatus.queued:
         done = session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.queued)
                                .values(status=JobStatus.cancelled, finished_at=utcnow(), error="cancelled by user"))
         session.commit()
         if done.rowcount:
-            skip_descendants(session, job.id, f"parent job {job.id} was cancelled")
+            settle_children(session, app, job.id)  # a join may run without this job
             return "cancelled"
     if job.status in (JobStatus.queued, JobStatus.running):
         session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))

@@ -16,8 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
-from models.jobs import Job, JobStatus, fail_attempt, stale_running
-from worker.queue import MAX_PRIORITY, publish, skip_descendants
+from models.jobs import Job, JobStatus, fail_attempt, readiness, stale_running
+from worker.queue import MAX_PRIORITY, publish, settle_children, skip
 
 log = logging.getLogger("tunequeue.reaper")
 
@@ -52,7 +52,7 @@ def reap_lost_workers(session: Session, app, stale_seconds: float) -> list[tuple
         if status == JobStatus.queued:
             publish(session, app, session.get(Job, job.id))
         elif status == JobStatus.failed:
-            skip_descendants(session, job.id, f"parent job {job.id} failed")
+            settle_children(session, app, job.id)
         if status is not None:
             log.warning("job %s: %s -> %s", job.id, error, status.value)
             outcomes.append((job.id, status.value))
@@ -60,21 +60,23 @@ def reap_lost_workers(session: Session, app, stale_seconds: float) -> list[tuple
 
 
 def republish_lost_messages(session: Session, app) -> list[int]:
-    """Queued jobs that should be in the broker (no parent, or a succeeded one) but are not: publish them again."""
+    """Queued jobs that should be in the broker (their parents have finished, one succeeded) but are not: publish
+    them again. A job whose parents all finished without success (its settling was lost) is skipped."""
     from worker.affinity import known_queues
 
     queued = list(session.scalars(select(Job).where(Job.status == JobStatus.queued)))
     queues = set(known_queues(app)) | {job.queue for job in queued if job.queue}
     waiting = broker_job_ids(app, sorted(queues))
-    parent = Job.__table__.alias("parent")
     lost = []
     for job in queued:
         if job.id in waiting:
             continue
-        if job.parent_id is not None:
-            parent_status = session.scalar(select(parent.c.status).where(parent.c.id == job.parent_id))
-            if parent_status != JobStatus.succeeded.value and parent_status != JobStatus.succeeded:
-                continue
+        state, reason = readiness(session, job)
+        if state == "skip":
+            skip(session, job.id, reason)
+            settle_children(session, app, job.id)
+        if state != "ready":
+            continue
         publish(session, app, job)
         lost.append(job.id)
     if lost:

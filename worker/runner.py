@@ -16,10 +16,11 @@ from sqlalchemy.orm import sessionmaker
 from models import make_session_factory
 import threading
 
-from models.jobs import Job, JobStatus, claim, fail_attempt, finish, heartbeat, report_progress
+from models.jobs import (Job, JobStatus, claim, fail_attempt, finish, heartbeat, report_progress,
+                         unfinished_outputs)
 from worker.affinity import note_job
 from worker.model_cache import ModelCache
-from worker.queue import publish, release_children, skip_descendants
+from worker.queue import publish, settle_children
 from worker.settings import Settings
 from worker.specs import parse_spec
 from worker.methods import PermanentJobError
@@ -109,17 +110,22 @@ def run_job(task, job_id: int, kind: str) -> str:
 
         try:
             spec = parse_spec(job.spec)
+            left_out = unfinished_outputs(session, job) if kind == "generate" and spec.adapters else []
+            if left_out:  # a sweep's evaluation goes on with the adapters whose fine-tunes succeeded
+                spec = spec.model_copy(update={"adapters": [a for a in spec.adapters if a not in left_out]})
             result = _dispatch(kind, spec, session, runtime, job_id, on_progress)
+            if left_out:
+                result = {**result, "left_out_adapters": left_out}
         except JobCancelled as exc:
             session.rollback()
             finish(session, job_id, JobStatus.cancelled, error=str(exc))
-            skip_descendants(session, job_id, f"parent job {job_id} was cancelled")
+            settle_children(session, app, job_id)
             return "cancelled"
         except PermanentJobError as exc:  # no retry can help (e.g. QLoRA on a worker without CUDA)
             session.rollback()
             log.error("job %s failed: %s", job_id, exc)
             finish(session, job_id, JobStatus.failed, error=f"{exc}")
-            skip_descendants(session, job_id, f"parent job {job_id} failed")
+            settle_children(session, app, job_id)
             return "failed"
         except Exception as exc:
             session.rollback()
@@ -128,7 +134,7 @@ def run_job(task, job_id: int, kind: str) -> str:
             if status == JobStatus.queued:  # attempts remain: run it again
                 publish(session, app, session.get(Job, job_id))
                 return "retrying"
-            skip_descendants(session, job_id, f"parent job {job_id} failed")
+            settle_children(session, app, job_id)
             return "failed"
         finally:
             beat.stopped.set()
@@ -136,5 +142,5 @@ def run_job(task, job_id: int, kind: str) -> str:
             note_job(app, runtime.cache, None, base)  # loaded bases' queues first from the next message on
         finish(session, job_id, JobStatus.succeeded, result=result)
         log.info("job %s (%s) succeeded: %s", job_id, kind, result)
-        release_children(session, app, job_id)
+        settle_children(session, app, job_id)
         return "succeeded"

@@ -38,12 +38,38 @@ class SweepPoint:
 
 
 @dataclass
+class Evaluation:
+    """One generate job for many points: their adapters (and the base) side by side in mixed batches."""
+
+    generate: GenerateSpec
+    points: list[SweepPoint]
+
+
+@dataclass
 class SweepPlan:
     name: str
     spec: dict
     points: list[SweepPoint]
-    base_generate: GenerateSpec
     metrics: list[str]
+
+    @property
+    def evaluations(self) -> list[Evaluation]:
+        """Points whose generate settings agree share one multi-adapter generate job (usually the whole sweep); the
+        base model rides along in the first as the "base" variant."""
+        groups: dict[str, list[SweepPoint]] = {}
+        for point in self.points:
+            key = point.generate.model_copy(update={"adapter": None}).model_dump_json()
+            groups.setdefault(key, []).append(point)
+        out = []
+        for number, members in enumerate(groups.values()):
+            names = (["base"] if number == 0 else []) + [p.finetune.name for p in members]
+            out.append(Evaluation(members[0].generate.model_copy(update={"adapter": None, "adapters": names}),
+                                  members))
+        return out
+
+    @property
+    def job_count(self) -> int:
+        return len(self.points) + 2 * len(self.evaluations)  # fine-tunes, then generate + score per evaluation
 
 
 def _did_you_mean(key: str, choices) -> str:
@@ -184,7 +210,6 @@ def expand(data: dict, name: str | None = None) -> SweepPlan:
     if not points:
         raise SpecError("the sweep has no points")
     first = points[0].finetune
-    base_generate = points[0].generate.model_copy(update={"adapter": None})
     if any(p.finetune.model != first.model for p in points):
         raise SpecError("every point of a sweep must use the same base model (one base row per sweep)")
-    return SweepPlan(str(sweep_name), {**data, "name": str(sweep_name)}, points, base_generate, metrics)
+    return SweepPlan(str(sweep_name), {**data, "name": str(sweep_name)}, points, metrics)

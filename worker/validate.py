@@ -70,9 +70,14 @@ def validate_generate(spec: GenerateSpec, session: Session, home: Path, *, model
     if spec.adapters:
         if spec.adapter:
             raise SpecError("give either --adapter or --adapters, not both")
+        if len(set(spec.adapters)) != len(spec.adapters):
+            raise SpecError("--adapters names an adapter twice")
         found = {}
         for name in spec.adapters:
-            found[name] = _existing_adapter(session, home, name)
+            if name != "base":  # the base model's own rows, side by side with the adapters'
+                found[name] = _existing_adapter(session, home, name)
+        if not found:
+            raise SpecError("--adapters needs at least one adapter besides 'base'")
         bases = {a.base_model for a in found.values()}
         if len(bases) > 1:
             raise SpecError(f"adapters of one generate job must share a base model; got {', '.join(sorted(bases))}")

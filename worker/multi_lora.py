@@ -1,0 +1,137 @@
+"""Many LoRA adapters on one resident base inside one batch, without PEFT layers.
+
+Every targeted `nn.Linear` gets a forward hook that adds `x · Aᵢᵀ · Bᵢᵀ · scaleᵢ` for each row's adapter `i`. The
+adapters' A and B matrices are stacked (ranks padded with zeros, the scale folded into B) and gathered per row once
+per batch, so one batched matmul pair serves every adapter in every layer: the gather-matmul of S-LoRA / punica.
+PEFT's `adapter_names` path instead loops over the adapters inside every LoRA layer at every decoding step. The
+base weights are never written, and the hooks are removed when the pass ends.
+
+Plain LoRA on linear layers only (no DoRA, no LoRA bias, no `modules_to_save`, no embedding or Conv1D targets);
+`supported()` says whether an adapter folder qualifies, and generation falls back to PEFT otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterator, Optional
+
+PREFIX = "base_model.model."
+
+
+class Unsupported(ValueError):
+    pass
+
+
+def _config(path: Path) -> dict:
+    config = json.loads((path / "adapter_config.json").read_text())
+    problems = [name for name, bad in [
+        ("not LoRA", config.get("peft_type") != "LORA"), ("DoRA", config.get("use_dora")),
+        ("LoRA bias", config.get("lora_bias")), ("modules_to_save", config.get("modules_to_save")),
+        ("fan_in_fan_out (Conv1D)", config.get("fan_in_fan_out")),
+        ("layer replication", config.get("layer_replication"))] if bad]
+    if problems:
+        raise Unsupported(f"adapter {path.name}: {', '.join(problems)}")
+    return config
+
+
+def supported(path: Path) -> bool:
+    try:
+        _config(path)
+        return True
+    except (Unsupported, OSError, ValueError):
+        return False
+
+
+def _scale(config: dict, module: str, rank: int) -> float:
+    alpha = float(config.get("lora_alpha", rank))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):  # how PEFT matches its patterns
+            alpha = float(value)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def read_adapter(path: Path) -> dict[str, tuple]:
+    """{module path in the base model: (A (r, in), B (out, r) with the scale folded in)} of a saved LoRA adapter."""
+    from safetensors.torch import load_file
+
+    config = _config(path)
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    out = {}
+    for key, a in weights.items():
+        if not key.endswith(".lora_A.weight"):
+            if ".lora_A." not in key and ".lora_B." not in key:
+                raise Unsupported(f"adapter {path.name}: unexpected tensor {key}")
+            continue
+        module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
+        b = weights[key.replace(".lora_A.", ".lora_B.")]
+        out[module] = (a, b * _scale(config, module, a.shape[0]))
+    return out
+
+
+class MixedLora:
+    """Hooks on the base model that apply, row by row, the adapter chosen for that row (slot -1: none)."""
+
+    def __init__(self, model, adapters: list[Optional[Path]]):
+        import torch
+
+        self.model, self.handles, self.stacks = model, [], {}
+        read = [read_adapter(p) if p is not None else {} for p in adapters]
+        modules = dict(model.named_modules())
+        for name in sorted({m for r in read for m in r}):
+            layer = modules.get(name)
+            if not isinstance(layer, torch.nn.Linear):
+                raise Unsupported(f"LoRA target {name} is not a linear layer of the base model")
+            rank = max(r[name][0].shape[0] for r in read if name in r)
+            dtype, device = layer.weight.dtype, layer.weight.device
+            # slot len(adapters) stays zero: rows without an adapter (the base) gather it
+            a_stack = torch.zeros(len(adapters) + 1, rank, layer.in_features, dtype=dtype, device=device)
+            b_stack = torch.zeros(len(adapters) + 1, layer.out_features, rank, dtype=dtype, device=device)
+            for slot, weights in enumerate(read):
+                if name in weights:
+                    a, b = weights[name]
+                    a_stack[slot, : a.shape[0]] = a.to(device, dtype)
+                    b_stack[slot, :, : b.shape[1]] = b.to(device, dtype)
+            self.stacks[name] = (a_stack.transpose(1, 2).contiguous(), b_stack.transpose(1, 2).contiguous())
+            self.handles.append(layer.register_forward_hook(self._hook(name)))
+        self.empty_slot = len(adapters)
+        self.rows: Optional[object] = None
+        self.gathered: dict[str, tuple] = {}
+
+    def _hook(self, name: str):
+        def add_lora(module, args, output):
+            if self.rows is None:
+                return output
+            x = args[0]
+            if name not in self.gathered:  # once per batch: every decoding step reuses the rows' matrices
+                a_t, b_t = self.stacks[name]
+                self.gathered[name] = (a_t[self.rows], b_t[self.rows])
+            a_rows, b_rows = self.gathered[name]
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            if flat.shape[0] != a_rows.shape[0]:
+                raise RuntimeError(f"batch of {flat.shape[0]} rows, but {a_rows.shape[0]} adapter choices")
+            delta = (flat.to(a_rows.dtype) @ a_rows) @ b_rows
+            return output + delta.reshape(output.shape).to(output.dtype)
+
+        return add_lora
+
+    @contextlib.contextmanager
+    def batch(self, slots: list[Optional[int]]) -> Iterator[None]:
+        """Rows of the next forward passes use these adapters (index into `adapters`; None: the base alone)."""
+        import torch
+
+        device = next(iter(self.stacks.values()))[0].device if self.stacks else "cpu"
+        self.rows = torch.tensor([self.empty_slot if s is None else s for s in slots], device=device)
+        self.gathered = {}
+        try:
+            yield
+        finally:
+            self.rows, self.gathered = None, {}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.stacks = [], {}
