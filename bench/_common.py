@@ -69,3 +69,15 @@ class Timer:
     def __exit__(self, *exc):
         sync(self.device)
         self.seconds = time.perf_counter() - self.start
+
+
+def median_seconds(run, device: str, repeats: int = 3) -> float:
+    """Median wall time of `repeats` calls of `run()` (the machine's noise hits both sides of a ratio alike)."""
+    import statistics
+
+    times = []
+    for _ in range(repeats):
+        with Timer(device) as timer:
+            run()
+        times.append(timer.seconds)
+    return statistics.median(times)

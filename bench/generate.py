@@ -1,7 +1,7 @@
 """Generation throughput, side by side in one run: one summary at a time (the seed recipe) vs tunequeue's
 length-sorted batches, and N adapters swapped between passes (PEFT `set_adapter`, all adapters already loaded) vs
 one mixed pass (tunequeue's gather-matmul hooks, worker/multi_lora.py; PEFT's own `adapter_names` mixing is printed
-too, for reference).
+too, for reference); and one adapter as PEFT layers vs merged into copies of the layers it targets.
 
     python bench/generate.py --tiny          # tiny-t5 on CPU, seconds
     python bench/generate.py                 # FLAN-T5-base architecture (random weights), for a GPU
@@ -23,7 +23,7 @@ import contextlib  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench._common import Timer, emit, examples, load_model  # noqa: E402
+from bench._common import emit, examples, load_model, median_seconds  # noqa: E402
 
 
 def generate(model, tokenizer, sources: list[str], batch_size: int, new_tokens: int, device: str, **extra) -> int:
@@ -57,27 +57,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--examples", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch of the adapter figures and the first batched figure [64 tiny, 128 full]")
+    parser.add_argument("--large-batch-size", type=int, default=None,
+                        help="a second batched figure [256 tiny; none in full mode]")
     parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="each figure is the median of this many runs")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    n = args.examples or (64 if args.tiny else 512)
     batch_size = args.batch_size or (64 if args.tiny else 128)
+    sizes = [batch_size] + [b for b in [args.large_batch_size or (256 if args.tiny else None)] if b]
+    n = args.examples or max(sizes + [512 if not args.tiny else 0])
     new_tokens = 24 if args.tiny else 64
     model, tokenizer = load_model(args.tiny, device)
     if device == "cuda" and not args.tiny:
         model = model.to(torch.bfloat16)
     sources = [e["source"] for e in examples("test", n)]
-    one_at_a_time = sources[: max(8, n // 8)]  # the slow side runs on fewer examples; rates are per summary
+    one_at_a_time = sources[: max(16, n // 8)]  # the slow side runs on fewer examples; rates are per summary
+    repeats = args.repeats
+    for size in (1, 4):  # warm-up: first calls allocate and pick kernels, on neither side's clock
+        generate(model, tokenizer, sources[:4], size, new_tokens, device)
 
-    with Timer(device) as slow:
-        generate(model, tokenizer, one_at_a_time, 1, new_tokens, device)
-    with Timer(device) as fast:
-        generate(model, tokenizer, sources, batch_size, new_tokens, device)
-    slow_rate, fast_rate = len(one_at_a_time) / slow.seconds, n / fast.seconds
+    slow = median_seconds(lambda: generate(model, tokenizer, one_at_a_time, 1, new_tokens, device), device, repeats)
+    slow_rate = len(one_at_a_time) / slow
     emit(figure="one_at_a_time", device=device, summaries=len(one_at_a_time), summaries_per_s=round(slow_rate, 2))
-    emit(figure="batched", device=device, summaries=n, batch_size=batch_size, summaries_per_s=round(fast_rate, 2))
-    emit(ratio="batched / one_at_a_time", value=round(fast_rate / slow_rate, 1), target=30 if args.tiny else 150)
+    for size in sizes:
+        fast_rate = n / median_seconds(lambda: generate(model, tokenizer, sources, size, new_tokens, device), device,
+                                       repeats)
+        emit(figure="batched", device=device, summaries=n, batch_size=size, summaries_per_s=round(fast_rate, 2))
+        emit(ratio=f"batched ({size}) / one_at_a_time", value=round(fast_rate / slow_rate, 1),
+             target=30 if args.tiny else 150)
 
     from worker.multi_lora import MixedLora
 
@@ -88,32 +97,49 @@ def main() -> None:
         peft_model.add_adapter(name, config)
     peft_model.eval()
     folder = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
-    peft_model.save_pretrained(folder)  # the first adapter at the top, the others in subfolders by name
-    folders = [folder] + [folder / name for name in names[1:]]
+    peft_model.save_pretrained(folder)  # one subfolder per adapter name
+    folders = [folder / name for name in names]
     per_adapter = max(batch_size // args.adapters, 1) * 2
     mixed_sources = (sources * (args.adapters * per_adapter // len(sources) + 1))[: args.adapters * per_adapter]
-    with Timer(device) as swapped:
+    def swap():
         for i, name in enumerate(names):
             peft_model.set_adapter(name)
             generate(peft_model, tokenizer, mixed_sources[i * per_adapter:(i + 1) * per_adapter], batch_size,
                      new_tokens, device)
+
     rows = [i // per_adapter for i in range(len(mixed_sources))]
-    with Timer(device) as peft_mixed:
-        generate(peft_model, tokenizer, mixed_sources, batch_size, new_tokens, device,
-                 adapter_names=[names[r] for r in rows])
+    swapped = median_seconds(swap, device, repeats)
+    peft_mixed = median_seconds(lambda: generate(peft_model, tokenizer, mixed_sources, batch_size, new_tokens, device,
+                                                 adapter_names=[names[r] for r in rows]), device, repeats)
     base = peft_model.unload()
     mixer = MixedLora(base, folders)
-    with Timer(device) as mixed:
-        generate(base, tokenizer, mixed_sources, batch_size, new_tokens, device, mixer=mixer, slots=rows)
+    mixed = median_seconds(lambda: generate(base, tokenizer, mixed_sources, batch_size, new_tokens, device,
+                                            mixer=mixer, slots=rows), device, repeats)
+    dense = bool(mixer.dense)
     mixer.remove()
     total = len(mixed_sources)
-    emit(figure="adapters_swapped", adapters=args.adapters, summaries=total,
-         summaries_per_s=round(total / swapped.seconds, 2))
+    emit(figure="adapters_swapped", adapters=args.adapters, summaries=total, summaries_per_s=round(total / swapped, 2))
     emit(figure="adapters_mixed_peft_adapter_names", adapters=args.adapters, summaries=total,
-         summaries_per_s=round(total / peft_mixed.seconds, 2))
-    emit(figure="adapters_mixed_batch", adapters=args.adapters, summaries=total, path="gather-matmul hooks",
-         summaries_per_s=round(total / mixed.seconds, 2))
-    emit(ratio="mixed / swapped", value=round(swapped.seconds / mixed.seconds, 2), target=2)
+         summaries_per_s=round(total / peft_mixed, 2))
+    emit(figure="adapters_mixed_batch", adapters=args.adapters, summaries=total, path="worker/multi_lora.py hooks",
+         dense=dense, summaries_per_s=round(total / mixed, 2))
+    emit(ratio="mixed / swapped", value=round(swapped / mixed, 2), target=2)
+
+    # one adapter: PEFT's LoRA layers (two extra matmuls per layer and step) vs merged into copies of its layers
+    from peft import PeftModel
+
+    from worker.multi_lora import merged_copy
+
+    single = PeftModel.from_pretrained(base, str(folders[0])).eval()
+    with_layers = median_seconds(lambda: generate(single, tokenizer, sources, batch_size, new_tokens, device), device,
+                                 repeats)
+    base = single.unload()
+    with merged_copy(base, folders[0]):
+        merged = median_seconds(lambda: generate(base, tokenizer, sources, batch_size, new_tokens, device), device,
+                                repeats)
+    emit(figure="one_adapter_peft_layers", summaries=n, summaries_per_s=round(n / with_layers, 2))
+    emit(figure="one_adapter_merged_copy", summaries=n, summaries_per_s=round(n / merged, 2))
+    emit(ratio="merged copy / peft layers", value=round(with_layers / merged, 2))
 
 
 if __name__ == "__main__":

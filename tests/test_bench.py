@@ -24,16 +24,19 @@ def test_bench_score_tiny():
 
 
 def test_bench_generate_tiny():
-    lines = run_bench("bench/generate.py", "--tiny", "--examples", "16", "--adapters", "2")
+    lines = run_bench("bench/generate.py", "--tiny", "--examples", "16", "--adapters", "2", "--batch-size", "8",
+                      "--large-batch-size", "16", "--repeats", "1")
     figures = {line.get("figure") for line in lines}
     assert figures >= {"one_at_a_time", "batched", "adapters_swapped", "adapters_mixed_batch"}
     assert all(line["value"] > 0 for line in lines if "ratio" in line)
+    assert len([line for line in lines if line.get("figure") == "batched"]) == 2
 
 
 def test_bench_train_tiny():
     lines = run_bench("bench/train.py", "--tiny", "--samples", "128")
     seed, ours = [line for line in lines if line.get("figure") in ("seed_recipe", "tunequeue")]
     assert seed["real_token_fraction"] < 0.5 < ours["real_token_fraction"]  # padding to 512 wastes most compute
+    assert seed["gflop_per_sample"] > 3 * ours["gflop_per_sample"] > 0
     assert [line for line in lines if "ratio" in line][0]["value"] > 0
 
 

@@ -124,7 +124,7 @@ def test_one_job_generates_for_several_adapters_in_mixed_batches(lab):
     mixed_spec = GenerateSpec(adapters=["base", *names], limit=30)
     mixed_job = new_job(session, JobKind.generate, mixed_spec)
     result = generate_summaries(mixed_spec, session, lab["cache"], lab["home"], job_id=mixed_job.id)
-    assert result["passes"] == 1 and result["rows"] == 120 and result["mixed_by"] == "gather-matmul"
+    assert result["passes"] == 1 and result["rows"] == 120 and result["applied_by"] == ["gather-matmul"]
     resident = lab["cache"].get("tiny-t5").model
     assert not any(m._forward_hooks for m in resident.modules())
     names = ["base", *names]

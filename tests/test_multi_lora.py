@@ -33,8 +33,9 @@ def _save_adapters(cls, path, targets, tmp_path) -> list:
     return folders
 
 
-@pytest.mark.parametrize("model", ["tiny-t5", "tiny-llama"])
-def test_mixed_rows_equal_peft_adapter_names(model, builtin_home, tmp_path):
+@pytest.mark.parametrize("model, dense_width", [("tiny-t5", None), ("tiny-t5", 0), ("tiny-llama", None)],
+                         ids=["t5-dense", "t5-gathered", "llama-dense"])
+def test_mixed_rows_equal_peft_adapter_names(model, dense_width, builtin_home, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -52,7 +53,8 @@ def test_mixed_rows_equal_peft_adapter_names(model, builtin_home, tmp_path):
         inputs["decoder_input_ids"] = torch.tensor([[0, 5, 9], [0, 7, 7], [0, 3, 4], [0, 8, 2]])
     slots = [2, None, 0, 1]
 
-    mixer = MixedLora(base, [folders[0], folders[1], folders[2]])
+    mixer = MixedLora(base, [folders[0], folders[1], folders[2]], dense_width=dense_width)
+    assert bool(mixer.dense) == (dense_width is None) and bool(mixer.stacks) == (dense_width == 0)
     with torch.no_grad(), mixer.batch(slots):
         mixed = base(**inputs).logits
     mixer.remove()
@@ -72,6 +74,33 @@ def test_mixed_rows_equal_peft_adapter_names(model, builtin_home, tmp_path):
     torch.testing.assert_close(mixed, reference, atol=1e-3, rtol=1e-3)  # float sums reordered
     assert torch.equal(mixed[1], plain[1])  # the base row gets no adapter at all
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_single_adapter_merged_copy_equals_peft_and_leaves_the_base(builtin_home, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from worker.multi_lora import merged_copy
+
+    path = builtin_home / "builtin" / "tiny-llama"
+    folder = _save_adapters(AutoModelForCausalLM, path, ["all-linear"], tmp_path)[1]  # rsLoRA, rank 8
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path).eval()
+    tensors = {name: param for name, param in base.named_parameters()}
+    before = {name: param.clone() for name, param in tensors.items()}
+    inputs = dict(tokenizer(["#Person1#: hello there", "fine thanks"], return_tensors="pt", padding=True))
+    with torch.no_grad(), merged_copy(base, folder) as layers:
+        merged = base(**inputs).logits
+    assert layers == 14  # q, k, v, o, gate, up, down in both layers
+    with torch.no_grad():
+        plain = base(**inputs).logits
+        peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
+        reference = peft_model(**inputs).logits
+        peft_model.unload()
+    assert (reference - plain).abs().max() > 0.1
+    torch.testing.assert_close(merged, reference, atol=1e-3, rtol=1e-3)
+    after = dict(base.named_parameters())
+    assert all(after[name] is tensors[name] and torch.equal(after[name], before[name]) for name in tensors)
 
 
 def test_unsupported_adapters_are_named(builtin_home, tmp_path):

@@ -40,7 +40,7 @@ class Pass:
     """Variants generated together on one model: a single variant, or several LoRA adapters mixed."""
 
     variants: list[tuple[str, Optional[Adapter]]]
-    mixed_by: Optional[str] = None  # how a mixed pass applied its adapters
+    applied_by: Optional[str] = None  # how the adapters were applied: merged copy, gather-matmul, peft...
 
     @property
     def mixed(self) -> bool:
@@ -86,21 +86,29 @@ def _pass_model(p: Pass, cache: ModelCache, spec: GenerateSpec, task: str, home:
         if all(multi_lora.supported(path) for path in paths if path is not None):
             # one gather-matmul per layer for all adapters (worker/multi_lora.py)
             with cache.with_lora_mix(loaded, paths) as mix:
-                p.mixed_by = "gather-matmul"
+                p.applied_by = "gather-matmul"
                 yield loaded.model, loaded, lambda batch: _in_scope(mix.batch([names.index(v) for v in batch]))
             return
         with cache.with_adapters(loaded, {p.peft_name(name): path for name, path in zip(names, paths)
                                           if path is not None}) as model:
-            p.mixed_by = "peft adapter_names"
+            p.applied_by = "peft adapter_names"
             yield model, loaded, lambda batch: contextlib.nullcontext({"adapter_names": [p.peft_name(v)
                                                                                          for v in batch]})
         return
     if adapter is not None and adapter.method == "full":  # a whole fine-tuned model: its own cache entry
         loaded = cache.get(str(home / adapter.path), task, labels=labels)
+        p.applied_by = "full model"
         yield loaded.model, loaded, None
         return
     loaded = cache.get(spec.model, task, labels=labels, load_in_4bit=adapter is not None and adapter.method == "qlora")
+    if adapter is not None and adapter.method == "lora" and multi_lora.supported(home / adapter.path):
+        # merged into copies of its target layers: the base's speed, no LoRA matmuls at every decoding step
+        with cache.with_merged_lora(loaded, home / adapter.path) as model:
+            p.applied_by = "merged copy"
+            yield model, loaded, None
+        return
     with cache.with_adapter(loaded, home / adapter.path if adapter else None) as model:
+        p.applied_by = "peft" if adapter is not None else None
         yield model, loaded, None
 
 
@@ -189,7 +197,7 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
     generated = finished - len(done)
     return {"variant": spec.variant if len(variants) == 1 else None, "variants": [v for v, _ in variants],
             "task": task, "examples": len(examples), "rows": total, "resumed_from": len(done),
-            "passes": len(passes), "mixed_by": next((p.mixed_by for p in passes if p.mixed_by), None),
+            "passes": len(passes), "applied_by": [p.applied_by for p in passes],
             "model_was_loaded": was_loaded, "base_loads": cache.loads,
             "duration_s": round(duration, 2), "rows_per_s": round(generated / duration, 2) if duration else None,
             "examples_per_s": round(generated / duration, 2) if duration else None, "batch_size": batch_size}

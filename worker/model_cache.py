@@ -194,6 +194,15 @@ class ModelCache:
                 mix.remove()
 
     @contextlib.contextmanager
+    def with_merged_lora(self, loaded: LoadedModel, adapter: Path) -> Iterator[Any]:
+        """One saved LoRA adapter merged into copies of its target layers (worker/multi_lora.py); put back after."""
+        with self._lock:
+            from worker.multi_lora import merged_copy
+
+            with merged_copy(loaded.model, adapter):
+                yield loaded.model
+
+    @contextlib.contextmanager
     def training_adapter(self, loaded: LoadedModel, peft_config) -> Iterator[Any]:
         """A fresh trainable PEFT adapter on the resident base; removed again when the job ends."""
         with self._lock:

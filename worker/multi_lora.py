@@ -1,10 +1,14 @@
 """Many LoRA adapters on one resident base inside one batch, without PEFT layers.
 
 Every targeted `nn.Linear` gets a forward hook that adds `x · Aᵢᵀ · Bᵢᵀ · scaleᵢ` for each row's adapter `i`. The
-adapters' A and B matrices are stacked (ranks padded with zeros, the scale folded into B) and gathered per row once
-per batch, so one batched matmul pair serves every adapter in every layer: the gather-matmul of S-LoRA / punica.
-PEFT's `adapter_names` path instead loops over the adapters inside every LoRA layer at every decoding step. The
+adapters' A and B matrices are stacked (ranks padded with zeros, the scale folded into B), so one matmul pair serves
+every adapter in every layer: while the stacked rank is no wider than the layer, as two plain matmuls over all
+adapters side by side with a per-row mask; beyond that, gathered per row once per batch into one batched matmul
+(the gather-matmul of S-LoRA / punica). PEFT's `adapter_names` path instead loops over the adapters inside every
+LoRA layer at every decoding step. The
 base weights are never written, and the hooks are removed when the pass ends.
+
+`merged_copy()` serves a single adapter: merged into copies of the layers it targets, the original tensors untouched.
 
 Plain LoRA on linear layers only (no DoRA, no LoRA bias, no `modules_to_save`, no embedding or Conv1D targets);
 `supported()` says whether an adapter folder qualifies, and generation falls back to PEFT otherwise.
@@ -73,12 +77,13 @@ def read_adapter(path: Path) -> dict[str, tuple]:
 
 
 class MixedLora:
-    """Hooks on the base model that apply, row by row, the adapter chosen for that row (slot -1: none)."""
+    """Hooks on the base model that apply, row by row, the adapter chosen for that row. `dense_width` (default: the
+    layer's larger side) is the widest stacked rank handled in the dense form."""
 
-    def __init__(self, model, adapters: list[Optional[Path]]):
+    def __init__(self, model, adapters: list[Optional[Path]], dense_width: Optional[int] = None):
         import torch
 
-        self.model, self.handles, self.stacks = model, [], {}
+        self.model, self.handles, self.stacks, self.dense = model, [], {}, {}
         read = [read_adapter(p) if p is not None else {} for p in adapters]
         modules = dict(model.named_modules())
         for name in sorted({m for r in read for m in r}):
@@ -95,43 +100,90 @@ class MixedLora:
                     a, b = weights[name]
                     a_stack[slot, : a.shape[0]] = a.to(device, dtype)
                     b_stack[slot, :, : b.shape[1]] = b.to(device, dtype)
-            self.stacks[name] = (a_stack.transpose(1, 2).contiguous(), b_stack.transpose(1, 2).contiguous())
+            if len(adapters) * rank <= (dense_width if dense_width is not None else max(layer.weight.shape)):
+                # narrow enough: every adapter side by side, (in, n·r) and (n·r, out), two plain matmuls and a
+                # mask that keeps each row's own adapter; cheaper than a batched matmul of tiny matrices
+                self.dense[name] = (a_stack[:-1].reshape(-1, layer.in_features).T.contiguous(),
+                                    b_stack[:-1].transpose(1, 2).reshape(-1, layer.out_features).contiguous(), rank)
+            else:
+                self.stacks[name] = (a_stack.transpose(1, 2).contiguous(), b_stack.transpose(1, 2).contiguous())
             self.handles.append(layer.register_forward_hook(self._hook(name)))
         self.empty_slot = len(adapters)
         self.rows: Optional[object] = None
-        self.gathered: dict[str, tuple] = {}
+        self.per_batch: dict[str, object] = {}  # each layer's mask or gathered matrices for the current rows
 
     def _hook(self, name: str):
         def add_lora(module, args, output):
             if self.rows is None:
                 return output
             x = args[0]
-            if name not in self.gathered:  # once per batch: every decoding step reuses the rows' matrices
-                a_t, b_t = self.stacks[name]
-                self.gathered[name] = (a_t[self.rows], b_t[self.rows])
-            a_rows, b_rows = self.gathered[name]
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            if flat.shape[0] != a_rows.shape[0]:
-                raise RuntimeError(f"batch of {flat.shape[0]} rows, but {a_rows.shape[0]} adapter choices")
+            if flat.shape[0] != self.rows.shape[0]:
+                raise RuntimeError(f"batch of {flat.shape[0]} rows, but {self.rows.shape[0]} adapter choices")
+            if name in self.dense:
+                a_cat, b_cat, rank = self.dense[name]
+                if name not in self.per_batch:  # once per batch: every decoding step reuses the rows' mask
+                    self.per_batch[name] = self._mask(a_cat.shape[1] // rank, rank, a_cat.dtype, a_cat.device)
+                delta = ((flat.to(a_cat.dtype) @ a_cat) * self.per_batch[name]) @ b_cat
+                return output + delta.reshape(output.shape).to(output.dtype)
+            if name not in self.per_batch:  # once per batch: every decoding step reuses the rows' matrices
+                a_t, b_t = self.stacks[name]
+                self.per_batch[name] = (a_t[self.rows], b_t[self.rows])
+            a_rows, b_rows = self.per_batch[name]
             delta = (flat.to(a_rows.dtype) @ a_rows) @ b_rows
             return output + delta.reshape(output.shape).to(output.dtype)
 
         return add_lora
+
+    def _mask(self, slots: int, rank: int, dtype, device):
+        """(rows, 1, slots·r): ones over the columns of each row's adapter, zeros elsewhere (all zero: the base)."""
+        import torch
+
+        mask = torch.zeros(len(self.rows), slots, rank, dtype=dtype, device=device)
+        chosen = (self.rows < slots).nonzero().flatten()
+        mask[chosen, self.rows[chosen]] = 1
+        return mask.reshape(len(self.rows), 1, slots * rank)
 
     @contextlib.contextmanager
     def batch(self, slots: list[Optional[int]]) -> Iterator[None]:
         """Rows of the next forward passes use these adapters (index into `adapters`; None: the base alone)."""
         import torch
 
-        device = next(iter(self.stacks.values()))[0].device if self.stacks else "cpu"
+        weights = [w[0] for w in list(self.stacks.values()) + list(self.dense.values())]
+        device = weights[0].device if weights else "cpu"
         self.rows = torch.tensor([self.empty_slot if s is None else s for s in slots], device=device)
-        self.gathered = {}
+        self.per_batch = {}
         try:
             yield
         finally:
-            self.rows, self.gathered = None, {}
+            self.rows, self.per_batch = None, {}
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.handles, self.stacks = [], {}
+        self.handles, self.stacks, self.dense = [], {}, {}
+
+
+@contextlib.contextmanager
+def merged_copy(model, adapter: Path) -> Iterator[int]:
+    """The model with one LoRA adapter merged into copies of the layers it targets: generation then runs at the base
+    model's own speed (no LoRA matmuls per step). The targeted layers' `weight` attributes point at the merged copies
+    for the duration; the original tensors are never written, and are put back afterwards. Yields the layer count."""
+    import torch
+
+    modules = dict(model.named_modules())
+    originals = {}
+    try:
+        with torch.no_grad():
+            for name, (a, b) in read_adapter(adapter).items():
+                layer = modules.get(name)
+                if not isinstance(layer, torch.nn.Linear):
+                    raise Unsupported(f"LoRA target {name} is not a linear layer of the base model")
+                weight = layer.weight
+                delta = b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
+                originals[name] = weight
+                layer.weight = torch.nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
+        yield len(originals)
+    finally:
+        for name, weight in originals.items():
+            modules[name].weight = weight
