@@ -338,6 +338,7 @@ def score(ctx: Context, generate_job_id, metrics, wait, as_json, priority, max_a
 def _job_dict(job, full: bool = False) -> dict:
     data = {
         "id": job.id, "kind": job.kind.value, "status": job.status.value, "parent_id": job.parent_id,
+        "waits_for": job.waits_for_ids,
         "attempts": job.attempts, "worker_host": job.worker_host, "created_at": job.created_at,
         "started_at": job.started_at, "finished_at": job.finished_at, "duration_s": job.duration_s,
         "queued_at": job.queued_at, "queue_wait_s": job.queue_wait_s, "queue": job.queue,
@@ -354,7 +355,9 @@ def _describe(job) -> str:
     if job.kind.value == "finetune":
         return f"{spec['name']} on {spec['model']} lr={spec['learning_rate']:g}"
     if job.kind.value == "generate":
-        return f"{spec.get('adapter') or 'base'} on {spec['model']} / {spec['split']}"
+        adapters = spec.get("adapters") or [spec.get("adapter") or "base"]
+        shown = adapters[0] if len(adapters) == 1 else f"{len(adapters)} variants ({adapters[0]}, {adapters[1]}…)"
+        return f"{shown} on {spec['model']} / {spec['split']}"
     return f"job {spec['generate_job_id']}"
 
 
@@ -632,7 +635,8 @@ def sweeps_show(ctx: Context, name, as_json):
     click.echo(f"sweep {row.name}: {row.points} points, priority {row.priority}, created {row.created_at:%Y-%m-%d %H:%M}")
     table = Table("id", "kind", "status", "what", "parent", "duration", "error")
     for job in found:
-        table.add_row(str(job.id), job.kind.value, job.status.value, _describe(job), str(job.parent_id or ""),
+        parents = [job.parent_id] if job.parent_id else job.waits_for_ids
+        table.add_row(str(job.id), job.kind.value, job.status.value, _describe(job), ",".join(map(str, parents)),
                       f"{job.duration_s:.1f}s" if job.duration_s else "", (job.error or "")[:60])
     Console().print(table)
 

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any, Optional
 
 from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Integer, String, Text, select, update
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from models.base import Base, utcnow
 
@@ -56,6 +56,14 @@ class Job(Base):
     started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+
+    # a join's rows (JobWait), loaded with the job so lists show them after the session is gone
+    waits: Mapped[list["JobWait"]] = relationship(foreign_keys="JobWait.job_id", lazy="selectin", viewonly=True)
+
+    @property
+    def waits_for_ids(self) -> list[int]:
+        """The jobs a join waits for (a sweep's evaluation: its fine-tunes); empty for a job with a parent or none."""
+        return sorted(w.waits_for_id for w in self.waits)
 
     @property
     def duration_s(self) -> Optional[float]:

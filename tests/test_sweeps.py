@@ -179,6 +179,8 @@ def test_sweep_to_morning_report(make_env, tmp_path):
     assert watched.returncode == 0 and "6 succeeded" in watched.stdout
     shown = json.loads(cli(env, "sweeps", "show", "grid", "--json").stdout)
     assert shown["spec"]["grid"] == GRID_2X2["grid"] and len(shown["jobs"]) == 6
+    assert shown["jobs"][4]["waits_for"] == [j["id"] for j in shown["jobs"][:4]] and shown["jobs"][4]["parent_id"] is None
+    assert "5 variants (base," in cli(env, "sweeps", "show", "grid").stdout  # the evaluation job
 
 
 def test_failing_point_is_left_out_of_the_evaluation(make_env, tmp_path):
