@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from worker.settings import Settings, mask_url
-from worker.specs import SpecError, parse_spec
+from models.settings import Settings, mask_url
+from models.specs import SpecError, parse_spec
 
 class Context:
     """Lazily opened settings, database and Celery app shared by the commands of one invocation."""
@@ -160,7 +160,7 @@ def _data_fields(options: dict) -> dict:
 
 
 def _submit(ctx: Context, session, spec, *, wait: bool, as_json: bool, priority: int = 0, max_attempts: int = 3):
-    from worker.queue import BrokerUnavailable, check_broker, enqueue
+    from worker.lifecycle import BrokerUnavailable, check_broker, enqueue
 
     try:
         check_broker(ctx.app)
@@ -256,7 +256,7 @@ def finetune(ctx: Context, wait, as_json, priority, max_attempts, target_modules
       tiny-t5 (seq2seq), tiny-llama (causal), tiny-bert (classification)
     Built-in datasets: synthetic-dialogsum (dialogue -> summary), synthetic-sentiment (text -> label)
     """
-    from worker.validate import validate_finetune
+    from api.validate import validate_finetune
 
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
     spec = _build({"kind": "finetune", "target_modules": targets, **_data_fields(options)})
@@ -305,7 +305,7 @@ def generate(ctx: Context, wait, as_json, priority, max_attempts, model, adapter
     Built-in offline models: tiny-t5, tiny-llama, tiny-bert (built on first use under TUNEQUEUE_HOME, no
     download). Built-in datasets: synthetic-dialogsum, synthetic-sentiment.
     """
-    from worker.validate import validate_generate
+    from api.validate import validate_generate
 
     adapters = [a.strip() for a in adapter_list.split(",") if a.strip()] if adapter_list else []
     spec = _build({"kind": "generate", "model": model or "tiny-t5", "adapters": adapters, **_data_fields(options)})
@@ -326,7 +326,7 @@ def generate(ctx: Context, wait, as_json, priority, max_attempts, model, adapter
 @pass_ctx
 def score(ctx: Context, generate_job_id, metrics, wait, as_json, priority, max_attempts):
     """Queue scoring of a finished generate job's rows against their references."""
-    from worker.validate import validate_score
+    from api.validate import validate_score
 
     spec = _build({"kind": "score", "generate_job_id": generate_job_id, "metrics": list(metrics) or None})
     with ctx.session() as session:
@@ -374,7 +374,7 @@ def jobs():
 def jobs_list(ctx: Context, status, limit, as_json):
     """The newest jobs first."""
     from models.jobs import JobStatus
-    from worker.queue import latest_jobs
+    from worker.lifecycle import latest_jobs
 
     with ctx.session() as session:
         found = latest_jobs(session, limit, JobStatus(status) if status else None)
@@ -426,7 +426,7 @@ def jobs_show(ctx: Context, job_id, as_json):
 @pass_ctx
 def jobs_cancel(ctx: Context, job_id):
     """Cancel a queued job, or ask a running one to stop at its next step."""
-    from worker.queue import cancel
+    from worker.lifecycle import cancel
 
     with ctx.session() as session:
         outcome = cancel(session, ctx.app, _get_job(session, job_id))
@@ -439,7 +439,7 @@ def jobs_cancel(ctx: Context, job_id):
 @pass_ctx
 def jobs_reconcile(ctx: Context, stale_after):
     """Put back lost work: running jobs whose worker died, queued jobs whose message the broker lost."""
-    from worker.queue import BrokerUnavailable, check_broker
+    from worker.lifecycle import BrokerUnavailable, check_broker
     from worker.reaper import reconcile
 
     try:
@@ -523,9 +523,9 @@ def sweep(ctx: Context, file, overrides, name, dry_run, as_json, priority, max_a
     OVERRIDES are key=value (into base, replacing a grid list of that key) or block.key=value, e.g.
     num_train_epochs=1 grid.learning_rate=[1e-3,3e-3]. The whole file is checked before anything is enqueued.
     """
-    from worker.sweep import apply_overrides, expand, load_sweep_file
+    from api.sweeps import apply_overrides, expand, load_sweep_file
 
-    from worker.pipelines import enqueue_sweep, validate_sweep
+    from api.pipelines import enqueue_sweep, validate_sweep
 
     plan = _check(lambda: expand(apply_overrides(load_sweep_file(file), list(overrides)), name))
     with ctx.session() as session:
@@ -551,7 +551,7 @@ def sweep(ctx: Context, file, overrides, name, dry_run, as_json, priority, max_a
                    + (f"{len(evaluations)} evaluations" if len(evaluations) > 1 else "one evaluation")
                    + " (generate every adapter and the base in one job → score)")
         return
-    from worker.queue import BrokerUnavailable, check_broker
+    from worker.lifecycle import BrokerUnavailable, check_broker
 
     with ctx.session() as session:
         try:
@@ -647,7 +647,7 @@ def sweeps_show(ctx: Context, name, as_json):
 def sweeps_cancel(ctx: Context, name):
     """Cancel every queued job of the sweep and ask its running job to stop."""
     from models.report import sweep_jobs
-    from worker.queue import cancel
+    from worker.lifecycle import cancel
 
     with ctx.session() as session:
         outcomes: dict[str, int] = {}
@@ -806,7 +806,7 @@ def demo(ctx: Context, epochs, learning_rates):
     Base-only generate + score on the test split, two LoRA adapters on the built-in tiny-t5 and
     synthetic-dialogsum, generate + score each, all executed by a burst worker subprocess.
     """
-    from worker.demo import run_demo
+    from api.demo import run_demo
 
     rates = [float(x) for x in learning_rates.split(",") if x.strip()]
     from api.render import render_report

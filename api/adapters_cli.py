@@ -35,7 +35,7 @@ def _loss(value) -> str:
 
 def _run(function, *args, **kwargs):
     """Call a worker/adapters.py function; its AdapterError becomes the one-line CLI error."""
-    from worker.adapters import AdapterError
+    from api.adapters import AdapterError
 
     try:
         return function(*args, **kwargs)
@@ -59,7 +59,7 @@ def adapters(ctx):
 @click.pass_obj
 def adapters_list(ctx, base_model, as_json):
     """Every adapter, oldest first: base, kind, method, parameters, size on disk, losses, training time."""
-    from worker.adapters import adapter_dict, list_adapters
+    from api.adapters import adapter_dict, list_adapters
 
     with ctx.session() as session:
         found = [adapter_dict(a, ctx.settings.home) for a in list_adapters(session, base_model)]
@@ -85,7 +85,7 @@ def adapters_list(ctx, base_model, as_json):
 @click.pass_obj
 def adapters_show(ctx, name, as_json):
     """Everything recorded about one adapter, with its folder."""
-    from worker.adapters import adapter_dict, get_adapter
+    from api.adapters import adapter_dict, get_adapter
 
     with ctx.session() as session:
         data = adapter_dict(_run(get_adapter, session, name), ctx.settings.home)
@@ -105,7 +105,7 @@ def adapters_show(ctx, name, as_json):
 @click.pass_obj
 def adapters_export(ctx, name, directory):
     """Copy the adapter's folder (PEFT adapter, or whole model for --method full) to DIRECTORY (new or empty)."""
-    from worker.adapters import export_adapter
+    from api.adapters import export_adapter
 
     with ctx.session() as session:
         target = _run(export_adapter, session, ctx.settings.home, name, directory)
@@ -122,7 +122,7 @@ def adapters_export(ctx, name, directory):
 def adapters_merge(ctx, name, directory, dtype):
     """Write base + LoRA adapter merged into one full model at DIRECTORY (new or empty), with the base tokenizer,
     loadable with plain AutoModelFor...from_pretrained. Not for full or prompt-tuning adapters."""
-    from worker.adapters import merge_adapter
+    from api.adapters import merge_adapter
 
     with ctx.session() as session:
         target = _run(merge_adapter, session, ctx.settings.home, name, directory, dtype)
@@ -135,7 +135,7 @@ def adapters_merge(ctx, name, directory, dtype):
 @click.pass_obj
 def adapters_delete(ctx, name, yes):
     """Remove the adapter's files and its row together (refused while a queued or running job uses it)."""
-    from worker.adapters import delete_adapter, get_adapter
+    from api.adapters import delete_adapter, get_adapter
 
     with ctx.session() as session:
         adapter = _run(get_adapter, session, name)

@@ -27,7 +27,7 @@ def load_model(tiny: bool, device: str):
     mapped into its vocabulary (so the same text gives the same sequence lengths)."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-    from worker.builtin import ensure_builtin
+    from worker.ml.builtin import ensure_builtin
 
     home = Path(os.environ.get("TUNEQUEUE_HOME", Path(tempfile.gettempdir()) / "tunequeue-bench"))
     path = ensure_builtin("tiny-t5", home)
@@ -40,8 +40,8 @@ def load_model(tiny: bool, device: str):
 
 
 def examples(split: str, n: int, template: str | None = None) -> list[dict]:
-    from worker import synthetic
-    from worker.builtin import DEFAULT_PROMPT_TEMPLATE
+    from worker.data import synthetic
+    from worker.ml.builtin import DEFAULT_PROMPT_TEMPLATE
 
     template = template or DEFAULT_PROMPT_TEMPLATE
     out = []

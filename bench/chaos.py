@@ -59,7 +59,7 @@ def main() -> None:
     from sqlalchemy import func, select
 
     from models import Adapter, ExampleScore, Generation, Job, JobStatus, Metric, make_session_factory
-    from worker.settings import Settings
+    from models.settings import Settings
 
     manage("db", "upgrade")
     (home / "sweep.yaml").write_text(SWEEP)

@@ -30,7 +30,7 @@ def generate(model, tokenizer, sources: list[str], batch_size: int, new_tokens: 
     """Greedy generation of exactly `new_tokens` tokens per example (so both sides do the same work)."""
     import torch
 
-    from worker.train import pad
+    from worker.jobs.finetune import pad
 
     encoded = tokenizer(sources, truncation=True, max_length=512)["input_ids"]
     order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
@@ -88,7 +88,7 @@ def main() -> None:
         emit(ratio=f"batched ({size}) / one_at_a_time", value=round(fast_rate / slow_rate, 1),
              target=30 if args.tiny else 150)
 
-    from worker.multi_lora import MixedLora
+    from worker.ml.multi_lora import MixedLora
 
     names = [f"a{i}" for i in range(args.adapters)]
     config = LoraConfig(r=16, lora_alpha=32, target_modules=["q", "v"], init_lora_weights=False)
@@ -128,7 +128,7 @@ def main() -> None:
     # one adapter: PEFT's LoRA layers (two extra matmuls per layer and step) vs merged into copies of its layers
     from peft import PeftModel
 
-    from worker.multi_lora import merged_copy
+    from worker.ml.multi_lora import merged_copy
 
     single = PeftModel.from_pretrained(base, str(folders[0])).eval()
     with_layers = median_seconds(lambda: generate(single, tokenizer, sources, batch_size, new_tokens, device), device,

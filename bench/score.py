@@ -18,8 +18,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]  # bench/queue.py shadows `queue`
 sys.path.insert(0, os.path.dirname(_HERE))
 
-from worker import synthetic  # noqa: E402
-from worker.score import rouge_scores  # noqa: E402
+from worker.data import synthetic  # noqa: E402
+from worker.jobs.score import rouge_scores  # noqa: E402
 
 
 def make_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:

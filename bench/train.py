@@ -62,7 +62,7 @@ def _train(model, tokenizer, batches, device: str, lr: float, pad_to: int | None
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from worker.train import pad
+    from worker.jobs.finetune import pad
 
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=32, lora_alpha=64,
@@ -102,7 +102,7 @@ def _train(model, tokenizer, batches, device: str, lr: float, pad_to: int | None
 def main() -> None:
     import torch
 
-    from worker.train import length_bucketed_batches
+    from worker.jobs.finetune import length_bucketed_batches
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")

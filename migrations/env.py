@@ -17,7 +17,7 @@ def _database_url() -> str:
     url = config.attributes.get("database_url")
     if url:
         return url
-    from worker.settings import Settings
+    from models.settings import Settings
 
     return Settings.from_env().database_url
 

@@ -23,7 +23,7 @@ RUN_ID = uuid.uuid4().hex[:8]
 @pytest.fixture(scope="session")
 def builtin_home(tmp_path_factory) -> Path:
     """A home whose built-in models are built once per test session and copied into each test's home."""
-    from worker.builtin import BUILTIN_MODELS, ensure_builtin
+    from worker.ml.builtin import BUILTIN_MODELS, ensure_builtin
 
     home = tmp_path_factory.mktemp("builtin-home")
     for name in BUILTIN_MODELS:
@@ -73,7 +73,7 @@ def make_env(tmp_path, builtin_home):
         env = {**os.environ, "TUNEQUEUE_HOME": str(home), "DATABASE_URL": url, "REDIS_URL": REDIS_URL,
                "TUNEQUEUE_QUEUE": queue, "PYTHONUNBUFFERED": "1"}
         from models.migrate import upgrade
-        from worker.settings import Settings
+        from models.settings import Settings
 
         upgrade(Settings.from_env(env).database_url)
         return env
@@ -102,7 +102,7 @@ def env(make_env, backend, monkeypatch) -> dict:
 
 
 def settings_of(env: dict):
-    from worker.settings import Settings
+    from models.settings import Settings
 
     return Settings.from_env(env)
 

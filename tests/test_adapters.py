@@ -19,8 +19,8 @@ from models.jobs import Job, JobKind, JobStatus
 from models.results import Adapter, Generation
 from tests.conftest import REDIS_URL, queue_length, session_of, sqlite_home
 from tests.test_bad_input import add_job, check_rejected, job_count
-from worker.specs import FinetuneSpec
-from worker.train import train_adapter
+from models.specs import FinetuneSpec
+from worker.jobs.finetune import train_adapter
 
 N_EXAMPLES = 8
 # (adapter name, base, dataset): one LoRA adapter per model kind, a few dozen steps each
@@ -34,7 +34,7 @@ KINDS = {
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, builtin_home):
     """A home with one small LoRA adapter per model kind, trained with the plain function."""
-    from worker.model_cache import ModelCache
+    from worker.ml.model_cache import ModelCache
 
     home, url = sqlite_home(tmp_path_factory, builtin_home, "adapters-home")
     sessions = make_session_factory(url)
@@ -78,8 +78,8 @@ def add_row(lab, name: str, method: str, path: str = "adapters/t5-lora") -> None
 
 # ------------------------------------------------------------------------------------------- predictions
 def examples(dataset: str) -> list[dict]:
-    from worker.data import load_examples
-    from worker.specs import BUILTIN_DATASET_COLUMNS
+    from worker.data.examples import load_examples
+    from models.specs import BUILTIN_DATASET_COLUMNS
 
     columns = BUILTIN_DATASET_COLUMNS[dataset]
     template = "{text}" if dataset == "synthetic-sentiment" else FinetuneSpec(name="x").prompt_template
@@ -114,7 +114,7 @@ def test_merge_predicts_like_base_plus_adapter(lab_env, tmp_path, task):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from worker.model_kinds import load_model, model_class
+    from worker.ml.kinds import load_model, model_class
 
     name, base_name, dataset = KINDS[task]
     home = lab_env["home"]
@@ -231,7 +231,7 @@ def make_doomed(home, session, name: str) -> Adapter:
 
 
 def test_delete_removes_row_and_folder(env):
-    from worker.settings import Settings
+    from models.settings import Settings
 
     home = Settings.from_env(env).home
     with session_of(env) as session:
@@ -254,7 +254,7 @@ def test_delete_removes_row_and_folder(env):
 
 
 def test_delete_refused_while_a_job_uses_it(env):
-    from worker.settings import Settings
+    from models.settings import Settings
 
     home = Settings.from_env(env).home
     with session_of(env) as session:
@@ -267,8 +267,8 @@ def test_delete_refused_while_a_job_uses_it(env):
 
 
 def test_delete_restores_folder_when_the_row_cannot_go(make_env, monkeypatch):
-    from worker.adapters import delete_adapter
-    from worker.settings import Settings
+    from api.adapters import delete_adapter
+    from models.settings import Settings
 
     env = make_env("sqlite")
     home = Settings.from_env(env).home

@@ -58,7 +58,7 @@ def stop(*workers) -> None:
 
 
 def test_routes_by_base_model():
-    from worker.affinity import base_queue
+    from worker.routing import base_queue
 
     assert base_queue("tq", "tiny-t5") == "tq.base.tiny-t5"
     hub, path = base_queue("tq", "google/flan-t5-base"), base_queue("tq", "/data/models/t5:v2")
@@ -71,7 +71,7 @@ def test_kombu_key_order_priority_first_then_loaded_bases(make_env):
     A's at equal priority, but a more urgent job on A still comes first."""
     from kombu import Consumer
 
-    from worker.affinity import AffinityCycle, base_queue, prefer
+    from worker.routing import AffinityCycle, base_queue, prefer
 
     env = make_env("sqlite")
     app = app_of(env)
@@ -107,10 +107,10 @@ def test_two_workers_keep_their_bases(make_env, tmp_path):
     """Jobs for two bases queued alternately behind two warm workers: each worker keeps to the base it loaded, so
     the whole batch costs two loads (plain queue order would make the second worker load the first base too)."""
     from models import make_session_factory
-    from worker.affinity import base_queue, register_queue
-    from worker.queue import enqueue
-    from worker.specs import GenerateSpec
-    from worker.validate import validate_generate
+    from worker.routing import base_queue, register_queue
+    from worker.lifecycle import enqueue
+    from models.specs import GenerateSpec
+    from api.validate import validate_generate
 
     env = make_env("sqlite")
     app, settings = app_of(env), settings_of(env)
@@ -148,7 +148,7 @@ def test_two_workers_keep_their_bases(make_env, tmp_path):
 
 
 def test_new_base_reaches_a_running_worker_and_the_registry(make_env, tmp_path):
-    from worker.affinity import base_queue, known_queues
+    from worker.routing import base_queue, known_queues
     from worker.registry import live_workers
 
     env = make_env("postgresql")

@@ -14,9 +14,9 @@ from manage import cli
 from models.jobs import Job
 from tests.conftest import session_of
 from tests.test_bad_input import check_rejected, job_count, sqlite_env  # noqa: F401 (sqlite_env is a fixture)
-from worker.data import ALPACA_PROMPT_TEMPLATE, ALPACA_PROMPT_TEMPLATE_NO_INPUT, examples_for
-from worker.refs import RefError, check_dataset
-from worker.specs import FinetuneSpec, GenerateSpec
+from worker.data.examples import ALPACA_PROMPT_TEMPLATE, ALPACA_PROMPT_TEMPLATE_NO_INPUT, examples_for
+from worker.data.refs import RefError, check_dataset
+from models.specs import FinetuneSpec, GenerateSpec
 
 ROWS = [{"conversation": f"A: hello {i}, ok?\nB: bye {i}", "gist": f"A greets B ({i}).",
          "sentiment": "positive" if i % 3 else "negative"} for i in range(50)]

@@ -116,7 +116,7 @@ def test_cancel_running_training(make_env, tmp_path):
         assert [task["args"] for task in active] == [[job_id]]
         # progress is mirrored to Celery's task state for Flower / AsyncResult
         from worker.celery_app import make_app
-        from worker.settings import Settings
+        from models.settings import Settings
 
         shown = ok_json(cli(env, "jobs", "show", str(job_id), "--json"))
         state = make_app(Settings.from_env(env)).AsyncResult(shown["celery_task_id"])

@@ -88,7 +88,7 @@ def test_duplicate_delivery_runs_once(make_env, tmp_path):
     try:
         wait_until(lambda: job_row(env, job_id).status == JobStatus.running, 60, "the job to start")
         from worker.celery_app import make_app
-        from worker.settings import Settings
+        from models.settings import Settings
 
         settings = Settings.from_env(env)
         make_app(settings).send_task("worker.tasks.finetune", args=[job_id], queue=settings.queue)

@@ -13,11 +13,11 @@ from sqlalchemy import func, select
 from models import make_session_factory
 from models.jobs import Job, JobKind, JobStatus
 from models.results import Adapter, ExampleScore, Generation, Metric
-from worker.generate import generate_summaries
-from worker.model_cache import ModelCache
-from worker.score import rouge_scores, score_rows
-from worker.specs import FinetuneSpec, GenerateSpec, ScoreSpec
-from worker.train import train_adapter
+from worker.jobs.generate import generate_summaries
+from worker.ml.model_cache import ModelCache
+from worker.jobs.score import rouge_scores, score_rows
+from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec
+from worker.jobs.finetune import train_adapter
 from tests.conftest import sqlite_home
 
 TEST_LIMIT = 100

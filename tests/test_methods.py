@@ -9,12 +9,12 @@ import pytest
 from models import make_session_factory
 from models.jobs import JobKind
 from models.results import Adapter
-from worker.generate import generate_summaries
-from worker.methods import PermanentJobError
-from worker.model_cache import ModelCache
-from worker.score import score_rows
-from worker.specs import FinetuneSpec, GenerateSpec, ScoreSpec
-from worker.train import train_adapter
+from worker.jobs.generate import generate_summaries
+from worker.ml.methods import PermanentJobError
+from worker.ml.model_cache import ModelCache
+from worker.jobs.score import score_rows
+from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec
+from worker.jobs.finetune import train_adapter
 from tests.conftest import sqlite_home
 from tests.test_learning import new_job
 

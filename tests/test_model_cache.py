@@ -16,11 +16,11 @@ import pytest
 from models import make_session_factory
 from models.jobs import JobKind
 from models.migrate import upgrade
-from worker.generate import generate_summaries
-from worker.model_cache import ModelCache, model_bytes
-from worker.settings import Settings
-from worker.specs import FinetuneSpec, GenerateSpec
-from worker.train import train_adapter
+from worker.jobs.generate import generate_summaries
+from worker.ml.model_cache import ModelCache, model_bytes
+from models.settings import Settings
+from models.specs import FinetuneSpec, GenerateSpec
+from worker.jobs.finetune import train_adapter
 from tests.test_learning import new_job
 
 NIGHT_JOBS = 20

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.multi_lora import MixedLora, supported
+from worker.ml.multi_lora import MixedLora, supported
 
 ADAPTERS = [  # (rank, LoraConfig extras)
     (4, {"lora_alpha": 8}),
@@ -80,7 +80,7 @@ def test_single_adapter_merged_copy_equals_peft_and_leaves_the_base(builtin_home
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from worker.multi_lora import merged_copy
+    from worker.ml.multi_lora import merged_copy
 
     path = builtin_home / "builtin" / "tiny-llama"
     folder = _save_adapters(AutoModelForCausalLM, path, ["all-linear"], tmp_path)[1]  # rsLoRA, rank 8

@@ -15,8 +15,8 @@ from models.jobs import Job, JobStatus
 from models.results import LossPoint
 from models.sweeps import Sweep
 from tests.conftest import cli, queue_length, session_of, settings_of, start_worker
-from worker.specs import SpecError
-from worker.sweep import apply_overrides, expand, load_sweep_file
+from models.specs import SpecError
+from api.sweeps import apply_overrides, expand, load_sweep_file
 
 SMALL = {"max_steps": 60, "eval_limit": 40, "eval_steps": 30}
 GRID_2X2 = {"name": "grid", "base": {"model": "tiny-t5", **SMALL},
@@ -207,8 +207,8 @@ def test_failing_point_is_left_out_of_the_evaluation(make_env, tmp_path):
 def test_evaluation_waits_for_every_fine_tune_and_is_skipped_when_none_succeeded(make_env, tmp_path):
     from models.jobs import finish, readiness
     from worker.celery_app import make_app
-    from worker.pipelines import enqueue_sweep
-    from worker.queue import settle_children
+    from api.pipelines import enqueue_sweep
+    from worker.lifecycle import settle_children
 
     env = make_env("sqlite")
     app, plan = make_app(settings_of(env)), expand({**GRID_2X2, "grid": {"lora_r": [4, 8, 16]}})
@@ -270,9 +270,9 @@ def test_early_stopping_keeps_best(tmp_path, builtin_home):
 
     from models import make_session_factory
     from models.migrate import upgrade
-    from worker.model_cache import ModelCache
-    from worker.specs import FinetuneSpec
-    from worker.train import train_adapter
+    from worker.ml.model_cache import ModelCache
+    from models.specs import FinetuneSpec
+    from worker.jobs.finetune import train_adapter
 
     shutil.copytree(builtin_home / "builtin", tmp_path / "builtin")
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"

@@ -11,11 +11,11 @@ from models.jobs import Job, JobKind, JobStatus
 from models.report import comparison
 from models.results import Generation, Metric
 from tests.conftest import session_of
-from worker import synthetic
-from worker.data import load_examples
-from worker.settings import Settings, mask_url
-from worker.specs import FinetuneSpec, SpecError, parse_spec
-from worker.train import length_bucketed_batches
+from worker.data import synthetic
+from worker.data.examples import load_examples
+from models.settings import Settings, mask_url
+from models.specs import FinetuneSpec, SpecError, parse_spec
+from worker.jobs.finetune import length_bucketed_batches
 
 
 def test_settings_defaults_and_overrides(tmp_path):
@@ -119,7 +119,7 @@ def test_report_uses_newest_score_and_base_delta(make_env):
 def test_fast_rouge_equals_rouge_score():
     import random
 
-    from worker.score import rouge_scores
+    from worker.jobs.score import rouge_scores
 
     rng = random.Random(0)
     summaries = [e["summary"] for e in synthetic.generate_split("validation")]
@@ -154,7 +154,7 @@ def test_token_budget_batches():
 def test_tokenization_cache_keys_on_tokenizer_text_and_lengths(tmp_path, builtin_home):
     from transformers import AutoTokenizer
 
-    from worker.features import cached_encode
+    from worker.ml.features import cached_encode
 
     tokenizer = AutoTokenizer.from_pretrained(builtin_home / "builtin" / "tiny-t5")
     examples = [{"source": f"Summarize: Anna meets Tom at {i} pm.", "target": f"Anna and Tom meet at {i}."}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker.settings import Settings
+from models.settings import Settings
 
 TWELVE_HOURS = 12 * 3600
 
@@ -40,7 +40,7 @@ def make_app(settings: Settings) -> Celery:
             "sep": ":",
             # kombu's "priority" order (fixed, not round robin) with the queues of the worker's loaded bases first;
             # BRPOP keys go by priority level first, so a job's priority still beats affinity (worker/affinity.py)
-            "queue_order_strategy": "worker.affinity:AffinityCycle",
+            "queue_order_strategy": "worker.routing:AffinityCycle",
         },
         worker_hijack_root_logger=False,
     )

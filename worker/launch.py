@@ -30,7 +30,7 @@ def queue_length(app, queue: str) -> int:
 
 def pending_messages(app) -> int:
     """Messages waiting in the default queue and every registered base queue."""
-    from worker.affinity import known_queues
+    from worker.routing import known_queues
 
     return sum(queue_length(app, queue) for queue in known_queues(app))
 
@@ -62,7 +62,7 @@ class BurstWatcher(threading.Thread):
 
 def run_worker(app, *, burst: bool = False, loglevel: str = "INFO", hostname: str | None = None) -> None:
     from models import make_session_factory
-    from worker.affinity import known_queues
+    from worker.routing import known_queues
     from worker.reaper import ReaperThread
     from worker.registry import RegistryStep
 

@@ -17,14 +17,14 @@ from sqlalchemy.orm import Session
 
 from models.base import utcnow
 from models.jobs import Job, JobStatus, fail_attempt, readiness, stale_running
-from worker.queue import MAX_PRIORITY, publish, settle_children, skip
+from worker.lifecycle import MAX_PRIORITY, publish, settle_children, skip
 
 log = logging.getLogger("tunequeue.reaper")
 
 
 def broker_job_ids(app, queues: list[str]) -> set[int]:
     """Job ids of the messages waiting in the queues' priority lists or delivered but not yet acknowledged."""
-    from worker.affinity import redis_client
+    from worker.routing import redis_client
 
     client = redis_client(app)
     keys = [key for queue in queues for key in [queue] + [f"{queue}:{level}" for level in range(1, MAX_PRIORITY + 1)]]
@@ -62,7 +62,7 @@ def reap_lost_workers(session: Session, app, stale_seconds: float) -> list[tuple
 def republish_lost_messages(session: Session, app) -> list[int]:
     """Queued jobs that should be in the broker (their parents have finished, one succeeded) but are not: publish
     them again. A job whose parents all finished without success (its settling was lost) is skipped."""
-    from worker.affinity import known_queues
+    from worker.routing import known_queues
 
     queued = list(session.scalars(select(Job).where(Job.status == JobStatus.queued)))
     queues = set(known_queues(app)) | {job.queue for job in queued if job.queue}

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 from celery import bootsteps
 
-from worker.affinity import known_queues, redis_client, registry_key
+from worker.routing import known_queues, redis_client, registry_key
 
 log = logging.getLogger("tunequeue.registry")
 

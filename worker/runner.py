@@ -18,13 +18,13 @@ import threading
 
 from models.jobs import (Job, JobStatus, claim, fail_attempt, finish, heartbeat, report_progress,
                          unfinished_outputs)
-from worker.affinity import note_job
-from worker.model_cache import ModelCache
-from worker.queue import publish, settle_children
-from worker.settings import Settings
-from worker.specs import parse_spec
-from worker.methods import PermanentJobError
-from worker.train import JobCancelled
+from worker.routing import note_job
+from worker.ml.model_cache import ModelCache
+from worker.lifecycle import publish, settle_children
+from models.settings import Settings
+from models.specs import parse_spec
+from worker.ml.methods import PermanentJobError
+from worker.jobs.finetune import JobCancelled
 
 log = logging.getLogger("tunequeue.worker")
 
@@ -66,16 +66,16 @@ def runtime_for(app) -> WorkerRuntime:
 
 def _dispatch(kind: str, spec, session, runtime: WorkerRuntime, job_id: int, on_progress) -> dict:
     if kind == "finetune":
-        from worker.train import train_adapter
+        from worker.jobs.finetune import train_adapter
 
         return train_adapter(spec, session, runtime.cache, runtime.settings.home, job_id=job_id,
                              on_progress=on_progress)
     if kind == "generate":
-        from worker.generate import generate_summaries
+        from worker.jobs.generate import generate_summaries
 
         return generate_summaries(spec, session, runtime.cache, runtime.settings.home, job_id=job_id,
                                   on_progress=on_progress)
-    from worker.score import score_rows
+    from worker.jobs.score import score_rows
 
     return score_rows(spec, session, job_id=job_id, on_progress=on_progress)
 

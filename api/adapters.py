@@ -123,8 +123,8 @@ def merge_adapter(session: Session, home: Path, name: str, target: Path, dtype: 
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from worker.model_cache import ModelCache
-    from worker.model_kinds import load_model
+    from worker.ml.model_cache import ModelCache
+    from worker.ml.kinds import load_model
 
     base_path = ModelCache(home, device="cpu").resolve(adapter.base_model)
     labels = (adapter.hyperparameters or {}).get("labels") if adapter.task == "classification" else None

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from worker import synthetic, synthetic_sentiment
+from worker.data import synthetic, synthetic_sentiment
 
 BUILTIN_MODELS = {"tiny-t5": "seq2seq", "tiny-llama": "causal", "tiny-bert": "classification"}
 DEFAULT_PROMPT_TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "

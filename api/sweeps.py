@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from worker.specs import FinetuneSpec, GenerateSpec, ScoreSpec, SpecError, one_line, validate_name
+from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, SpecError, one_line, validate_name
 
 SWEEP_KEYS = {"name", "base", "grid", "random", "eval"}
 EVAL_KEYS = {"split", "limit", "batch_size", "max_new_tokens", "no_repeat_ngram_size", "metrics"}

@@ -3,7 +3,7 @@
 `examples_for(spec, split, ...)` reads the dataset (a built-in, a local file or folder, or a hub dataset with its
 configuration), maps its columns (`text_column` and a target column, or alpaca's instruction / input / output onto
 prompt and target) and applies the prompt template. A single local file or `Dataset.save_to_disk` folder is carved
-80/10/10 into train/validation/test by a seeded shuffle (`worker.datafiles`).
+80/10/10 into train/validation/test by a seeded shuffle (`worker.data.files`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 import re
 
-from worker import datafiles
-from worker.builtin import DEFAULT_PROMPT_TEMPLATE
-from worker.refs import BUILTIN_DATASETS, RefError, looks_like_path
+from worker.data import files as datafiles
+from worker.ml.builtin import DEFAULT_PROMPT_TEMPLATE
+from worker.data.refs import BUILTIN_DATASETS, RefError, looks_like_path
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}
 # The Stanford Alpaca prompts, used for --format alpaca while the prompt template is the default one.

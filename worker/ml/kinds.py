@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from worker.builtin import BUILTIN_MODELS
+from worker.ml.builtin import BUILTIN_MODELS
 
 AUTO_CLASSES = {
     "seq2seq": "AutoModelForSeq2SeqLM",

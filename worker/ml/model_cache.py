@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from worker.builtin import BUILTIN_MODELS, ensure_builtin
+from worker.ml.builtin import BUILTIN_MODELS, ensure_builtin
 
 log = logging.getLogger("tunequeue.worker")
 GIB = 1 << 30
@@ -64,7 +64,7 @@ class ModelCache:
         return ref
 
     def task_of(self, ref: str) -> str:
-        from worker.model_kinds import detect_task
+        from worker.ml.kinds import detect_task
 
         return detect_task(self.resolve(ref) if ref in BUILTIN_MODELS else ref)
 
@@ -83,7 +83,7 @@ class ModelCache:
             from transformers import AutoTokenizer
             from transformers.utils import logging as hf_logging
 
-            from worker.model_kinds import load_model
+            from worker.ml.kinds import load_model
 
             hf_logging.disable_progress_bar()
             path = self.resolve(ref)
@@ -185,7 +185,7 @@ class ModelCache:
     def with_lora_mix(self, loaded: LoadedModel, adapters: list[Optional[Path]]) -> Iterator[Any]:
         """Several saved LoRA adapters applied row by row through hooks (worker/multi_lora.py); removed after."""
         with self._lock:
-            from worker.multi_lora import MixedLora
+            from worker.ml.multi_lora import MixedLora
 
             mix = MixedLora(loaded.model, adapters)
             try:
@@ -197,7 +197,7 @@ class ModelCache:
     def with_merged_lora(self, loaded: LoadedModel, adapter: Path) -> Iterator[Any]:
         """One saved LoRA adapter merged into copies of its target layers (worker/multi_lora.py); put back after."""
         with self._lock:
-            from worker.multi_lora import merged_copy
+            from worker.ml.multi_lora import merged_copy
 
             with merged_copy(loaded.model, adapter):
                 yield loaded.model

@@ -46,9 +46,9 @@ def main() -> None:
     from models import Job, JobStatus, make_session_factory
     from models.migrate import upgrade
     from worker.celery_app import make_app
-    from worker.queue import enqueue
-    from worker.settings import Settings
-    from worker.specs import GenerateSpec
+    from worker.lifecycle import enqueue
+    from models.settings import Settings
+    from models.specs import GenerateSpec
 
     settings = Settings.from_env()
     upgrade(settings.database_url)

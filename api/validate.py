@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 
 from models.jobs import Job, JobKind, JobStatus
 from models.results import Adapter
-from worker.refs import RefError, check_dataset, check_model, required_columns
-from worker.specs import FinetuneSpec, GenerateSpec, ScoreSpec, SpecError
+from worker.data.refs import RefError, check_dataset, check_model, required_columns
+from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, SpecError
 
 ACTIVE = (JobStatus.queued, JobStatus.running)
 
@@ -37,7 +37,7 @@ def resolve_task(spec):
     """The spec with `task` filled in from the model's config (an explicit --task wins)."""
     if spec.task:
         return spec
-    from worker.model_kinds import TaskError, detect_task
+    from worker.ml.kinds import TaskError, detect_task
 
     try:
         return spec.model_copy(update={"task": detect_task(spec.model)})
@@ -130,7 +130,7 @@ def validate_score(spec: ScoreSpec, session: Session) -> Job:
 
 
 def check_metric_fits(spec: ScoreSpec, task: str, generate_job_id) -> None:
-    from worker.score import METRICS_FOR_TASK
+    from worker.jobs.score import METRICS_FOR_TASK
 
     for family in spec.metrics or []:
         if family != METRICS_FOR_TASK[task]:

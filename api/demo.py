@@ -16,9 +16,9 @@ from datetime import datetime
 import click
 
 from models.migrate import upgrade
-from worker.pipelines import enqueue_pipeline, validate_pipeline
-from worker.queue import BrokerUnavailable, check_broker
-from worker.specs import FinetuneSpec, GenerateSpec, SpecError
+from api.pipelines import enqueue_pipeline, validate_pipeline
+from worker.lifecycle import BrokerUnavailable, check_broker
+from models.specs import FinetuneSpec, GenerateSpec, SpecError
 
 
 def run_demo(ctx, learning_rates: list[float], epochs: float, *, wait, render) -> None:

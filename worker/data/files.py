@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.refs import LOCAL_SUFFIXES, SPLITS, RefError
+from worker.data.refs import LOCAL_SUFFIXES, SPLITS, RefError
 
 FORMATS = "a .jsonl, .json, .csv or .parquet file, or a folder written by save_to_disk"
 

@@ -15,9 +15,9 @@ import contextlib
 import re
 from typing import Any, Iterator
 
-from worker.model_cache import LoadedModel, ModelCache
-from worker.model_kinds import PEFT_TASK_TYPES
-from worker.specs import FinetuneSpec
+from worker.ml.model_cache import LoadedModel, ModelCache
+from worker.ml.kinds import PEFT_TASK_TYPES
+from models.specs import FinetuneSpec
 
 
 CLASSIFIER_HEADS = ["pre_classifier", "classifier", "score"]
@@ -85,7 +85,7 @@ def base_for(spec: FinetuneSpec, cache: ModelCache, task: str, labels) -> Loaded
 def trainable_model(spec: FinetuneSpec, cache: ModelCache, loaded: LoadedModel, task: str) -> Iterator[Any]:
     """The model to train for `spec.method`, cleaned up (adapter removed, private copy dropped) afterwards."""
     if spec.method == "full":
-        from worker.model_kinds import load_model
+        from worker.ml.kinds import load_model
 
         model = load_model(loaded.path, task, labels=loaded.labels).to(loaded.device)
         model.train()

@@ -23,14 +23,14 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from models.results import Adapter, LossPoint
-from worker.builtin import DEFAULT_PROMPT_TEMPLATE
-from worker.data import examples_for
+from worker.ml.builtin import DEFAULT_PROMPT_TEMPLATE
+from worker.data.examples import examples_for
 from worker.faults import parse_faults
-from worker.features import cached_encode, collate, label_tokens, pad  # noqa: F401 (pad: re-exported)
-from worker.methods import (base_for, check_method_supported, classification_labels, parameter_counts, save_output,
+from worker.ml.features import cached_encode, collate, label_tokens, pad  # noqa: F401 (pad: re-exported)
+from worker.ml.methods import (base_for, check_method_supported, classification_labels, parameter_counts, save_output,
                             trainable_model)
-from worker.model_cache import ModelCache
-from worker.specs import FinetuneSpec
+from worker.ml.model_cache import ModelCache
+from models.specs import FinetuneSpec
 
 log = logging.getLogger("tunequeue.train")
 ProgressFn = Callable[[dict], bool]  # returns True when the job should stop (cancel requested)

@@ -11,10 +11,10 @@ from sqlalchemy.orm import Session
 
 from models.jobs import Job
 from models.sweeps import Sweep
-from worker.queue import enqueue
-from worker.specs import FinetuneSpec, GenerateSpec, ScoreSpec, SpecError
-from worker.sweep import SweepPlan
-from worker.validate import validate_finetune, validate_generate
+from worker.lifecycle import enqueue
+from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, SpecError
+from api.sweeps import SweepPlan
+from api.validate import validate_finetune, validate_generate
 
 
 def enqueue_pipeline(session: Session, app, home: Path, generate_spec: GenerateSpec,

@@ -22,14 +22,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.results import Adapter, Generation
-from worker import multi_lora
-from worker.data import examples_for
+from worker.ml import multi_lora
+from worker.data.examples import examples_for
 from worker.faults import parse_faults
-from worker.features import attention_mask, pad
-from worker.methods import classification_labels
-from worker.model_cache import LoadedModel, ModelCache
-from worker.specs import GenerateSpec
-from worker.train import JobCancelled, ProgressFn, with_task_defaults
+from worker.ml.features import attention_mask, pad
+from worker.ml.methods import classification_labels
+from worker.ml.model_cache import LoadedModel, ModelCache
+from models.specs import GenerateSpec
+from worker.jobs.finetune import JobCancelled, ProgressFn, with_task_defaults
 
 log = logging.getLogger("tunequeue.generate")
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" inside a mixed batch

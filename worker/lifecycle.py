@@ -30,7 +30,7 @@ def check_broker(app) -> None:
 
 
 def mask(url: str) -> str:
-    from worker.settings import mask_url
+    from models.settings import mask_url
 
     return mask_url(url or "")
 
@@ -42,7 +42,7 @@ def publish(session: Session, app, job: Job) -> None:
     """Send the job's id to the queue of its base model (worker/affinity.py); every (re)publish goes through here."""
     from celery.utils import uuid
 
-    from worker.affinity import register_queue, route
+    from worker.routing import register_queue, route
 
     job.queue, job.queued_at, job.celery_task_id = route(app, job.spec), utcnow(), uuid()
     session.commit()  # the row is complete before a worker can see the message

@@ -1,7 +1,7 @@
 """Cheap checks of model and dataset references (no torch import), used before anything is enqueued or written.
 
 A model reference is a built-in name, a local folder with a `config.json`, or a Hugging Face hub id (`org/name`).
-A dataset reference is a built-in name (`BUILTIN_DATASETS`), a local file or folder (formats in `worker.datafiles`),
+A dataset reference is a built-in name (`BUILTIN_DATASETS`), a local file or folder (formats in `worker.data.files`),
 or a hub dataset name.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from worker import synthetic, synthetic_sentiment
-from worker.builtin import BUILTIN_MODELS
+from worker.data import synthetic, synthetic_sentiment
+from worker.ml.builtin import BUILTIN_MODELS
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -96,7 +96,7 @@ def check_dataset(ref: str, columns: list[str], splits: list[str], *, dataset_co
             raise RefError(f"dataset {ref!r} has columns {', '.join(module.COLUMNS)}; no column {missing[0]!r}")
         return "builtin"
     if looks_like_path(ref):
-        from worker import datafiles
+        from worker.data import files as datafiles
 
         for split in splits:
             source = datafiles.locate(ref, split)

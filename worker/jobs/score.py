@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 from models.jobs import Job
 from models.results import ExampleScore, Generation, Metric
 from worker.faults import parse_faults
-from worker.specs import GenerateSpec, ScoreSpec
-from worker.train import ProgressFn
+from models.specs import GenerateSpec, ScoreSpec
+from worker.jobs.finetune import ProgressFn
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "f1_macro", "precision_macro", "recall_macro")
@@ -117,7 +117,7 @@ def score_rows(spec: ScoreSpec, session: Session, *, job_id: int,
 
 
 def _task_of(model: str) -> str:
-    from worker.model_kinds import TaskError, detect_task
+    from worker.ml.kinds import TaskError, detect_task
 
     try:
         return detect_task(model)
