@@ -1,70 +1,167 @@
-"""tunequeue command line: enqueue fine-tune / generate / score jobs, run workers, read jobs and the report.
+"""tunequeue command line: the Click face of the application in api/.
 
-Commands build validated job specs and talk to Redis and the SQL database; no ML code runs here (torch is imported
-only by the worker), so `--help`, `jobs` and `report` start fast.
+Commands parse flags (the job options are built from the spec fields in models/specs.py), call one api/ function
+and render what it returns. Errors from models/errors.py are caught once, by the root group: an input error is one
+line and exit 2, an unreachable service one line and exit 1. No ML code runs here (torch is imported only by the
+worker), so `--help`, `jobs` and `report` start fast.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
-from functools import cached_property
+import typing
 from pathlib import Path
 
 import click
 
-from models.settings import Settings, mask_url
-from models.specs import SpecError, parse_spec
+from api.context import AppContext
+from models.errors import TunequeueError
+from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, Submission
 
-class Context:
-    """Lazily opened settings, database and Celery app shared by the commands of one invocation."""
 
-    @cached_property
-    def settings(self) -> Settings:
-        return Settings.from_env()
+class CliError(click.ClickException):
+    def __init__(self, error: TunequeueError):
+        super().__init__(str(error))
+        self.exit_code = getattr(error, "exit_code", 1)
 
-    @cached_property
-    def sessions(self):
-        from models import make_session_factory
 
-        return make_session_factory(self.settings.database_url)
+class Root(click.Group):
+    """The root group: every tunequeue error of any command becomes one line and its exit code."""
 
-    @cached_property
-    def app(self):
-        from worker.celery_app import make_app
-
-        return make_app(self.settings)
-
-    def session(self):
-        from sqlalchemy.exc import OperationalError, ProgrammingError
-
-        session = self.sessions()
+    def invoke(self, ctx):
         try:
-            from models.migrate import current_revision
-
-            if current_revision(self.settings.database_url) is None:
-                raise click.ClickException(f"database {mask_url(self.settings.database_url)} has no tunequeue "
-                                           "tables; run 'python manage.py db upgrade' first")
-        except (OperationalError, ProgrammingError) as exc:
-            raise click.ClickException(f"cannot open database {mask_url(self.settings.database_url)}: "
-                                       f"{str(exc.orig).strip().splitlines()[0]}") from None
-        return session
+            return super().invoke(ctx)
+        except TunequeueError as exc:
+            raise CliError(exc) from None
 
 
-pass_ctx = click.make_pass_decorator(Context, ensure=True)
-
-
-def fail(message: str) -> None:
-    raise click.ClickException(message)
+pass_ctx = click.make_pass_decorator(AppContext, ensure=True)
 
 
 def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def print_table(table) -> None:
+    from rich.console import Console
+
+    Console().print(table)
+
+
+# ------------------------------------------------------------------------------------ options from spec fields
+def _unwrap(annotation):
+    """(base type, list?) of a field annotation: Optional[...] dropped, list[...] and Union[Literal, list] opened."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union:
+        lists = [a for a in args if typing.get_origin(a) is list]
+        return (typing.get_args(lists[0])[0], True) if lists else _unwrap(args[0])
+    if typing.get_origin(annotation) is list:
+        return args[0], True
+    return annotation, False
+
+
+def _comma_list(_ctx, _param, value):
+    """'a,b' → ['a', 'b']; a single literal such as 'all-linear' stays as it is."""
+    if value is None or "," not in value and not value.strip().startswith("["):
+        return value if value is None or value == "all-linear" else [value.strip()]
+    return [part.strip() for part in value.strip("[]").split(",") if part.strip()]
+
+
+def spec_option(spec_type, name: str):
+    """A Click option for one spec field: its flags, type or choices, and help come from the field; its default
+    stays the spec's (the option's own default is None, which the spec reads as "not given")."""
+    field = spec_type.model_fields[name]
+    extra = field.json_schema_extra or {}
+    flags = extra.get("flags") or [f"--{name.replace('_', '-')}"]
+    base, is_list = _unwrap(field.annotation)
+    default = field.get_default(call_default_factory=True)
+    shown = extra.get("shown") or (None if default is None or default is False or default == [] else default)
+    if field.is_required():
+        return click.option(*flags, name, type=str, required=True, help=field.description)
+    kwargs: dict = {"help": (field.description or "") + (f"  [default: {shown}]" if shown is not None else "")}
+    if base is bool:
+        kwargs.update(is_flag=True, default=None)
+    elif typing.get_origin(base) is typing.Literal and is_list and name == "metrics":
+        kwargs.update(type=click.Choice(typing.get_args(base)), multiple=True, default=None)
+    elif typing.get_origin(base) is typing.Literal:
+        kwargs.update(type=click.Choice(typing.get_args(base)), default=None)
+    elif is_list:
+        kwargs.update(type=str, default=None, callback=_comma_list)
+    else:
+        kwargs.update(type=base if base in (int, float) else str, default=None)
+    return click.option(*flags, name, **kwargs)
+
+
+def spec_options(spec_type, *names: str, skip: tuple[str, ...] = ()):
+    """Options for the named fields of `spec_type` (default: every field but `kind` and `skip`): the spec's own
+    fields first, then those it shares with other specs (the data options), each group in field order."""
+    own = spec_type.__dict__.get("__annotations__", {})
+    names = names or tuple(sorted((n for n in spec_type.model_fields if n not in ("kind", *skip)),
+                                  key=lambda n: n not in own))
+
+    def decorate(func):
+        for name in reversed(names):
+            func = spec_option(spec_type, name)(func)
+        return func
+    return decorate
+
+
+def submit_options(func):
+    """--wait, --json, --priority, --max-attempts: how a job is queued, beside its spec."""
+    func = spec_options(Submission)(func)
+    func = click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")(func)
+    return click.option("--wait", is_flag=True, help="Block until the job finishes, showing progress.")(func)
+
+
+def template_file_option(func):
+    return click.option("--prompt-template-file", type=click.Path(), default=None,
+                        help="Read the prompt template from this UTF-8 file (one final newline is dropped); "
+                             "instead of --prompt-template.")(func)
+
+
+def read_template_file(fields: dict, path: str | None) -> dict:
+    if path is None:
+        return fields
+    if fields.get("prompt_template") is not None:
+        raise click.UsageError("give either --prompt-template or --prompt-template-file, not both")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.UsageError(f"cannot read --prompt-template-file {path}: {getattr(exc, 'strerror', None) or exc}")
+    return {**fields, "prompt_template": text.removesuffix("\n")}
+
+
+def submit_and_show(ctx: AppContext, data: dict, *, wait: bool, as_json: bool, priority, max_attempts,
+                    model_given: bool = True) -> None:
+    from api.jobs import job_dict, submit
+    from models.specs import build
+
+    submission = build(Submission, {k: v for k, v in {"priority": priority, "max_attempts": max_attempts}.items()
+                                    if v is not None})
+    job = submit(ctx, data, submission, model_given=model_given)
+    if as_json and not wait:
+        echo_json(job_dict(job))
+    elif not as_json:
+        click.echo(f"job {job.id} queued ({job.kind.value})")
+    if wait:
+        wait_and_show(ctx, job.id, as_json)
+
+
+def wait_and_show(ctx: AppContext, job_id: int, as_json: bool) -> None:
+    from api.jobs import get_job, job_dict, wait_for
+
+    wait_for(ctx, [job_id], quiet=as_json)
+    with ctx.sessions() as session:
+        job = get_job(session, job_id)
+    if as_json:
+        echo_json(job_dict(job))
+    if job.status.value != "succeeded":
+        raise click.ClickException(f"job {job.id} {job.status.value}: {job.error or ''}".strip())
+
+
 # ---------------------------------------------------------------------------------------------------------- cli
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=Root, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option("0.1.0", prog_name="tunequeue")
 @click.pass_context
 def cli(ctx):
@@ -73,7 +170,7 @@ def cli(ctx):
     Settings come from the environment: DATABASE_URL (default: SQLite under TUNEQUEUE_HOME), REDIS_URL
     (default redis://127.0.0.1:6379/0), TUNEQUEUE_HOME (default ./.tunequeue: adapters, built-in models).
     """
-    ctx.ensure_object(Context)
+    ctx.ensure_object(AppContext)
 
 
 @cli.group()
@@ -84,286 +181,80 @@ def db():
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
 @pass_ctx
-def db_upgrade(ctx: Context, revision):
+def db_upgrade(ctx: AppContext, revision):
     """Apply the migrations to DATABASE_URL (creates the SQLite file if needed)."""
     from models.migrate import current_revision, upgrade
+    from models.settings import mask_url
 
     ctx.settings.home.mkdir(parents=True, exist_ok=True)
+    url = mask_url(ctx.settings.database_url)
     try:
         upgrade(ctx.settings.database_url, revision)
     except Exception as exc:
-        fail(f"cannot migrate {mask_url(ctx.settings.database_url)}: {str(exc).strip().splitlines()[0]}")
-    click.echo(f"database {mask_url(ctx.settings.database_url)} at revision "
-               f"{current_revision(ctx.settings.database_url)}")
+        raise click.ClickException(f"cannot migrate {url}: {str(exc).strip().splitlines()[0]}") from None
+    click.echo(f"database {url} at revision {current_revision(ctx.settings.database_url)}")
 
 
 # ------------------------------------------------------------------------------------------------ enqueueing
-PRIORITY_OPTION = click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True,
-                               help="0..9; a job of higher priority is taken before queued jobs of lower.")
-ATTEMPTS_OPTION = click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
-                               help="Runs allowed (crashes and lost workers count) before the job fails.")
-
-
-def _data_options(func):
-    options = [
-        click.option("--dataset", default="synthetic-dialogsum", show_default=True,
-                     help="A built-in (synthetic-dialogsum, synthetic-sentiment); a local .jsonl, .json, .csv or "
-                          ".parquet file or Dataset.save_to_disk folder (split 80/10/10 by --seed); a "
-                          "DatasetDict.save_to_disk folder or a folder of per-split files (train.jsonl, "
-                          "validation.csv, ...); or a Hugging Face dataset name (needs the network or its cache)."),
-        click.option("--dataset-config", default=None,
-                     help="Configuration of a hub dataset, as in load_dataset(name, config), e.g. 3.0.0."),
-        click.option("--format", "data_format", type=click.Choice(["columns", "alpaca"]), default="columns",
-                     show_default=True,
-                     help="columns: --text-column -> --summary-column (or --label-column). alpaca: rows with "
-                          "instruction / input / output; the prompt is the instruction (plus the input when "
-                          "there is one), the target is the output."),
-        click.option("--text-column", default=None,
-                     help="Column with the input text. [default: the built-in dataset's, else dialogue]"),
-        click.option("--summary-column", default=None,
-                     help="Column with the reference output (seq2seq, causal). [default: summary]"),
-        click.option("--label-column", default=None,
-                     help="Column with the class label (classification). [default: label]"),
-        click.option("--prompt-template", default=None,
-                     help="Template with {text} (or {dialogue}) where the input text goes; with --format alpaca "
-                          "also {instruction} and {input}. [default: 'Summarize the following conversation.' "
-                          "prompt; the standard Alpaca prompt for --format alpaca; the bare text for "
-                          "classification]"),
-        click.option("--prompt-template-file", type=click.Path(), default=None,
-                     help="Read the prompt template from this UTF-8 file (one final newline is dropped); "
-                          "instead of --prompt-template."),
-        click.option("--seed", default=42, show_default=True, type=int,
-                     help="Seeds the 80/10/10 split of a single file or Dataset folder, the --train-limit subset "
-                          "and training."),
-        click.option("--wait", is_flag=True, help="Block until the job finishes, showing progress."),
-        click.option("--json", "as_json", is_flag=True, help="Print the job as JSON."),
-        PRIORITY_OPTION,
-        ATTEMPTS_OPTION,
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _data_fields(options: dict) -> dict:
-    """The data options as spec fields: --prompt-template-file read into prompt_template."""
-    path = options.pop("prompt_template_file", None)
-    if path is not None:
-        if options.get("prompt_template") is not None:
-            fail("give either --prompt-template or --prompt-template-file, not both")
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            fail(f"cannot read --prompt-template-file {path}: {getattr(exc, 'strerror', None) or exc}")
-        options["prompt_template"] = text.removesuffix("\n")
-    return options
-
-
-def _submit(ctx: Context, session, spec, *, wait: bool, as_json: bool, priority: int = 0, max_attempts: int = 3):
-    from worker.lifecycle import BrokerUnavailable, check_broker, enqueue
-
-    try:
-        check_broker(ctx.app)
-    except BrokerUnavailable as exc:
-        fail(str(exc))
-    job = enqueue(session, ctx.app, spec, priority=priority, max_attempts=max_attempts)
-    if as_json and not wait:
-        echo_json(_job_dict(job))
-    elif not as_json:
-        click.echo(f"job {job.id} queued ({job.kind.value})")
-    if wait:
-        _wait_for(ctx, [job.id], quiet=as_json)
-        session.refresh(job)
-        if as_json:
-            echo_json(_job_dict(job))
-        if job.status.value != "succeeded":
-            fail(f"job {job.id} {job.status.value}: {job.error or ''}".strip())
-    return job
-
-
-def _check(validate, *args, **kwargs):
-    """Run a validate_* function; its SpecError becomes the one-line CLI error."""
-    try:
-        return validate(*args, **kwargs)
-    except SpecError as exc:
-        fail(str(exc))
-
-
-def _build(data: dict):
-    return _check(parse_spec, data)
-
-
 @cli.command()
-@click.option("--name", required=True, help="Adapter name (letters, digits, . _ -); unique.")
-@click.option("--model", default="tiny-t5", show_default=True,
-              help="Base model: built-in name, local folder, or hub id (e.g. google/flan-t5-base).")
-@click.option("--method", type=click.Choice(["lora", "qlora", "prompt-tuning", "full"]), default="lora",
-              show_default=True,
-              help="lora: LoRA layers (--lora-r, --target-modules) on the resident base. qlora: base loaded in 4-bit "
-                   "NF4 with bitsandbytes, LoRA on top (needs a CUDA worker). prompt-tuning: --num-virtual-tokens "
-                   "trained prompt embeddings. full: every weight; writes a whole model folder.")
-@click.option("--task", type=click.Choice(["seq2seq", "causal", "classification"]), default=None,
-              help="Model kind [default: read from the model's config]. seq2seq: T5/FLAN-T5/BART. causal: "
-                   "Llama/Qwen/GPT-2 style, loss on the summary tokens only. classification: DistilBERT style, "
-                   "text -> --label-column.")
-@click.option("--num-virtual-tokens", type=int, default=20, show_default=True, help="Prompt tuning: prompt length.")
-@click.option("--prompt-tuning-init", type=click.Choice(["text", "random"]), default="text", show_default=True,
-              help="Prompt tuning: start from the embeddings of the prompt template's instruction, or at random.")
-@click.option("--train-split", default="train", show_default=True)
-@click.option("--lora-r", "--r", "lora_r", type=int, default=16, show_default=True, help="LoRA rank.")
-@click.option("--lora-alpha", "--alpha", "lora_alpha", type=float, default=32, show_default=True)
-@click.option("--lora-dropout", "--dropout", "lora_dropout", type=float, default=0.0, show_default=True)
-@click.option("--target-modules", default="all-linear", show_default=True,
-              help="'all-linear' or a comma-separated list such as q,v.")
-@click.option("--learning-rate", "--lr", "learning_rate", type=float, default=None,
-              help="[default: 3e-3 for lora/qlora, 3e-2 for prompt-tuning, 1e-3 for full]")
-@click.option("--epochs", "num_train_epochs", type=float, default=3, show_default=True)
-@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (overrides --epochs).")
-@click.option("--batch-size", "per_device_train_batch_size", type=int, default=16, show_default=True)
-@click.option("--max-tokens-per-batch", type=int, default=None,
-              help="Also cap each batch at this many padded input tokens (length-bucketed batches).")
-@click.option("--max-source-length", type=int, default=256, show_default=True)
-@click.option("--max-target-length", type=int, default=64, show_default=True)
-@click.option("--train-limit", type=int, default=None,
-              help="Train on N examples of the split, a random subset chosen by --seed (the same seed, the same "
-                   "subset).")
-@click.option("--eval-split", default=None,
-              help="Split for the eval loss (loss curves, early stopping). [default: validation]")
-@click.option("--eval-limit", type=int, default=None, help="Evaluate on the first N examples. [default: 200]")
-@click.option("--checkpoint-every", "checkpoint_every_steps", type=int, default=100, show_default=True,
-              help="Save a resumable checkpoint every N steps; a re-run after a crash resumes from it.")
-@click.option("--time-limit", "time_limit_s", type=float, default=None,
-              help="Soft limit in seconds: checkpoint, then fail with the reason.")
-@click.option("--replace", is_flag=True,
-              help="Re-use the name of an existing adapter: it is replaced when this job succeeds.")
-@_data_options
+@spec_options(FinetuneSpec)
+@template_file_option
+@submit_options
 @pass_ctx
-def finetune(ctx: Context, wait, as_json, priority, max_attempts, target_modules, **options):
+def finetune(ctx: AppContext, wait, as_json, priority, max_attempts, prompt_template_file, **fields):
     """Queue a fine-tune of a base model: LoRA, QLoRA, prompt tuning or full, on any of three model kinds.
 
     \b
     Methods (--method):  lora | qlora (CUDA + bitsandbytes) | prompt-tuning | full
-    Model kinds (--task, read from the model's config.json unless given):
+    Model kinds (--model-kind, read from the model's config.json unless given):
       seq2seq         T5 / FLAN-T5: prompt -> summary
       causal          Llama / Qwen / GPT-2: prompt + summary in one sequence, loss on the summary only
       classification  DistilBERT / BERT: text -> label (--label-column), scored by accuracy and F1
 
     A PEFT adapter (adapter_config.json + adapter_model.safetensors), or for --method full a whole model folder, is
     written under TUNEQUEUE_HOME/adapters/NAME and recorded with its trainable/total parameters and size on disk.
-
-    \b
-    Built-in offline models (built on first use under TUNEQUEUE_HOME, no download):
-      tiny-t5 (seq2seq), tiny-llama (causal), tiny-bert (classification)
-    Built-in datasets: synthetic-dialogsum (dialogue -> summary), synthetic-sentiment (text -> label)
+    Built-in models and datasets (offline, built on first use under TUNEQUEUE_HOME) are listed under --model and
+    --dataset.
     """
-    from api.validate import validate_finetune
+    from api.jobs import cuda_worker_warning
 
-    targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
-    spec = _build({"kind": "finetune", "target_modules": targets, **_data_fields(options)})
-    with ctx.session() as session:
-        spec = _check(validate_finetune, spec, session)
-        if spec.method == "qlora":
-            _warn_without_cuda_worker(ctx)
-        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
-
-
-def _warn_without_cuda_worker(ctx: Context) -> None:
-    """QLoRA runs only on a CUDA worker: say so now rather than when the job fails in the night."""
-    from worker.registry import live_workers
-
-    try:
-        found = live_workers(ctx.app)
-    except Exception:
-        return
-    if not any(w.get("cuda") for w in found):
-        click.echo(f"warning: no running worker on queue {ctx.settings.queue!r} reports CUDA; a qlora job fails on "
-                   "a worker without it (start a worker on a GPU machine)", err=True)
+    if fields.get("method") == "qlora" and (warning := cuda_worker_warning(ctx)):
+        click.echo(warning, err=True)
+    data = {"kind": "finetune", **read_template_file(fields, prompt_template_file)}
+    submit_and_show(ctx, data, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
 
 
 @cli.command()
-@click.option("--model", default=None, help="Base model [default: the adapter's base, else tiny-t5].")
-@click.option("--adapter", default=None, help="Name of a trained adapter; without it the base model alone.")
-@click.option("--adapters", "adapter_list", default=None,
-              help="Comma-separated adapters of one base, generated together in mixed batches (one row per "
-                   "adapter and example); 'base' in the list adds the base model's own rows.")
-@click.option("--task", type=click.Choice(["seq2seq", "causal", "classification"]), default=None,
-              help="Model kind [default: the adapter's, else read from the model's config]. classification "
-                   "stores the predicted label per example.")
-@click.option("--split", "--test-split", "split", default="test", show_default=True,
-              help="Split to generate for: train/validation/test of a built-in or carved file, or any split of a "
-                   "folder or hub dataset.")
-@click.option("--limit", type=int, default=None, help="Only the first N examples of the split.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--no-repeat-ngram-size", type=int, default=3, show_default=True,
-              help="Never repeat an n-gram of this size (0: off).")
-@_data_options
+@spec_options(GenerateSpec)
+@template_file_option
+@submit_options
 @pass_ctx
-def generate(ctx: Context, wait, as_json, priority, max_attempts, model, adapter_list, **options):
+def generate(ctx: AppContext, wait, as_json, priority, max_attempts, prompt_template_file, **fields):
     """Queue batched greedy generation (or classification) for every example of a split: one row per example.
 
-    Built-in offline models: tiny-t5, tiny-llama, tiny-bert (built on first use under TUNEQUEUE_HOME, no
-    download). Built-in datasets: synthetic-dialogsum, synthetic-sentiment.
+    Built-in models and datasets (offline, built on first use under TUNEQUEUE_HOME) are listed under --model and
+    --dataset.
     """
-    from api.validate import validate_generate
-
-    adapters = [a.strip() for a in adapter_list.split(",") if a.strip()] if adapter_list else []
-    spec = _build({"kind": "generate", "model": model or "tiny-t5", "adapters": adapters, **_data_fields(options)})
-    with ctx.session() as session:
-        spec = _check(validate_generate, spec, session, ctx.settings.home, model_given=model is not None)
-        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
+    data = {"kind": "generate", **read_template_file(fields, prompt_template_file)}
+    submit_and_show(ctx, data, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts,
+                    model_given=fields.get("model") is not None)
 
 
 @cli.command()
 @click.argument("generate_job_id", type=int)
-@click.option("--metric", "metrics", multiple=True, type=click.Choice(["rouge", "classification"]),
-              help="rouge: ROUGE-1/2/L/Lsum F-measure with stemming (rouge_score, offline); classification: "
-                   "accuracy, precision, recall, F1 (binary and macro). [default: from the generate job's task]")
-@click.option("--wait", is_flag=True, help="Block until the job finishes.")
-@click.option("--json", "as_json", is_flag=True)
-@PRIORITY_OPTION
-@ATTEMPTS_OPTION
+@spec_options(ScoreSpec, "metrics")
+@submit_options
 @pass_ctx
-def score(ctx: Context, generate_job_id, metrics, wait, as_json, priority, max_attempts):
+def score(ctx: AppContext, generate_job_id, wait, as_json, priority, max_attempts, metrics):
     """Queue scoring of a finished generate job's rows against their references."""
-    from api.validate import validate_score
-
-    spec = _build({"kind": "score", "generate_job_id": generate_job_id, "metrics": list(metrics) or None})
-    with ctx.session() as session:
-        _check(validate_score, spec, session)
-        _submit(ctx, session, spec, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
+    data = {"kind": "score", "generate_job_id": generate_job_id, "metrics": list(metrics or []) or None}
+    submit_and_show(ctx, data, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
 
 
 # ---------------------------------------------------------------------------------------------------- jobs
-def _job_dict(job, full: bool = False) -> dict:
-    data = {
-        "id": job.id, "kind": job.kind.value, "status": job.status.value, "parent_id": job.parent_id,
-        "waits_for": job.waits_for_ids,
-        "attempts": job.attempts, "worker_host": job.worker_host, "created_at": job.created_at,
-        "started_at": job.started_at, "finished_at": job.finished_at, "duration_s": job.duration_s,
-        "queued_at": job.queued_at, "queue_wait_s": job.queue_wait_s, "queue": job.queue,
-        "error": job.error, "progress": job.progress, "result": job.result,
-    }
-    if full:
-        data.update(spec=job.spec, celery_task_id=job.celery_task_id, cancel_requested=job.cancel_requested,
-                    max_attempts=job.max_attempts, attempt_errors=job.attempt_errors)
-    return data
-
-
-def _describe(job) -> str:
-    spec = job.spec
-    if job.kind.value == "finetune":
-        return f"{spec['name']} on {spec['model']} lr={spec['learning_rate']:g}"
-    if job.kind.value == "generate":
-        adapters = spec.get("adapters") or [spec.get("adapter") or "base"]
-        shown = adapters[0] if len(adapters) == 1 else f"{len(adapters)} variants ({adapters[0]}, {adapters[1]}…)"
-        return f"{shown} on {spec['model']} / {spec['split']}"
-    return f"job {spec['generate_job_id']}"
-
-
 @cli.group()
 def jobs():
-    """List, show and cancel jobs."""
+    """List, show, watch, cancel and reconcile jobs."""
 
 
 @jobs.command("list")
@@ -371,65 +262,60 @@ def jobs():
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def jobs_list(ctx: Context, status, limit, as_json):
+def jobs_list(ctx: AppContext, status, limit, as_json):
     """The newest jobs first."""
+    from api.jobs import describe, job_dict, latest_jobs
     from models.jobs import JobStatus
-    from worker.lifecycle import latest_jobs
 
     with ctx.session() as session:
         found = latest_jobs(session, limit, JobStatus(status) if status else None)
     if as_json:
-        echo_json([_job_dict(j) for j in found])
+        echo_json([job_dict(j) for j in found])
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("id", "kind", "status", "what", "attempts", "queue wait", "duration", "progress")
     for job in found:
         progress = job.progress or {}
-        table.add_row(str(job.id), job.kind.value, job.status.value, _describe(job), str(job.attempts),
+        table.add_row(str(job.id), job.kind.value, job.status.value, describe(job), str(job.attempts),
                       f"{job.queue_wait_s:.2f}s" if job.queue_wait_s is not None else "",
                       f"{job.duration_s:.1f}s" if job.duration_s else "",
                       f"{progress.get('step', '')}/{progress.get('total_steps', '')}" if progress else "")
-    Console().print(table)
-
-
-def _get_job(session, job_id: int):
-    from models.jobs import Job
-
-    job = session.get(Job, job_id)
-    if job is None:
-        fail(f"job {job_id} does not exist")
-    return job
+    print_table(table)
 
 
 @jobs.command("show")
 @click.argument("job_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def jobs_show(ctx: Context, job_id, as_json):
+def jobs_show(ctx: AppContext, job_id, as_json):
     """Everything about one job: spec, status, timing, result or error."""
+    from api.jobs import get_job, job_dict
+
     with ctx.session() as session:
-        job = _get_job(session, job_id)
-    data = _job_dict(job, full=True)
+        data = job_dict(get_job(session, job_id), full=True)
     if as_json:
         echo_json(data)
         return
+    show_fields(data, width=16)
+
+
+def show_fields(data: dict, width: int) -> None:
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, (dict, list)):
             value = json.dumps(value, default=str)
-        click.echo(f"{key:>16}: {'' if value is None else value}")
+        click.echo(f"{key:>{width}}: {'' if value is None else value}")
 
 
 @jobs.command("cancel")
 @click.argument("job_id", type=int)
 @pass_ctx
-def jobs_cancel(ctx: Context, job_id):
+def jobs_cancel(ctx: AppContext, job_id):
     """Cancel a queued job, or ask a running one to stop at its next step."""
-    from worker.lifecycle import cancel
+    from api.jobs import cancel, get_job
 
     with ctx.session() as session:
-        outcome = cancel(session, ctx.app, _get_job(session, job_id))
+        outcome = cancel(session, ctx.broker, get_job(session, job_id))
     click.echo(f"job {job_id}: {outcome}")
 
 
@@ -437,17 +323,11 @@ def jobs_cancel(ctx: Context, job_id):
 @click.option("--stale-after", type=float, default=None, help="Seconds without heartbeat before a running job "
               "counts as lost [default: TUNEQUEUE_STALE_SECONDS or 60].")
 @pass_ctx
-def jobs_reconcile(ctx: Context, stale_after):
+def jobs_reconcile(ctx: AppContext, stale_after):
     """Put back lost work: running jobs whose worker died, queued jobs whose message the broker lost."""
-    from worker.lifecycle import BrokerUnavailable, check_broker
-    from worker.reaper import reconcile
+    from api.jobs import reconcile
 
-    try:
-        check_broker(ctx.app)
-    except BrokerUnavailable as exc:
-        fail(str(exc))
-    with ctx.session() as session:
-        outcome = reconcile(session, ctx.app, stale_after if stale_after is not None else ctx.settings.stale_seconds)
+    outcome = reconcile(ctx, stale_after)
     lost = outcome["requeued_or_failed"]
     click.echo(f"{len(lost)} running jobs had lost their worker"
                + (f" ({', '.join(f'{i} → {s}' for i, s in lost)})" if lost else "")
@@ -459,51 +339,17 @@ def jobs_reconcile(ctx: Context, stale_after):
 @click.argument("job_id", type=int, required=False)
 @click.option("--sweep", default=None, help="Watch every job of this sweep.")
 @pass_ctx
-def jobs_watch(ctx: Context, job_id, sweep):
+def jobs_watch(ctx: AppContext, job_id, sweep):
     """Live progress bars until the job (or every job of the sweep) has finished."""
+    from api.jobs import get_job, wait_for
+    from api.report import sweep_job_ids
+
     if (job_id is None) == (sweep is None):
-        fail("give a JOB_ID or --sweep NAME")
+        raise click.UsageError("give a JOB_ID or --sweep NAME")
     with ctx.session() as session:
-        if sweep:
-            from models.report import ReportError, sweep_by_name, sweep_jobs
-
-            try:
-                ids = [job.id for job in sweep_jobs(session, sweep_by_name(session, sweep))]
-            except ReportError as exc:
-                fail(str(exc))
-        else:
-            ids = [_get_job(session, job_id).id]
-    _wait_for(ctx, ids, force_bars=True)
-    with ctx.sessions() as session:
-        from models.jobs import Job
-
-        states = [session.get(Job, i).status.value for i in ids]
+        ids = sweep_job_ids(session, sweep) if sweep else [get_job(session, job_id).id]
+    states = [status.value for status in wait_for(ctx, ids, force_bars=True).values()]
     click.echo(", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))))
-
-
-def _wait_for(ctx: Context, job_ids: list[int], quiet: bool = False, poll: float = 0.5, give_up=None,
-              force_bars: bool = False) -> None:
-    """Poll the job rows until all are finished (or `give_up()` says so), with a progress bar per job."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from models.jobs import Job
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), disable=quiet or not (force_bars or sys.stderr.isatty()),
-                  console=None) as progress, ctx.sessions() as session:
-        bars = {job_id: progress.add_task(f"job {job_id}", total=None, info="") for job_id in job_ids}
-        while True:
-            session.expire_all()
-            found = {job.id: job for job in session.query(Job).filter(Job.id.in_(job_ids))}
-            for job_id, bar in bars.items():
-                job = found[job_id]
-                info = job.progress or {}
-                progress.update(bar, total=info.get("total_steps"), completed=info.get("step", 0),
-                                description=f"job {job_id} {job.kind.value}",
-                                info=f"{job.status.value} loss={info['loss']}" if "loss" in info else job.status.value)
-            if all(job.status.finished for job in found.values()) or (give_up and give_up()):
-                return
-            time.sleep(poll)
 
 
 # -------------------------------------------------------------------------------------------------- sweeps
@@ -513,57 +359,55 @@ def _wait_for(ctx: Context, job_ids: list[int], quiet: bool = False, poll: float
 @click.option("--name", default=None, help="Sweep name [default: 'name:' in the file].")
 @click.option("--dry-run", is_flag=True, help="Print the expanded jobs and enqueue nothing.")
 @click.option("--json", "as_json", is_flag=True)
-@PRIORITY_OPTION
-@ATTEMPTS_OPTION
+@spec_options(Submission)
 @pass_ctx
-def sweep(ctx: Context, file, overrides, name, dry_run, as_json, priority, max_attempts):
+def sweep(ctx: AppContext, file, overrides, name, dry_run, as_json, priority, max_attempts):
     """Queue a sweep from a YAML file: one fine-tune per point, then one generate job that waits for all of them
     and evaluates every adapter and the base model in mixed batches, then one score job.
 
     OVERRIDES are key=value (into base, replacing a grid list of that key) or block.key=value, e.g.
     num_train_epochs=1 grid.learning_rate=[1e-3,3e-3]. The whole file is checked before anything is enqueued.
     """
-    from api.sweeps import apply_overrides, expand, load_sweep_file
-
     from api.pipelines import enqueue_sweep, validate_sweep
+    from api.sweeps import apply_overrides, expand, load_sweep_file
+    from models.specs import build
 
-    plan = _check(lambda: expand(apply_overrides(load_sweep_file(file), list(overrides)), name))
+    plan = expand(apply_overrides(load_sweep_file(file), list(overrides)), name)
+    submission = build(Submission, {k: v for k, v in {"priority": priority, "max_attempts": max_attempts}.items()
+                                    if v is not None})
     with ctx.session() as session:
-        _check(validate_sweep, session, ctx.settings.home, plan)
-    if dry_run:
-        points = [{"point": p.index, "adapter": p.finetune.name, **p.varied} for p in plan.points]
-        if as_json:
-            echo_json({"sweep": plan.name, "points": points, "jobs": plan.job_count})
+        plan = validate_sweep(session, ctx.settings.home, plan)
+        if dry_run:
+            show_sweep_plan(plan, as_json)
             return
-        from rich.console import Console
-        from rich.table import Table
-
-        keys = sorted({k for p in plan.points for k in p.varied})
-        table = Table("point", "adapter", *keys, "jobs", title=f"sweep {plan.name} (dry run: nothing enqueued)")
-        evaluations = plan.evaluations
-        step = {p.index: number for number, e in enumerate(evaluations, start=1) for p in e.points}
-        after = (lambda p: f"finetune → eval {step[p.index]}") if len(evaluations) > 1 else (lambda p: "finetune")
-        table.add_row("base", "—", *["" for _ in keys], "eval" + (" 1" if len(evaluations) > 1 else ""))
-        for p in plan.points:
-            table.add_row(str(p.index), p.finetune.name, *[str(p.varied.get(k, "")) for k in keys], after(p))
-        Console().print(table)
-        click.echo(f"{len(plan.points)} points, {plan.job_count} jobs: {len(plan.points)} fine-tunes, then "
-                   + (f"{len(evaluations)} evaluations" if len(evaluations) > 1 else "one evaluation")
-                   + " (generate every adapter and the base in one job → score)")
-        return
-    from worker.lifecycle import BrokerUnavailable, check_broker
-
-    with ctx.session() as session:
-        try:
-            check_broker(ctx.app)
-        except BrokerUnavailable as exc:
-            fail(str(exc))
-        row, jobs = enqueue_sweep(session, ctx.app, ctx.settings.home, plan, priority, max_attempts)
+        ctx.broker.check()
+        row, queued = enqueue_sweep(session, ctx.broker, ctx.settings.home, plan, submission)
     if as_json:
-        echo_json({"sweep": row.name, "id": row.id, "points": row.points, "jobs": [j.id for j in jobs]})
+        echo_json({"sweep": row.name, "id": row.id, "points": row.points, "jobs": [j.id for j in queued]})
     else:
-        click.echo(f"sweep {row.name!r} queued: {row.points} points, {len(jobs)} jobs ({jobs[0].id}..{jobs[-1].id}); "
-                   f"watch with 'jobs watch --sweep {row.name}'")
+        click.echo(f"sweep {row.name!r} queued: {row.points} points, {len(queued)} jobs "
+                   f"({queued[0].id}..{queued[-1].id}); watch with 'jobs watch --sweep {row.name}'")
+
+
+def show_sweep_plan(plan, as_json: bool) -> None:
+    if as_json:
+        points = [{"point": p.index, "adapter": p.finetune.name, **p.varied} for p in plan.points]
+        echo_json({"sweep": plan.name, "points": points, "jobs": plan.job_count})
+        return
+    from rich.table import Table
+
+    keys = sorted({k for p in plan.points for k in p.varied})
+    evaluations = plan.evaluations
+    step = {p.index: number for number, e in enumerate(evaluations, start=1) for p in e.points}
+    after = (lambda p: f"finetune → eval {step[p.index]}") if len(evaluations) > 1 else (lambda p: "finetune")
+    table = Table("point", "adapter", *keys, "jobs", title=f"sweep {plan.name} (dry run: nothing enqueued)")
+    table.add_row("base", "—", *["" for _ in keys], "eval" + (" 1" if len(evaluations) > 1 else ""))
+    for p in plan.points:
+        table.add_row(str(p.index), p.finetune.name, *[str(p.varied.get(k, "")) for k in keys], after(p))
+    print_table(table)
+    click.echo(f"{len(plan.points)} points, {plan.job_count} jobs: {len(plan.points)} fine-tunes, then "
+               + (f"{len(evaluations)} evaluations" if len(evaluations) > 1 else "one evaluation")
+               + " (generate every adapter and the base in one job → score)")
 
 
 @cli.group()
@@ -571,124 +415,197 @@ def sweeps():
     """List, show and cancel sweeps."""
 
 
-def _sweep_counts(session, sweep_row) -> dict:
-    from models.report import sweep_jobs
-
-    counts: dict[str, int] = {}
-    for job in sweep_jobs(session, sweep_row):
-        counts[job.status.value] = counts.get(job.status.value, 0) + 1
-    return counts
-
-
 @sweeps.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def sweeps_list(ctx: Context, as_json):
+def sweeps_list(ctx: AppContext, as_json):
     """Every sweep with its job counts by status."""
-    from sqlalchemy import select
-
-    from models.sweeps import Sweep
+    from api.pipelines import sweep_summaries
 
     with ctx.session() as session:
-        found = [(s, _sweep_counts(session, s)) for s in session.scalars(select(Sweep).order_by(Sweep.id.desc()))]
+        found = sweep_summaries(session)
     if as_json:
-        echo_json([{"name": s.name, "points": s.points, "priority": s.priority, "created_at": s.created_at,
-                    "jobs": counts} for s, counts in found])
+        echo_json(found)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("name", "points", "priority", "created", "jobs")
-    for s, counts in found:
-        table.add_row(s.name, str(s.points), str(s.priority), f"{s.created_at:%Y-%m-%d %H:%M}",
-                      ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    Console().print(table)
-
-
-def _get_sweep(session, name: str):
-    from models.report import ReportError, sweep_by_name
-
-    try:
-        return sweep_by_name(session, name)
-    except ReportError as exc:
-        fail(str(exc))
+    for s in found:
+        table.add_row(s["name"], str(s["points"]), str(s["priority"]), f"{s['created_at']:%Y-%m-%d %H:%M}",
+                      ", ".join(f"{n} {k}" for k, n in sorted(s["jobs"].items())))
+    print_table(table)
 
 
 @sweeps.command("show")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def sweeps_show(ctx: Context, name, as_json):
+def sweeps_show(ctx: AppContext, name, as_json):
     """The sweep's file (as parsed) and its jobs."""
-    from models.report import sweep_jobs
+    from api.jobs import describe, job_dict
+    from models.report import sweep_by_name, sweep_jobs
 
     with ctx.session() as session:
-        row = _get_sweep(session, name)
+        row = sweep_by_name(session, name)
         found = sweep_jobs(session, row)
     if as_json:
-        echo_json({"name": row.name, "spec": row.spec, "priority": row.priority,
-                   "jobs": [_job_dict(j) for j in found]})
+        echo_json({"name": row.name, "spec": row.spec, "priority": row.priority, "jobs": [job_dict(j) for j in found]})
         return
-    from rich.console import Console
     from rich.table import Table
 
-    click.echo(f"sweep {row.name}: {row.points} points, priority {row.priority}, created {row.created_at:%Y-%m-%d %H:%M}")
+    click.echo(f"sweep {row.name}: {row.points} points, priority {row.priority}, "
+               f"created {row.created_at:%Y-%m-%d %H:%M}")
     table = Table("id", "kind", "status", "what", "parent", "duration", "error")
     for job in found:
         parents = [job.parent_id] if job.parent_id else job.waits_for_ids
-        table.add_row(str(job.id), job.kind.value, job.status.value, _describe(job), ",".join(map(str, parents)),
+        table.add_row(str(job.id), job.kind.value, job.status.value, describe(job), ",".join(map(str, parents)),
                       f"{job.duration_s:.1f}s" if job.duration_s else "", (job.error or "")[:60])
-    Console().print(table)
+    print_table(table)
 
 
 @sweeps.command("cancel")
 @click.argument("name")
 @pass_ctx
-def sweeps_cancel(ctx: Context, name):
+def sweeps_cancel(ctx: AppContext, name):
     """Cancel every queued job of the sweep and ask its running job to stop."""
-    from models.report import sweep_jobs
-    from worker.lifecycle import cancel
+    from api.pipelines import cancel_sweep
 
     with ctx.session() as session:
-        outcomes: dict[str, int] = {}
-        # children first, so that cancelling the last fine-tune does not release the evaluation it was waiting for
-        for job in reversed(sweep_jobs(session, _get_sweep(session, name))):
-            session.refresh(job)
-            if not job.status.finished:
-                outcome = cancel(session, ctx.app, job)
-                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        outcomes = cancel_sweep(session, ctx.broker, name)
     click.echo(f"sweep {name}: " + (", ".join(f"{n} {k}" for k, n in outcomes.items()) or "nothing left to cancel"))
 
 
 # ------------------------------------------------------------------------------------------------ adapters
-from api.adapters_cli import adapters  # noqa: E402  (imports only Click)
+@cli.group()
+def adapters():
+    """List, show, export, merge and delete trained adapters (names are unique)."""
 
-cli.add_command(adapters)
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return ""
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return ""
 
 
-# -------------------------------------------------------------------------------------------------- worker
+def loss_cell(value) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+@adapters.command("list")
+@click.option("--base", "base_model", default=None, help="Only adapters trained on this base model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the adapters as JSON.")
+@pass_ctx
+def adapters_list(ctx: AppContext, base_model, as_json):
+    """Every adapter, oldest first: base, kind, method, parameters, size on disk, losses, training time."""
+    from api.adapters import adapter_dict, list_adapters
+
+    with ctx.session() as session:
+        found = [adapter_dict(a, ctx.settings.home) for a in list_adapters(session, base_model)]
+    if as_json:
+        echo_json(found)
+        return
+    from rich.table import Table
+
+    table = Table("name", "base", "kind", "method", "trainable", "total", "% trainable", "size", "train loss",
+                  "eval loss", "best eval", "duration")
+    for a in found:
+        table.add_row(a["name"], a["base_model"], a["model_kind"], a["method"], f"{a['trainable_params']:,}",
+                      f"{a['total_params']:,}", f"{a['percent_trainable']:.2f}", human_size(a["size_bytes"]),
+                      loss_cell(a["train_loss"]), loss_cell(a["eval_loss"]), loss_cell(a["best_eval_loss"]),
+                      f"{a['duration_s']:.1f}s" if a["duration_s"] is not None else "")
+    print_table(table)
+
+
+@adapters.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the adapter as JSON.")
+@pass_ctx
+def adapters_show(ctx: AppContext, name, as_json):
+    """Everything recorded about one adapter, with its folder."""
+    from api.adapters import adapter_dict, get_adapter
+
+    with ctx.session() as session:
+        data = adapter_dict(get_adapter(session, name), ctx.settings.home)
+    if as_json:
+        echo_json(data)
+        return
+    show_fields({**data, "size": human_size(data["size_bytes"])}, width=17)
+
+
+@adapters.command("export")
+@click.argument("name")
+@click.argument("directory", type=click.Path(file_okay=False))
+@pass_ctx
+def adapters_export(ctx: AppContext, name, directory):
+    """Copy the adapter's folder (PEFT adapter, or whole model for --method full) to DIRECTORY (new or empty)."""
+    from api.adapters import export_adapter
+
+    with ctx.session() as session:
+        target = export_adapter(session, ctx.settings.home, name, directory)
+    click.echo(f"adapter {name} exported to {target}")
+
+
+@adapters.command("merge")
+@click.argument("name")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Load the base in this dtype before merging [default: float32]; required for a qlora adapter "
+                   "(its 4-bit base cannot take merged weights: use bfloat16).")
+@pass_ctx
+def adapters_merge(ctx: AppContext, name, directory, dtype):
+    """Write base + LoRA adapter merged into one full model at DIRECTORY (new or empty), with the base tokenizer,
+    loadable with plain AutoModelFor...from_pretrained. Not for full or prompt-tuning adapters."""
+    from api.adapters import merge_adapter
+
+    with ctx.session() as session:
+        target = merge_adapter(session, ctx.settings.home, name, directory, dtype)
+    click.echo(f"adapter {name} merged into a full model at {target}")
+
+
+@adapters.command("delete")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def adapters_delete(ctx: AppContext, name, yes):
+    """Remove the adapter's files and its row together (refused while a queued or running job uses it)."""
+    from api.adapters import delete_adapter, get_adapter
+
+    with ctx.session() as session:
+        adapter = get_adapter(session, name)
+        if not yes:
+            click.confirm(f"delete adapter {name} and its folder {ctx.settings.home / adapter.path}?", abort=True)
+        delete_adapter(session, ctx.settings.home, name)
+    click.echo(f"adapter {name} deleted")
+
+
+# -------------------------------------------------------------------------------------------------- workers
 @cli.command()
 @click.option("--burst", is_flag=True, help="Exit once its queues are empty and no job is running (like rq).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @pass_ctx
-def worker(ctx: Context, burst, loglevel):
+def worker(ctx: AppContext, burst, loglevel):
     """Start a Celery worker: one job at a time, base models kept loaded between jobs."""
     from worker.launch import run_worker
 
-    run_worker(ctx.app, burst=burst, loglevel=loglevel)
+    run_worker(ctx.settings, burst=burst, loglevel=loglevel)
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def workers(ctx: Context, as_json):
+def workers(ctx: AppContext, as_json):
     """Running workers of this queue: CUDA, loaded base models, current job (from their Redis records)."""
-    from worker.registry import live_workers
+    from models.settings import mask_url
 
     try:
-        found = live_workers(ctx.app)
+        found = ctx.broker.live_workers()
     except Exception as exc:
-        fail(f"cannot read the worker registry at {mask_url(ctx.settings.redis_url)}: {exc}")
+        raise click.ClickException(f"cannot read the worker registry at {mask_url(ctx.settings.redis_url)}: {exc}")
     if as_json:
         echo_json(found)
         return
@@ -705,20 +622,16 @@ def workers(ctx: Context, as_json):
 @click.option("--port", default=5555, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True)
 @pass_ctx
-def flower(ctx: Context, port, address):
+def flower(ctx: AppContext, port, address):
     """Start Flower, the Celery web monitor, against the same broker (http://ADDRESS:PORT)."""
-    import os
-    import subprocess
-
-    env = {**os.environ, "REDIS_URL": ctx.settings.redis_url}
-    sys.exit(subprocess.call([sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "flower",
-                              f"--port={port}", f"--address={address}"], env=env))
+    sys.exit(ctx.broker.app.start(["flower", f"--port={port}", f"--address={address}"]) or 0)
 
 
 # -------------------------------------------------------------------------------------------------- report
 @cli.command()
 @click.option("--metric", "metric_names", multiple=True, default=["rouge"], show_default=True,
-              help="'rouge' (rouge1, rouge2, rougeL, rougeLsum) or any stored metric name; repeatable.")
+              help="'rouge' (rouge1, rouge2, rougeL, rougeLsum), 'classification' or any stored metric name; "
+                   "repeatable.")
 @click.option("--sweep", default=None, help="Only the base row and adapters of this sweep.")
 @click.option("--split", default="test", show_default=True)
 @click.option("--sort", default=None, help="Sort rows by this metric, best first.")
@@ -733,66 +646,26 @@ def flower(ctx: Context, port, address):
               help="Show the examples where variants A and B differ most (use 'base' for the base model).")
 @click.option("--limit", type=int, default=5, show_default=True, help="Examples shown by --compare.")
 @pass_ctx
-def report(ctx: Context, metric_names, sweep, split, sort, top, fmt, plot_path, plot_loss_path, compare, limit):
+def report(ctx: AppContext, metric_names, sweep, split, sort, top, fmt, plot_path, plot_loss_path, compare, limit):
     """Compare base and adapters: one row per run with each metric's mean, 95% bootstrap interval and delta vs the
     base row, examples scored, training time and the hyperparameters that vary; the best row is marked."""
-    from api.render import box_plot, loss_plot, render_report
-    from models.report import (ReportError, compare_variants, comparison, expand_metrics, known_metric_names,
-                               loss_curves, per_example_scores)
+    from api.render import render_comparison, render_report
+    from api.report import ReportQuery, differing_examples, report_rows, write_box_plot, write_loss_plot
 
-    metrics = expand_metrics(list(metric_names))
-    if top is not None and top <= 0:
-        fail("--top must be a positive number")
+    query = ReportQuery(list(metric_names), split, sweep, sort, top)
     with ctx.session() as session:
-        known = known_metric_names(session)
-        unknown = [m for m in metrics if known and m not in known]
-        if unknown:
-            fail(f"no metric named {unknown[0]!r} in the database (known: {', '.join(sorted(known))})")
-        try:
-            if compare:
-                pairs = compare_variants(session, compare[0], compare[1], metrics[0], split, limit)
-                click.echo(render_comparison(pairs, compare, metrics[0], fmt), nl=False)
-                return
-            rows = comparison(session, metrics, split, sweep=sweep, sort=sort, top=top)
-        except ReportError as exc:
-            fail(str(exc))
-        if not rows:
-            fail(f"no scored results on split {split!r}{f' in sweep {sweep!r}' if sweep else ''} yet; "
-                 "run generate and score jobs first")
-        click.echo(render_report(rows, metrics, fmt), nl=False)
+        if compare:
+            pairs = differing_examples(session, query, compare[0], compare[1], limit)
+            click.echo(render_comparison(pairs, compare, query.metric_names[0], fmt), nl=False)
+            return
+        rows = report_rows(session, query)
+        click.echo(render_report(rows, query.metric_names, fmt), nl=False)
         if plot_path:
-            boxes = box_plot(per_example_scores(session, rows, sort or metrics[0], split, sweep), sort or metrics[0],
-                             plot_path, title=f"{sort or metrics[0]} per example" + (f", sweep {sweep}" if sweep else ""))
+            boxes = write_box_plot(session, query, rows, plot_path)
             click.echo(f"box plot written to {plot_path} ({boxes} boxes)", err=True)
         if plot_loss_path:
-            curves = loss_curves(session, [r["variant"] for r in rows if r["variant"] != "base"])
-            if not any(curves.values()):
-                fail("no loss curves recorded for these runs")
-            loss_plot(curves, plot_loss_path, title="loss curves" + (f", sweep {sweep}" if sweep else ""))
+            write_loss_plot(session, query, rows, plot_loss_path)
             click.echo(f"loss curves written to {plot_loss_path}", err=True)
-
-
-def render_comparison(pairs: list[dict], variants, metric: str, fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(pairs, indent=2) + "\n"
-    if fmt == "csv":
-        import csv
-        import io
-
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(pairs[0]) if pairs else ["example_id"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(pairs)
-        return out.getvalue()
-    a, b = variants
-    blocks = []
-    for pair in pairs:
-        blocks.append("\n".join([
-            f"── example {pair['example_id']}: {metric} {a}={pair[f'{metric}_{a}']:.3f} "
-            f"{b}={pair[f'{metric}_{b}']:.3f} (Δ {pair['difference']:+.3f})",
-            pair["source"], f"reference: {pair['reference']}", f"{a}: {pair[f'prediction_{a}']}",
-            f"{b}: {pair[f'prediction_{b}']}"]))
-    return "\n\n".join(blocks) + "\n" if blocks else "the two runs share no scored examples\n"
 
 
 # ---------------------------------------------------------------------------------------------------- demo
@@ -800,7 +673,7 @@ def render_comparison(pairs: list[dict], variants, metric: str, fmt: str) -> str
 @click.option("--epochs", type=float, default=3, show_default=True)
 @click.option("--learning-rates", default="1e-3,3e-3", show_default=True, help="One LoRA adapter per rate.")
 @pass_ctx
-def demo(ctx: Context, epochs, learning_rates):
+def demo(ctx: AppContext, epochs, learning_rates):
     """Run the whole loop offline through the real queue and print the report.
 
     Base-only generate + score on the test split, two LoRA adapters on the built-in tiny-t5 and
@@ -809,9 +682,7 @@ def demo(ctx: Context, epochs, learning_rates):
     from api.demo import run_demo
 
     rates = [float(x) for x in learning_rates.split(",") if x.strip()]
-    from api.render import render_report
-
-    run_demo(ctx, rates, epochs, wait=_wait_for, render=render_report)
+    run_demo(ctx, rates, epochs, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Trained adapters as things a user manages: list, look up, export, merge into a full model, delete.
 
-Plain functions over the `adapters` table and the folders under `TUNEQUEUE_HOME` (the CLI in api/adapters_cli.py
-only formats). `merge` loads the base in full precision (or `dtype`), applies the PEFT adapter and writes a whole
-model folder plus the base tokenizer, so plain `AutoModelFor...from_pretrained(DIR)` loads it. `delete` removes the
+Plain functions over the `adapters` table and the folders under `TUNEQUEUE_HOME` (manage.py's `adapters` group
+only formats). `merge` has the worker's code (worker/ml/merge.py) load the base in full precision (or `dtype`),
+apply the PEFT adapter and write a whole model folder plus the base tokenizer, so plain
+`AutoModelFor...from_pretrained(DIR)` loads it. `delete` removes the
 folder and the row together: the folder is moved aside first and put back if the row cannot be deleted, so no row
 is ever left pointing at missing files.
 """
@@ -18,18 +19,11 @@ from typing import Optional
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind, JobStatus
 from models.results import Adapter
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class AdapterError(ValueError):
-    """A refused adapter operation; the message is one line for the user."""
-
-
-class UnknownAdapter(AdapterError, LookupError):
-    """No adapter has that name."""
 
 
 def list_adapters(session: Session, base_model: Optional[str] = None) -> list[Adapter]:
@@ -45,7 +39,7 @@ def get_adapter(session: Session, name: str) -> Adapter:
         names = list(session.scalars(select(Adapter.name)))
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else " (see 'adapters list')"
-        raise UnknownAdapter(f"adapter {name!r} does not exist{hint}")
+        raise NotFound(f"adapter {name!r} does not exist{hint}")
     return adapter
 
 
@@ -53,7 +47,7 @@ def adapter_dict(adapter: Adapter, home: Path) -> dict:
     folder = home / adapter.path
     return {
         "name": adapter.name, "job_id": adapter.job_id, "base_model": adapter.base_model, "method": adapter.method,
-        "task": adapter.task, "hyperparameters": adapter.hyperparameters, "path": adapter.path,
+        "model_kind": adapter.model_kind, "hyperparameters": adapter.hyperparameters, "path": adapter.path,
         "folder": str(folder), "exists": folder.is_dir(), "size_bytes": adapter.size_bytes,
         "trainable_params": adapter.trainable_params, "total_params": adapter.total_params,
         "percent_trainable": round(adapter.percent_trainable, 4), "is_full_model": adapter.is_full_model,
@@ -65,50 +59,50 @@ def adapter_dict(adapter: Adapter, home: Path) -> dict:
 def _folder(adapter: Adapter, home: Path) -> Path:
     folder = home / adapter.path
     if not folder.is_dir():
-        raise AdapterError(f"adapter {adapter.name!r} is recorded but its folder {folder} is missing")
+        raise InputError(f"adapter {adapter.name!r} is recorded but its folder {folder} is missing")
     return folder
 
 
 def _check_target(target: Path) -> None:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise AdapterError(f"{target} already exists and is not an empty folder; choose a new directory")
+        raise InputError(f"{target} already exists and is not an empty folder; choose a new directory")
 
 
-def _fill(staging: Path, target: Path) -> None:
-    """Move the finished `staging` folder to `target` (which is absent or an empty folder)."""
-    if target.exists():
-        target.rmdir()
-    os.replace(staging, target)
-
-
-def export_adapter(session: Session, home: Path, name: str, target: Path) -> Path:
-    """Copy the adapter's folder (PEFT adapter, or whole model for method full) to `target`."""
-    adapter = get_adapter(session, name)
-    folder = _folder(adapter, home)
-    target = Path(target).expanduser().resolve()
-    _check_target(target)
+def _write_folder(target: Path, what: str, write) -> Path:
+    """Have `write(staging)` fill a staging folder beside `target`, then move it to `target` (absent or an empty
+    folder): a failed write leaves nothing behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.export-{os.getpid()}"
+    staging = target.parent / f".{target.name}.{what}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        shutil.copytree(folder, staging)
-        _fill(staging, target)
+        write(staging)
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
+def export_adapter(session: Session, home: Path, name: str, target: Path) -> Path:
+    """Copy the adapter's folder (PEFT adapter, or whole model for method full) to `target`."""
+    folder = _folder(get_adapter(session, name), home)
+    target = Path(target).expanduser().resolve()
+    _check_target(target)
+    return _write_folder(target, "export", lambda staging: shutil.copytree(folder, staging))
+
+
 def check_mergeable(adapter: Adapter, dtype: Optional[str]) -> None:
     if dtype is not None and dtype not in MERGE_DTYPES:
-        raise AdapterError(f"unknown dtype {dtype!r} (expected one of {', '.join(MERGE_DTYPES)})")
+        raise InputError(f"unknown dtype {dtype!r} (expected one of {', '.join(MERGE_DTYPES)})")
     if adapter.method == "full":
-        raise AdapterError(f"adapter {adapter.name!r} is already a full model; use 'adapters export' to copy it")
+        raise InputError(f"adapter {adapter.name!r} is already a full model; use 'adapters export' to copy it")
     if adapter.method == "prompt-tuning":
-        raise AdapterError(f"adapter {adapter.name!r} is a prompt-tuning adapter: its virtual tokens cannot be "
-                           "merged into the weights; use 'adapters export' and load it with PEFT")
+        raise InputError(f"adapter {adapter.name!r} is a prompt-tuning adapter: its virtual tokens cannot be "
+                         "merged into the weights; use 'adapters export' and load it with PEFT")
     if adapter.method == "qlora" and dtype is None:
-        raise AdapterError(f"adapter {adapter.name!r} was trained on a 4-bit base (qlora); merging into 4-bit "
-                           "weights is not supported: load the base in bf16 first with --dtype bfloat16")
+        raise InputError(f"adapter {adapter.name!r} was trained on a 4-bit base (qlora); merging into 4-bit "
+                         "weights is not supported: load the base in bf16 first with --dtype bfloat16")
 
 
 def merge_adapter(session: Session, home: Path, name: str, target: Path, dtype: Optional[str] = None) -> Path:
@@ -119,28 +113,11 @@ def merge_adapter(session: Session, home: Path, name: str, target: Path, dtype: 
     target = Path(target).expanduser().resolve()
     _check_target(target)
 
-    import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    from worker.ml.merge import merge_into
 
-    from worker.ml.model_cache import ModelCache
-    from worker.ml.kinds import load_model
-
-    base_path = ModelCache(home, device="cpu").resolve(adapter.base_model)
-    labels = (adapter.hyperparameters or {}).get("labels") if adapter.task == "classification" else None
-    base = load_model(base_path, adapter.task, labels=labels, dtype=getattr(torch, dtype or "float32"))
-    merged = PeftModel.from_pretrained(base, str(folder), is_trainable=False).merge_and_unload()
-    merged.eval()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.merge-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        merged.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(base_path).save_pretrained(staging)
-        _fill(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    labels = (adapter.hyperparameters or {}).get("labels")
+    return _write_folder(target, "merge", lambda staging: merge_into(
+        staging, home, adapter.base_model, adapter.model_kind, folder, labels=labels, dtype=dtype or "float32"))
 
 
 def jobs_using(session: Session, name: str) -> list[Job]:
@@ -155,8 +132,8 @@ def delete_adapter(session: Session, home: Path, name: str) -> None:
     adapter = get_adapter(session, name)
     users = jobs_using(session, name)
     if users:
-        raise AdapterError(f"adapter {name!r} is used by queued or running job(s) "
-                           f"{', '.join(str(j.id) for j in users)}; cancel them or wait until they finish")
+        raise InputError(f"adapter {name!r} is used by queued or running job(s) "
+                         f"{', '.join(str(j.id) for j in users)}; cancel them or wait until they finish")
     folder = home / adapter.path
     aside = folder.parent / f".{folder.name}.deleting-{os.getpid()}"
     moved = folder.is_dir()

@@ -66,9 +66,7 @@ def render_report(rows: list[dict], metrics: list[str], fmt: str) -> str:
         lines += ["| " + " | ".join(_cells(r, metrics)) + " |" for r in rows]
         return "\n".join(lines) + "\n"
     from rich.console import Console
-    from rich.table import Table
-
-    from rich.table import Column
+    from rich.table import Column, Table
 
     table = Table(*[Column(h, no_wrap=True) for h in _headers(rows, metrics)],
                   title=f"{', '.join(metrics)} on {rows[0]['split'] if rows else ''} (★ best)")
@@ -123,3 +121,24 @@ def loss_plot(curves: dict[str, list[tuple]], path: str, title: str = "") -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def render_comparison(pairs: list[dict], variants, metric: str, fmt: str) -> str:
+    """The examples where two runs differ most: JSON, CSV, or blocks of source, reference and both predictions."""
+    if fmt == "json":
+        return json.dumps(pairs, indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(pairs[0]) if pairs else ["example_id"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(pairs)
+        return out.getvalue()
+    a, b = variants
+    blocks = []
+    for pair in pairs:
+        blocks.append("\n".join([
+            f"── example {pair['example_id']}: {metric} {a}={pair[f'{metric}_{a}']:.3f} "
+            f"{b}={pair[f'{metric}_{b}']:.3f} (Δ {pair['difference']:+.3f})",
+            pair["source"], f"reference: {pair['reference']}", f"{a}: {pair[f'prediction_{a}']}",
+            f"{b}: {pair[f'prediction_{b}']}"]))
+    return "\n\n".join(blocks) + "\n" if blocks else "the two runs share no scored examples\n"

@@ -1,6 +1,7 @@
 """Checks a spec against the world before it is enqueued: models, datasets, adapters and parent jobs exist.
 
-Each failure raises `SpecError` with a one-line message; nothing is written before all checks pass.
+`validate(spec, session, home)` returns the spec completed (model kind resolved, an adapter's base model filled
+in) or raises `InputError` with a one-line message; nothing is written before every check has passed.
 """
 
 from __future__ import annotations
@@ -10,19 +11,24 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind, JobStatus
-from models.results import Adapter
-from worker.data.refs import RefError, check_dataset, check_model, required_columns
-from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, SpecError
+from models.results import Adapter, metric_family
+from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, parse_spec
+from worker.data.refs import check_dataset, check_model, required_columns
+from worker.ml.kinds import resolve_model_kind
 
 ACTIVE = (JobStatus.queued, JobStatus.running)
 
 
-def _refs(check, *args):
-    try:
-        return check(*args)
-    except RefError as exc:
-        raise SpecError(str(exc)) from None
+def validate(spec, session: Session, home: Path, *, model_given: bool = True):
+    """The spec, checked and completed, for any job kind."""
+    if spec.kind == "finetune":
+        return validate_finetune(spec, session)
+    if spec.kind == "generate":
+        return validate_generate(spec, session, home, model_given=model_given)
+    validate_score(spec, session)
+    return spec
 
 
 def pending_finetune(session: Session, adapter_name: str) -> Job | None:
@@ -33,66 +39,42 @@ def pending_finetune(session: Session, adapter_name: str) -> Job | None:
     return None
 
 
-def resolve_task(spec):
-    """The spec with `task` filled in from the model's config (an explicit --task wins)."""
-    if spec.task:
-        return spec
-    from worker.ml.kinds import TaskError, detect_task
-
-    try:
-        return spec.model_copy(update={"task": detect_task(spec.model)})
-    except TaskError as exc:
-        if spec.kind == "generate" and (spec.adapter or spec.adapters):
-            return spec  # the adapter's row knows its task
-        raise SpecError(str(exc)) from None
-
-
-def target_column(spec) -> str:
-    return spec.label_column if spec.task == "classification" else spec.summary_column
-
-
 def validate_finetune(spec: FinetuneSpec, session: Session) -> FinetuneSpec:
-    """Returns the spec with its task filled in."""
-    _refs(check_model, spec.model)
-    spec = resolve_task(spec)
-    splits = [spec.train_split] + ([spec.eval_split] if spec.eval_split else [])
-    _check_data(spec, target_column(spec), splits)
+    """Returns the spec with its model kind filled in."""
+    check_model(spec.model)
+    spec = resolve_model_kind(spec)
+    _check_data(spec, spec.target_column, [spec.train_split] + ([spec.eval_split] if spec.eval_split else []))
     if not spec.replace and session.scalar(select(Adapter.id).where(Adapter.name == spec.name)) is not None:
-        raise SpecError(f"adapter name {spec.name!r} is already taken; choose another --name, or pass --replace "
-                        "to replace that adapter when this job succeeds")
+        raise InputError(f"adapter name {spec.name!r} is already taken; choose another --name, or pass --replace "
+                         "to replace that adapter when this job succeeds")
     if pending_finetune(session, spec.name) is not None:
-        raise SpecError(f"adapter name {spec.name!r} is already used by a queued or running fine-tune job")
+        raise InputError(f"adapter name {spec.name!r} is already used by a queued or running fine-tune job")
     return spec
 
 
 def validate_generate(spec: GenerateSpec, session: Session, home: Path, *, model_given: bool = True) -> GenerateSpec:
-    """Returns the spec with the adapters' base model and task filled in."""
-    if spec.adapters:
-        if spec.adapter:
-            raise SpecError("give either --adapter or --adapters, not both")
-        if len(set(spec.adapters)) != len(spec.adapters):
-            raise SpecError("--adapters names an adapter twice")
-        found = {}
-        for name in spec.adapters:
-            if name != "base":  # the base model's own rows, side by side with the adapters'
-                found[name] = _existing_adapter(session, home, name)
-        if not found:
-            raise SpecError("--adapters needs at least one adapter besides 'base'")
+    """Returns the spec with the adapters' base model and model kind filled in."""
+    if spec.adapter and spec.adapters:
+        raise InputError("give either --adapter or --adapters, not both")
+    names = list(spec.adapters) or ([spec.adapter] if spec.adapter else [])
+    if len(set(names)) != len(names):
+        raise InputError("--adapters names an adapter twice")
+    # 'base' in an --adapters list adds the base model's own rows, side by side with the adapters'
+    found = {name: _existing_adapter(session, home, name) for name in names if not (spec.adapters and name == "base")}
+    if spec.adapters and not found:
+        raise InputError("--adapters needs at least one adapter besides 'base'")
+    if found:
         bases = {a.base_model for a in found.values()}
         if len(bases) > 1:
-            raise SpecError(f"adapters of one generate job must share a base model; got {', '.join(sorted(bases))}")
+            raise InputError(f"adapters of one generate job must share a base model; got {', '.join(sorted(bases))}")
         base_model = bases.pop()
         if model_given and spec.model != base_model:
-            raise SpecError(f"the adapters were trained on {base_model!r}, not {spec.model!r}")
-        spec = spec.model_copy(update={"model": base_model, "task": spec.task or next(iter(found.values())).task})
-    if spec.adapter:
-        adapter = _existing_adapter(session, home, spec.adapter)
-        base_model = adapter.base_model
-        if model_given and spec.model != base_model:
-            raise SpecError(f"adapter {spec.adapter!r} was trained on {base_model!r}, not {spec.model!r}")
-        spec = spec.model_copy(update={"model": base_model, "task": spec.task or adapter.task})
-    _refs(check_model, spec.model)
-    spec = resolve_task(spec)
+            trained = f"adapter {spec.adapter!r} was" if spec.adapter else "the adapters were"
+            raise InputError(f"{trained} trained on {base_model!r}, not {spec.model!r}")
+        first = next(iter(found.values()))
+        spec = spec.model_copy(update={"model": base_model, "model_kind": spec.model_kind or first.model_kind})
+    check_model(spec.model)
+    spec = resolve_model_kind(spec)
     _check_data(spec, None, [spec.split])
     return spec
 
@@ -100,39 +82,28 @@ def validate_generate(spec: GenerateSpec, session: Session, home: Path, *, model
 def _check_data(spec, target: str | None, splits: list[str]) -> None:
     """The dataset exists, has `splits` and the columns the job reads (its target column when it trains)."""
     columns = required_columns(spec.data_format, spec.text_column, target)
-    try:
-        check_dataset(spec.dataset, columns, splits, dataset_config=spec.dataset_config, data_format=spec.data_format)
-    except RefError as exc:
-        raise SpecError(str(exc)) from None
+    check_dataset(spec.dataset, columns, splits, dataset_config=spec.dataset_config, data_format=spec.data_format)
 
 
 def _existing_adapter(session: Session, home: Path, name: str) -> Adapter:
     adapter = session.scalar(select(Adapter).where(Adapter.name == name))
     if adapter is None:
-        raise SpecError(f"adapter {name!r} does not exist (see 'adapters list')")
+        raise NotFound(f"adapter {name!r} does not exist (see 'adapters list')")
     folder = home / adapter.path
     if not ((folder / "adapter_config.json").exists() or (folder / "config.json").exists()):
-        raise SpecError(f"adapter {name!r} is recorded but its folder {folder} is missing")
+        raise InputError(f"adapter {name!r} is recorded but its folder {folder} is missing")
     return adapter
 
 
 def validate_score(spec: ScoreSpec, session: Session) -> Job:
-    """Returns the generate job to score; it must be a succeeded generate job."""
+    """Returns the generate job to score; it must be a succeeded generate job whose kind fits the metric."""
     job = session.get(Job, spec.generate_job_id)
     if job is None:
-        raise SpecError(f"job {spec.generate_job_id} does not exist")
+        raise NotFound(f"job {spec.generate_job_id} does not exist")
     if job.kind != JobKind.generate:
-        raise SpecError(f"job {job.id} is a {job.kind.value} job; score takes a generate job")
+        raise InputError(f"job {job.id} is a {job.kind.value} job; score takes a generate job")
     if job.status != JobStatus.succeeded:
-        raise SpecError(f"generate job {job.id} is {job.status.value}; only a succeeded generate job can be scored")
-    check_metric_fits(spec, job.spec.get("task") or (job.result or {}).get("task") or "seq2seq", job.id)
+        raise InputError(f"generate job {job.id} is {job.status.value}; only a succeeded generate job can be scored")
+    model_kind = parse_spec(job.spec).model_kind or (job.result or {}).get("model_kind") or "seq2seq"
+    metric_family(spec.metrics, model_kind, job.id)
     return job
-
-
-def check_metric_fits(spec: ScoreSpec, task: str, generate_job_id) -> None:
-    from worker.jobs.score import METRICS_FOR_TASK
-
-    for family in spec.metrics or []:
-        if family != METRICS_FOR_TASK[task]:
-            raise SpecError(f"generate job {generate_job_id} is a {task} job: score it with --metric "
-                            f"{METRICS_FOR_TASK[task]}, not {family}")

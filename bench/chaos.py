@@ -25,8 +25,6 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-_HERE = str(REPO / "bench")
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]  # bench/queue.py shadows `queue`
 sys.path.insert(0, str(REPO))
 
 SWEEP = """

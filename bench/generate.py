@@ -12,11 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/queue.py would shadow the standard library's `queue` (torch and Celery import it) while Python puts this
-# folder first on sys.path; run with the repository root there instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -30,7 +26,7 @@ def generate(model, tokenizer, sources: list[str], batch_size: int, new_tokens: 
     """Greedy generation of exactly `new_tokens` tokens per example (so both sides do the same work)."""
     import torch
 
-    from worker.jobs.finetune import pad
+    from worker.ml.features import pad
 
     encoded = tokenizer(sources, truncation=True, max_length=512)["input_ids"]
     order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))

@@ -4,8 +4,8 @@ Prints per-job overhead (wall time per job minus the time the jobs' own work too
 p99 (from the rows' queued_at / started_at) for the batch and for jobs sent one at a time to the idle worker, and how
 many times the worker loaded the base model.
 
-    python bench/queue.py --tiny          # 50 jobs
-    python bench/queue.py                 # 200 jobs
+    python bench/queue_latency.py --tiny          # 50 jobs
+    python bench/queue_latency.py                 # 200 jobs
 """
 
 from __future__ import annotations
@@ -13,11 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/queue.py would shadow the standard library's `queue` (torch and Celery import it) while Python puts this
-# folder first on sys.path; run with the repository root there instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -43,22 +39,22 @@ def main() -> None:
 
     from sqlalchemy import select
 
+    from api.jobs import enqueue
     from models import Job, JobStatus, make_session_factory
     from models.migrate import upgrade
-    from worker.celery_app import make_app
-    from worker.lifecycle import enqueue
     from models.settings import Settings
     from models.specs import GenerateSpec
+    from worker.broker import Broker
 
     settings = Settings.from_env()
     upgrade(settings.database_url)
-    app = make_app(settings)
+    broker = Broker(settings)
     sessions = make_session_factory(settings.database_url)
     worker = subprocess.Popen([sys.executable, str(REPO / "manage.py"), "worker", "--loglevel", "WARNING"],
                               env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     spec = GenerateSpec(limit=1, max_new_tokens=1, batch_size=1)
     with sessions() as session:  # one warm-up job: worker start-up and the first model load are not queue overhead
-        warm = enqueue(session, app, spec)
+        warm = enqueue(session, broker, spec)
     while True:
         with sessions() as session:
             if session.get(Job, warm.id).status.finished:
@@ -66,7 +62,7 @@ def main() -> None:
         time.sleep(0.2)
     started = time.monotonic()
     with sessions() as session:
-        ids = [enqueue(session, app, spec).id for _ in range(n)]
+        ids = [enqueue(session, broker, spec).id for _ in range(n)]
     while True:
         with sessions() as session:
             if all(s.finished for s in session.scalars(select(Job.status).where(Job.id.in_(ids)))):
@@ -77,7 +73,7 @@ def main() -> None:
     for _ in range(args.idle_jobs):  # one at a time: the worker is blocked in BRPOP when each one is sent
         time.sleep(0.1)
         with sessions() as session:
-            job = enqueue(session, app, spec)
+            job = enqueue(session, broker, spec)
             idle_ids.append(job.id)
             while not session.get(Job, job.id, populate_existing=True).status.finished:
                 time.sleep(0.02)

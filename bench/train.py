@@ -11,11 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/queue.py would shadow the standard library's `queue` (torch and Celery import it) while Python puts this
-# folder first on sys.path; run with the repository root there instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import argparse  # noqa: E402
 import random  # noqa: E402
@@ -62,7 +58,7 @@ def _train(model, tokenizer, batches, device: str, lr: float, pad_to: int | None
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from worker.jobs.finetune import pad
+    from worker.ml.features import pad
 
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=32, lora_alpha=64,

@@ -12,28 +12,12 @@ import random
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind
 from models.results import Adapter, ExampleScore, Generation, LossPoint, Metric
 from models.sweeps import Sweep
 
-METRIC_GROUPS = {
-    "rouge": ["rouge1", "rouge2", "rougeL", "rougeLsum"],
-    "classification": ["accuracy", "f1", "precision", "recall", "f1_macro", "precision_macro", "recall_macro"],
-}
 BOOTSTRAP_SAMPLES = 1000
-
-
-class ReportError(ValueError):
-    pass
-
-
-def expand_metrics(names: list[str]) -> list[str]:
-    out: list[str] = []
-    for name in names:
-        for metric in METRIC_GROUPS.get(name, [name]):
-            if metric not in out:
-                out.append(metric)
-    return out
 
 
 def known_metric_names(session: Session) -> set[str]:
@@ -43,7 +27,7 @@ def known_metric_names(session: Session) -> set[str]:
 def sweep_by_name(session: Session, name: str) -> Sweep:
     sweep = session.scalar(select(Sweep).where(Sweep.name == name))
     if sweep is None:
-        raise ReportError(f"sweep {name!r} does not exist")
+        raise NotFound(f"sweep {name!r} does not exist")
     return sweep
 
 
@@ -121,7 +105,7 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
     sort_metric = sort or (metrics[0] if metrics else None)
     if sort is not None:
         if sort not in metrics:
-            raise ReportError(f"--sort {sort!r} is not one of the reported metrics ({', '.join(metrics)})")
+            raise InputError(f"--sort {sort!r} is not one of the reported metrics ({', '.join(metrics)})")
         rows.sort(key=lambda r: (r.get(sort) is None, -(r.get(sort) or 0)))
     if top is not None:
         kept = [r for r in rows if r["variant"] != "base"][:top]
@@ -182,7 +166,7 @@ def compare_variants(session: Session, a: str, b: str, metric: str, split: str, 
         job_id = session.scalar(select(func.max(Metric.job_id)).where(
             Metric.variant == variant, Metric.split == split, Metric.name == metric))
         if job_id is None:
-            raise ReportError(f"no scored {metric} results for {variant!r} on split {split!r}")
+            raise NotFound(f"no scored {metric} results for {variant!r} on split {split!r}")
         rows = session.execute(
             select(Generation, ExampleScore.value).join(ExampleScore, ExampleScore.generation_id == Generation.id)
             .where(ExampleScore.job_id == job_id, ExampleScore.name == metric, Generation.variant == variant)).all()

@@ -13,8 +13,37 @@ from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, S
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, utcnow
+from models.errors import InputError
 
 BASE_VARIANT = "base"
+
+# Metric families a score job computes, with the metric names each writes; the family that fits each model kind.
+METRIC_FAMILIES = {
+    "rouge": ("rouge1", "rouge2", "rougeL", "rougeLsum"),
+    "classification": ("accuracy", "f1", "precision", "recall", "f1_macro", "precision_macro", "recall_macro"),
+}
+FAMILY_FOR_MODEL_KIND = {"seq2seq": "rouge", "causal": "rouge", "classification": "classification"}
+
+
+def metric_family(asked: list[str] | None, model_kind: str, generate_job_id: int) -> str:
+    """The family to score a generate job of `model_kind` with (`asked`, or the kind's own); InputError if it does
+    not fit."""
+    fitting = FAMILY_FOR_MODEL_KIND[model_kind]
+    for family in asked or []:
+        if family != fitting:
+            raise InputError(f"generate job {generate_job_id} is a {model_kind} job: score it with --metric "
+                             f"{fitting}, not {family}")
+    return fitting
+
+
+def expand_metrics(names: list[str]) -> list[str]:
+    """Family names ('rouge') replaced by their metric names, order kept, duplicates dropped."""
+    out: list[str] = []
+    for name in names:
+        for metric in METRIC_FAMILIES.get(name, (name,)):
+            if metric not in out:
+                out.append(metric)
+    return out
 
 
 class Adapter(Base):
@@ -25,7 +54,7 @@ class Adapter(Base):
     job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     base_model: Mapped[str] = mapped_column(String(512))
     method: Mapped[str] = mapped_column(String(32))  # lora, qlora, prompt-tuning, or full (a whole model folder)
-    task: Mapped[str] = mapped_column(String(16), default="seq2seq", server_default="seq2seq")
+    model_kind: Mapped[str] = mapped_column(String(16), default="seq2seq", server_default="seq2seq")
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
     path: Mapped[str] = mapped_column(String(1024))  # relative to TUNEQUEUE_HOME
     size_bytes: Mapped[int] = mapped_column(BigInteger)

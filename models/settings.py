@@ -47,6 +47,7 @@ class Settings:
     stale_seconds: float = 60.0  # a running job whose heartbeat is older is taken as lost
     reap_seconds: float = 30.0  # how often each worker runs the reaper
     model_cache_bytes: int | None = None  # None: half the free device memory, on CPU at most 8 GiB
+    faults: str = ""  # fault injection for tests and chaos runs (worker/faults.py); empty in normal operation
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -63,6 +64,7 @@ class Settings:
             reap_seconds=float(env.get("TUNEQUEUE_REAP_SECONDS", 30)),
             model_cache_bytes=parse_bytes(env["TUNEQUEUE_MODEL_CACHE_BYTES"])
             if env.get("TUNEQUEUE_MODEL_CACHE_BYTES") else None,
+            faults=env.get("TUNEQUEUE_FAULTS", ""),
         )
 
     @property

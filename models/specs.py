@@ -1,64 +1,84 @@
 """Job specs: one pydantic model per job kind, validated once, stored as JSON in the job row.
 
-The same shapes serve CLI flags, YAML sweep files and the HTTP API. Field names follow Hugging Face
-`TrainingArguments` where one exists (`learning_rate`, `num_train_epochs`, `per_device_train_batch_size`).
+The same shapes serve CLI flags, YAML sweep files and the HTTP API: each field carries its default, its range, its
+help text and (where it differs from `--field-name`) its CLI flags, and manage.py builds its options from them, so a
+new hyperparameter is added here and nowhere else. Field names follow Hugging Face `TrainingArguments` where one
+exists (`learning_rate`, `num_train_epochs`, `per_device_train_batch_size`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from worker.ml.builtin import DEFAULT_PROMPT_TEMPLATE
+from models.builtins import (BUILTIN_DATASETS, DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_PROMPT_TEMPLATE,
+                             builtin_datasets_help, builtin_models_help)
+from models.errors import InputError
+from models.results import METRIC_FAMILIES
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RESERVED_NAMES = {"base"}
 
-
-class SpecError(ValueError):
-    """Invalid job input; the message is one line meant for the user."""
-
-
-TASKS = ("seq2seq", "causal", "classification")
-Task = Literal["seq2seq", "causal", "classification"]
-METHODS = ("lora", "qlora", "prompt-tuning", "full")
+ModelKind = Literal["seq2seq", "causal", "classification"]
+MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+Method = Literal["lora", "qlora", "prompt-tuning", "full"]
+MetricFamily = Literal[tuple(METRIC_FAMILIES)]  # type: ignore[valid-type]
 # Learning rates that work for each method on the built-in tiny models (prompt tuning moves few parameters, so it
 # needs a larger step; full fine-tuning a smaller one). An explicit learning_rate always wins.
 DEFAULT_LEARNING_RATES = {"lora": 3e-3, "qlora": 3e-3, "prompt-tuning": 3e-2, "full": 1e-3}
+# What the column fields default to for a dataset that is not built-in.
+DEFAULT_COLUMNS = {"text_column": "dialogue", "summary_column": "summary", "label_column": "label"}
 
 
-# Column defaults of the built-in datasets; any other dataset defaults to dialogue -> summary (and label).
-BUILTIN_DATASET_COLUMNS = {
-    "synthetic-dialogsum": {"text_column": "dialogue", "summary_column": "summary"},
-    "synthetic-sentiment": {"text_column": "text", "label_column": "label"},
-}
+def option(default: Any, help: str, *flags: str, shown: Optional[str] = None, **constraints) -> Any:
+    """A spec field with its CLI face: `help`, `flags` (default `--field-name`) and, where the real default depends
+    on other fields, the text `shown` as the default in --help."""
+    extra = {"flags": list(flags), "shown": shown}
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class _DataFields(_Spec):
-    dataset: str = "synthetic-dialogsum"
-    dataset_config: Optional[str] = None  # a hub dataset's configuration name (e.g. "3.0.0")
-    data_format: Literal["columns", "alpaca"] = "columns"  # alpaca: instruction (+ input) -> output
-    task: Optional[Task] = None  # filled in from the model's config before enqueue
-    text_column: str = "dialogue"
-    summary_column: str = "summary"
-    label_column: str = "label"  # classification targets
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    seed: int = 42
+    dataset: str = option(
+        DEFAULT_DATASET, f"A built-in ({builtin_datasets_help()}); a local .jsonl, .json, .csv or .parquet file or "
+        "Dataset.save_to_disk folder (split 80/10/10 by --seed); a DatasetDict.save_to_disk folder or a folder of "
+        "per-split files (train.jsonl, validation.csv, ...); or a Hugging Face dataset name (needs the network or "
+        "its cache).")
+    dataset_config: Optional[str] = option(
+        None, "Configuration of a hub dataset, as in load_dataset(name, config), e.g. 3.0.0.")
+    data_format: Literal["columns", "alpaca"] = option(
+        "columns", "columns: --text-column -> --summary-column (or --label-column). alpaca: rows with instruction / "
+        "input / output; the prompt is the instruction (plus the input when there is one), the target is the output.",
+        "--format")
+    model_kind: Optional[ModelKind] = option(
+        None, "Model kind. seq2seq: T5/FLAN-T5/BART. causal: Llama/Qwen/GPT-2 style, loss on the summary tokens "
+        "only. classification: DistilBERT style, text -> --label-column.", "--model-kind", "--task",
+        shown="read from the model's config", validation_alias=AliasChoices("model_kind", "task"))
+    text_column: str = option(DEFAULT_COLUMNS["text_column"], "Column with the input text.",
+                              shown="the built-in dataset's, else dialogue")
+    summary_column: str = option(DEFAULT_COLUMNS["summary_column"],
+                                 "Column with the reference output (seq2seq, causal).")
+    label_column: str = option(DEFAULT_COLUMNS["label_column"], "Column with the class label (classification).")
+    prompt_template: str = option(
+        DEFAULT_PROMPT_TEMPLATE, "Template with {text} (or {dialogue}) where the input text goes; with --format "
+        "alpaca also {instruction} and {input}.", shown="'Summarize the following conversation.' prompt; the "
+        "standard Alpaca prompt for --format alpaca; the bare text for classification")
+    seed: int = option(42, "Seeds the 80/10/10 split of a single file or Dataset folder, the --train-limit subset "
+                           "and training.")
 
     @model_validator(mode="before")
     @classmethod
     def _dataset_column_defaults(cls, data):
         if isinstance(data, dict):
-            defaults = BUILTIN_DATASET_COLUMNS.get(data.get("dataset", "synthetic-dialogsum"), {})
+            builtin = BUILTIN_DATASETS.get(data.get("dataset", DEFAULT_DATASET))
+            defaults = builtin.columns if builtin else {}
             data = {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
-            data = {k: v for k, v in data.items() if v is not None or k not in ("text_column", "summary_column",
-                                                                               "label_column")}
+            data = {k: v for k, v in data.items() if v is not None or k not in DEFAULT_COLUMNS}
         return data
 
     @model_validator(mode="after")
@@ -68,37 +88,65 @@ class _DataFields(_Spec):
             raise ValueError(f"prompt_template: must contain {' or '.join(slots)} where the input text goes")
         return self
 
+    @property
+    def target_column(self) -> str:
+        """The column the job learns or is scored against: the label for classification, else the summary."""
+        return self.label_column if self.model_kind == "classification" else self.summary_column
+
+    def with_model_kind(self, model_kind: str):
+        """The spec with its model kind set, and the defaults that depend on it: classification reads the bare text
+        unless a template was chosen."""
+        update: dict = {"model_kind": model_kind}
+        if model_kind == "classification" and self.prompt_template == DEFAULT_PROMPT_TEMPLATE:
+            update["prompt_template"] = "{text}"
+        return self.model_copy(update=update)
+
 
 class FinetuneSpec(_DataFields):
     kind: Literal["finetune"] = "finetune"
-    model: str = "tiny-t5"
-    name: str
-    method: Literal["lora", "qlora", "prompt-tuning", "full"] = "lora"
-    replace: bool = False  # re-use the name of an existing adapter, replacing it when this job succeeds
-    train_split: str = "train"
-    lora_r: int = Field(16, gt=0, le=1024)
-    lora_alpha: float = Field(32, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
-    num_virtual_tokens: int = Field(20, gt=0, le=1024)  # prompt tuning
-    prompt_tuning_init: Literal["text", "random"] = "text"  # text: start from the prompt's instruction words
-    learning_rate: float = Field(3e-3, gt=0, le=1)  # default depends on the method (DEFAULT_LEARNING_RATES)
-    num_train_epochs: float = Field(3, gt=0, le=1000)
-    max_steps: Optional[int] = Field(None, gt=0)
-    per_device_train_batch_size: int = Field(16, gt=0, le=4096)
-    max_tokens_per_batch: Optional[int] = Field(None, gt=0)  # also cap padded source tokens per batch
-    max_source_length: int = Field(256, gt=0, le=32768)
-    max_target_length: int = Field(64, gt=0, le=32768)
-    warmup_steps: int = Field(30, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    train_limit: Optional[int] = Field(None, gt=0)
-    eval_split: Optional[str] = "validation"  # eval loss for curves and early stopping; None: no evaluation
-    eval_limit: Optional[int] = Field(200, gt=0)
-    eval_steps: Optional[int] = Field(None, gt=0)  # default: once per epoch
-    early_stopping_patience: Optional[int] = Field(None, gt=0)  # evaluations without improvement; None: off
-    checkpoint_every_steps: Optional[int] = Field(100, gt=0)  # resumable checkpoint under TUNEQUEUE_HOME
-    checkpoint_every_minutes: Optional[float] = Field(None, gt=0)  # also (or instead) by elapsed time
-    time_limit_s: Optional[float] = Field(None, gt=0)  # soft limit: checkpoint, then fail with the reason
+    model: str = option(DEFAULT_MODEL, f"Base model: a built-in ({builtin_models_help()}), a local folder saved "
+                                       "with save_pretrained, or a hub id (e.g. google/flan-t5-base).")
+    name: str = option(..., "Adapter name (letters, digits, . _ -); unique.")
+    method: Method = option(
+        "lora", "lora: LoRA layers (--lora-r, --target-modules) on the resident base. qlora: base loaded in 4-bit NF4 "
+        "with bitsandbytes, LoRA on top (needs a CUDA worker). prompt-tuning: --num-virtual-tokens trained prompt "
+        "embeddings. full: every weight; writes a whole model folder.")
+    replace: bool = option(False, "Re-use the name of an existing adapter: it is replaced when this job succeeds.")
+    train_split: str = option("train", "Split to train on.")
+    lora_r: int = option(16, "LoRA rank.", "--lora-r", "--r", gt=0, le=1024)
+    lora_alpha: float = option(32, "LoRA scaling numerator (scale = alpha / r).", "--lora-alpha", "--alpha", gt=0)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA path.", "--lora-dropout", "--dropout", ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = option(
+        "all-linear", "'all-linear' or a comma-separated list such as q,v.")
+    num_virtual_tokens: int = option(20, "Prompt tuning: prompt length.", gt=0, le=1024)
+    prompt_tuning_init: Literal["text", "random"] = option(
+        "text", "Prompt tuning: start from the embeddings of the prompt template's instruction, or at random.")
+    learning_rate: float = option(3e-3, "Peak learning rate.", "--learning-rate", "--lr", gt=0, le=1,
+                                  shown=", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LEARNING_RATES.items()))
+    num_train_epochs: float = option(3, "Passes over the training split.", "--epochs", gt=0, le=1000)
+    max_steps: Optional[int] = option(None, "Stop after this many steps (overrides --epochs).", gt=0)
+    per_device_train_batch_size: int = option(16, "Examples per optimizer step.", "--batch-size", gt=0, le=4096)
+    max_tokens_per_batch: Optional[int] = option(
+        None, "Also cap each batch at this many padded input tokens (length-bucketed batches).", gt=0)
+    max_source_length: int = option(256, "Input tokens kept per example.", gt=0, le=32768)
+    max_target_length: int = option(64, "Target tokens kept per example.", gt=0, le=32768)
+    warmup_steps: int = option(30, "Linear warm-up steps (at most a tenth of the run).", ge=0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.", gt=0)
+    train_limit: Optional[int] = option(
+        None, "Train on N examples of the split, a random subset chosen by --seed (the same seed, the same subset).",
+        gt=0)
+    eval_split: Optional[str] = option(
+        "validation", "Split for the eval loss (loss curves, early stopping); none: no evaluation.")
+    eval_limit: Optional[int] = option(200, "Evaluate on the first N examples.", gt=0)
+    eval_steps: Optional[int] = option(None, "Evaluate every N steps.", gt=0, shown="once per epoch")
+    early_stopping_patience: Optional[int] = option(
+        None, "Stop after this many evaluations without improvement, keeping the best weights.", gt=0)
+    checkpoint_every_steps: Optional[int] = option(
+        100, "Save a resumable checkpoint every N steps; a re-run after a crash resumes from it.",
+        "--checkpoint-every", gt=0)
+    checkpoint_every_minutes: Optional[float] = option(None, "Also save a checkpoint every N minutes.", gt=0)
+    time_limit_s: Optional[float] = option(
+        None, "Soft limit in seconds: checkpoint, then fail with the reason.", "--time-limit", gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -125,17 +173,20 @@ class FinetuneSpec(_DataFields):
 
 class GenerateSpec(_DataFields):
     kind: Literal["generate"] = "generate"
-    model: str = "tiny-t5"
-    adapter: Optional[str] = None
-    adapters: list[str] = []  # several adapters of one base in one job: mixed batches, one row per adapter
-    split: str = "test"
-    limit: Optional[int] = Field(None, gt=0)
-    batch_size: int = Field(64, gt=0, le=4096)
-    max_new_tokens: int = Field(64, gt=0, le=4096)
-    max_source_length: int = Field(512, gt=0, le=32768)
+    model: str = option(DEFAULT_MODEL, "Base model.", shown=f"the adapter's base, else {DEFAULT_MODEL}")
+    adapter: Optional[str] = option(None, "Name of a trained adapter; without it the base model alone.")
+    adapters: list[str] = option(
+        [], "Comma-separated adapters of one base, generated together in mixed batches (one row per adapter and "
+        "example); 'base' in the list adds the base model's own rows.")
+    split: str = option("test", "Split to generate for: train/validation/test of a built-in or carved file, or any "
+                                "split of a folder or hub dataset.", "--split", "--test-split")
+    limit: Optional[int] = option(None, "Only the first N examples of the split.", gt=0)
+    batch_size: int = option(64, "Examples per generation batch.", gt=0, le=4096)
+    max_new_tokens: int = option(64, "Tokens generated at most per example.", gt=0, le=4096)
+    max_source_length: int = option(512, "Input tokens kept per example.", gt=0, le=32768)
     # Greedy decoding that never repeats a trigram (as BART's summarization config does): tiny or undertrained
-    # models otherwise loop on a phrase until max_new_tokens. 0 turns it off.
-    no_repeat_ngram_size: int = Field(3, ge=0, le=100)
+    # models otherwise loop on a phrase until max_new_tokens.
+    no_repeat_ngram_size: int = option(3, "Never repeat an n-gram of this size (0: off).", ge=0, le=100)
 
     @property
     def variant(self) -> str:
@@ -150,10 +201,17 @@ class GenerateSpec(_DataFields):
 class ScoreSpec(_Spec):
     kind: Literal["score"] = "score"
     generate_job_id: int = Field(gt=0)
-    # rouge for generated text; classification: accuracy, precision, recall, F1 (binary and macro).
-    # None: chosen from the generate job's task.
-    metrics: Optional[list[Literal["rouge", "classification"]]] = None
+    metrics: Optional[list[MetricFamily]] = option(
+        None, "rouge: ROUGE-1/2/L/Lsum F-measure with stemming (rouge_score, offline); classification: accuracy, "
+        "precision, recall, F1 (binary and macro).", "--metric", shown="from the generate job's model kind")
     use_stemmer: bool = True
+
+
+class Submission(_Spec):
+    """How a job (or a sweep's jobs) is queued, beside its spec."""
+
+    priority: int = option(0, "0..9; a job of higher priority is taken before queued jobs of lower.", ge=0, le=9)
+    max_attempts: int = option(3, "Runs allowed (crashes and lost workers count) before the job fails.", ge=1, le=100)
 
 
 JobSpec = Annotated[Union[FinetuneSpec, GenerateSpec, ScoreSpec], Field(discriminator="kind")]
@@ -168,14 +226,18 @@ def validate_name(value: str) -> str:
 
 
 def parse_spec(data: dict) -> FinetuneSpec | GenerateSpec | ScoreSpec:
-    """Build a spec from plain data, turning pydantic's report into one line for the user."""
+    """Build a spec from plain data (None meaning "the default"); pydantic's report becomes one InputError line."""
     kind = data.get("kind")
     if kind not in SPEC_TYPES:
-        raise SpecError(f"unknown job kind {kind!r} (expected one of {', '.join(SPEC_TYPES)})")
+        raise InputError(f"unknown job kind {kind!r} (expected one of {', '.join(SPEC_TYPES)})")
+    return build(SPEC_TYPES[kind], {k: v for k, v in data.items() if v is not None})
+
+
+def build(model: type[BaseModel], data: dict):
     try:
-        return SPEC_TYPES[kind].model_validate({k: v for k, v in data.items() if v is not None})
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(one_line(exc)) from None
+        raise InputError(one_line(exc)) from None
 
 
 def one_line(exc: ValidationError) -> str:

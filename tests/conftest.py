@@ -3,10 +3,12 @@ TUNEQUEUE_HOME per test run, against the real services on the machine (no mocked
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -23,7 +25,8 @@ RUN_ID = uuid.uuid4().hex[:8]
 @pytest.fixture(scope="session")
 def builtin_home(tmp_path_factory) -> Path:
     """A home whose built-in models are built once per test session and copied into each test's home."""
-    from worker.ml.builtin import BUILTIN_MODELS, ensure_builtin
+    from models.builtins import BUILTIN_MODELS
+    from worker.ml.builtin import ensure_builtin
 
     home = tmp_path_factory.mktemp("builtin-home")
     for name in BUILTIN_MODELS:
@@ -115,10 +118,14 @@ def session_of(env: dict):
 
 def queue_length(env: dict) -> int:
     """Messages waiting in the default queue and every base queue of this environment."""
-    from worker.celery_app import make_app
-    from worker.launch import pending_messages
+    return broker_of(env).pending_messages()
 
-    return pending_messages(make_app(settings_of(env)))
+
+def broker_of(env: dict):
+    """The environment's broker handle (Celery app and Redis client), as the CLI builds it."""
+    from worker.broker import Broker
+
+    return Broker(settings_of(env))
 
 
 def cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -131,3 +138,78 @@ def start_worker(env: dict, *extra: str, log: Path | None = None) -> subprocess.
     out = open(log, "w") if log else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, str(REPO / "manage.py"), "worker", *extra], env=env, cwd=REPO,
                             stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def sqlite_env(make_env, monkeypatch):
+    """A SQLite environment, also applied to this process (for in-process CLI calls)."""
+    env = make_env("sqlite")
+    for key in ("TUNEQUEUE_HOME", "DATABASE_URL", "REDIS_URL", "TUNEQUEUE_QUEUE"):
+        monkeypatch.setenv(key, env[key])
+    return env
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.3):
+    """The first truthy value of `predicate()`, polled until `timeout` seconds have passed (then the test fails)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ok_json(result: subprocess.CompletedProcess) -> dict:
+    """The JSON a successful CLI run printed."""
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def job_count(env: dict) -> int:
+    from sqlalchemy import func, select
+
+    from models.jobs import Job
+
+    with session_of(env) as session:
+        return session.scalar(select(func.count(Job.id)))
+
+
+def add_job(env: dict, kind, status, spec: dict) -> int:
+    """A job row written directly (no queue), for tests of what reads jobs."""
+    from models.jobs import Job
+
+    with session_of(env) as session:
+        job = Job(kind=kind, status=status, spec=spec, attempts=0, cancel_requested=False)
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def new_job(session, kind, spec):
+    """A running job row for a spec, as the runner would have claimed it, for calling plain job functions."""
+    from models.jobs import Job, JobStatus
+
+    job = Job(kind=kind, status=JobStatus.running, spec=spec.model_dump(mode="json"), attempts=1,
+              cancel_requested=False)
+    session.add(job)
+    session.commit()
+    return job
+
+
+def check_rejected(env: dict, args: list[str], expected: str, exit_code: int = 2) -> None:
+    """The CLI refuses `args` in one line naming `expected`, exits with `exit_code` (2: the user's input is wrong),
+    and writes no job row and publishes no message."""
+    from click.testing import CliRunner
+
+    from manage import cli as manage_cli
+
+    before = job_count(env)
+    result = CliRunner().invoke(manage_cli, args)
+    assert result.exit_code == exit_code, result.output
+    assert expected in result.output, result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert job_count(env) == before, "a job row was written"
+    assert queue_length(env) == 0, "a message was published"

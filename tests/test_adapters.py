@@ -17,8 +17,7 @@ from manage import cli
 from models import make_session_factory
 from models.jobs import Job, JobKind, JobStatus
 from models.results import Adapter, Generation
-from tests.conftest import REDIS_URL, queue_length, session_of, sqlite_home
-from tests.test_bad_input import add_job, check_rejected, job_count
+from tests.conftest import REDIS_URL, add_job, check_rejected, job_count, queue_length, session_of, sqlite_home
 from models.specs import FinetuneSpec
 from worker.jobs.finetune import train_adapter
 
@@ -64,31 +63,31 @@ def run(*args: str, ok: bool = True, input: str | None = None):
 
 
 def assert_one_line_error(result, expected: str) -> None:
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and expected in errors[0], result.output
 
 
 def add_row(lab, name: str, method: str, path: str = "adapters/t5-lora") -> None:
     with lab["sessions"]() as session:
-        session.add(Adapter(name=name, base_model="tiny-t5", method=method, task="seq2seq", hyperparameters={},
+        session.add(Adapter(name=name, base_model="tiny-t5", method=method, model_kind="seq2seq", hyperparameters={},
                             path=path, size_bytes=1, trainable_params=1, total_params=10))
         session.commit()
 
 
 # ------------------------------------------------------------------------------------------- predictions
 def examples(dataset: str) -> list[dict]:
+    from models.builtins import BUILTIN_DATASETS
     from worker.data.examples import load_examples
-    from models.specs import BUILTIN_DATASET_COLUMNS
 
-    columns = BUILTIN_DATASET_COLUMNS[dataset]
+    columns = BUILTIN_DATASETS[dataset].columns
     template = "{text}" if dataset == "synthetic-sentiment" else FinetuneSpec(name="x").prompt_template
     return load_examples(dataset, "test", columns["text_column"],
                          columns.get("summary_column") or columns["label_column"], template=template,
                          limit=N_EXAMPLES)
 
 
-def predict(model, tokenizer, task: str, sources: list[str]) -> list:
+def predict(model, tokenizer, model_kind: str, sources: list[str]) -> list:
     """Greedy predictions one example at a time (no padding): text for generation, label id and logits else."""
     import torch
 
@@ -97,26 +96,26 @@ def predict(model, tokenizer, task: str, sources: list[str]) -> list:
     with torch.no_grad():
         for source in sources:
             inputs = tokenizer(source, return_tensors="pt")
-            if task == "classification":
+            if model_kind == "classification":
                 logits = model(**inputs).logits[0]
                 out.append((int(logits.argmax()), [round(float(x), 4) for x in logits]))
                 continue
             ids = model.generate(**inputs, max_new_tokens=32, do_sample=False, num_beams=1,
                                  no_repeat_ngram_size=3, pad_token_id=tokenizer.pad_token_id)
-            if task == "causal":
+            if model_kind == "causal":
                 ids = ids[:, inputs["input_ids"].shape[1]:]
             out.append(tokenizer.decode(ids[0], skip_special_tokens=True).strip())
     return out
 
 
-@pytest.mark.parametrize("task", list(KINDS))
-def test_merge_predicts_like_base_plus_adapter(lab_env, tmp_path, task):
+@pytest.mark.parametrize("model_kind", list(KINDS))
+def test_merge_predicts_like_base_plus_adapter(lab_env, tmp_path, model_kind):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     from worker.ml.kinds import load_model, model_class
 
-    name, base_name, dataset = KINDS[task]
+    name, base_name, dataset = KINDS[model_kind]
     home = lab_env["home"]
     with lab_env["sessions"]() as session:
         row = session.scalar(select(Adapter).where(Adapter.name == name))
@@ -124,19 +123,19 @@ def test_merge_predicts_like_base_plus_adapter(lab_env, tmp_path, task):
     base_path = home / "builtin" / base_name
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     sources = [e["source"] for e in examples(dataset)]
-    base = load_model(str(base_path), task, labels=labels)
-    base_predictions = predict(base, tokenizer, task, sources)
+    base = load_model(str(base_path), model_kind, labels=labels)
+    base_predictions = predict(base, tokenizer, model_kind, sources)
     adapted = PeftModel.from_pretrained(base, str(home / row.path))
-    adapted_predictions = predict(adapted, tokenizer, task, sources)
+    adapted_predictions = predict(adapted, tokenizer, model_kind, sources)
     assert adapted_predictions != base_predictions, "the adapter must change the predictions for this test to mean much"
 
     out = tmp_path / "merged"
     assert "merged into a full model" in run("adapters", "merge", name, str(out)).output
-    merged = model_class(task).from_pretrained(out)  # plain Auto class, no PEFT
+    merged = model_class(model_kind).from_pretrained(out)  # plain Auto class, no PEFT
     merged_tokenizer = AutoTokenizer.from_pretrained(out)
     assert not any("lora" in key for key in merged.state_dict())
-    merged_predictions = predict(merged, merged_tokenizer, task, sources)
-    if task == "classification":
+    merged_predictions = predict(merged, merged_tokenizer, model_kind, sources)
+    if model_kind == "classification":
         assert [p[0] for p in merged_predictions] == [p[0] for p in adapted_predictions]
         for (_, a), (_, b) in zip(merged_predictions, adapted_predictions):
             assert a == pytest.approx(b, abs=1e-3)
@@ -178,11 +177,11 @@ def test_list_and_show(lab_env, monkeypatch):
     by_name = {r["name"]: r for r in rows}
     assert {"t5-lora", "llama-lora", "bert-lora"} <= set(by_name)
     t5 = by_name["t5-lora"]
-    for field in ("base_model", "method", "task", "hyperparameters", "path", "size_bytes", "trainable_params",
+    for field in ("base_model", "method", "model_kind", "hyperparameters", "path", "size_bytes", "trainable_params",
                   "total_params", "percent_trainable", "is_full_model", "train_loss", "eval_loss",
                   "best_eval_loss", "duration_s", "created_at", "job_id"):
         assert field in t5, field
-    assert (t5["base_model"], t5["method"], t5["task"], t5["is_full_model"]) == ("tiny-t5", "lora", "seq2seq", False)
+    assert (t5["base_model"], t5["method"], t5["model_kind"], t5["is_full_model"]) == ("tiny-t5", "lora", "seq2seq", False)
     assert 0 < t5["percent_trainable"] < 50 and t5["size_bytes"] > 0 and t5["exists"]
     assert by_name["bert-lora"]["hyperparameters"]["labels"] == ["negative", "positive"]
     only = json.loads(run("adapters", "list", "--json", "--base", "tiny-llama").output)
@@ -223,7 +222,7 @@ def make_doomed(home, session, name: str) -> Adapter:
     folder = home / "adapters" / name
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text("{}")
-    row = Adapter(name=name, base_model="tiny-t5", method="lora", task="seq2seq", hyperparameters={},
+    row = Adapter(name=name, base_model="tiny-t5", method="lora", model_kind="seq2seq", hyperparameters={},
                   path=f"adapters/{name}", size_bytes=2, trainable_params=1, total_params=10)
     session.add(row)
     session.commit()
@@ -292,7 +291,7 @@ def test_taken_name_needs_replace(make_env, monkeypatch):
     for key in ("TUNEQUEUE_HOME", "DATABASE_URL", "REDIS_URL", "TUNEQUEUE_QUEUE"):
         monkeypatch.setenv(key, env[key])
     with session_of(env) as session:
-        session.add(Adapter(name="taken", base_model="tiny-t5", method="lora", task="seq2seq", hyperparameters={},
+        session.add(Adapter(name="taken", base_model="tiny-t5", method="lora", model_kind="seq2seq", hyperparameters={},
                             path="adapters/taken", size_bytes=1, trainable_params=1, total_params=10))
         session.commit()
     check_rejected(env, ["finetune", "--name", "taken"], "adapter name 'taken' is already taken")

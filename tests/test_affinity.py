@@ -12,19 +12,12 @@ from pathlib import Path
 from sqlalchemy import select
 
 from models.jobs import Job, JobStatus
-from tests.conftest import cli, session_of, settings_of, start_worker
-from tests.test_faults import wait_until
+from tests.conftest import broker_of, cli, session_of, settings_of, start_worker, wait_until
 
 
 def jobs_of(env, ids: list[int]) -> list[Job]:
     with session_of(env) as session:
         return list(session.scalars(select(Job).where(Job.id.in_(ids))))
-
-
-def app_of(env):
-    from worker.celery_app import make_app
-
-    return make_app(settings_of(env))
 
 
 def second_base(env, tmp_path) -> str:
@@ -34,16 +27,14 @@ def second_base(env, tmp_path) -> str:
     return str(target)
 
 
-def ready_workers(app, n: int, queues: set[str]) -> list[str]:
+def ready_workers(broker, n: int, queues: set[str]) -> list[str]:
     """Hostnames of `n` live workers that consume `queues` and answer remote control (so their loop polls)."""
-    from worker.registry import live_workers
-
     def ready():
-        found = [w for w in live_workers(app) if queues <= set(w["queues"])]
+        found = [w for w in broker.live_workers() if queues <= set(w["queues"])]
         if len(found) != n:
             return None
         hosts = [w["hostname"] for w in found]
-        replies = app.control.ping(destination=hosts, timeout=1)
+        replies = broker.app.control.ping(destination=hosts, timeout=1)
         return hosts if len(replies) == n else None
 
     return wait_until(ready, 120, f"{n} ready workers")
@@ -74,13 +65,13 @@ def test_kombu_key_order_priority_first_then_loaded_bases(make_env):
     from worker.routing import AffinityCycle, base_queue, prefer
 
     env = make_env("sqlite")
-    app = app_of(env)
+    app = broker_of(env).app
     a, b = base_queue(app.conf.task_default_queue, "model-a"), base_queue(app.conf.task_default_queue, "model-b")
 
     def first(sends: list[tuple[str, int, int]], loaded: list[str]) -> int:
         for queue, job_id, redis_priority in sends:
             app.send_task("worker.tasks.generate", args=[job_id], queue=queue, priority=redis_priority)
-        prefer(app, loaded, loaded[0] if loaded else None)
+        prefer(app.conf.task_default_queue, loaded, loaded[0] if loaded else None)
         got = []
         with app.connection_for_read() as connection:
             def on_message(body, message):
@@ -106,26 +97,26 @@ def test_kombu_key_order_priority_first_then_loaded_bases(make_env):
 def test_two_workers_keep_their_bases(make_env, tmp_path):
     """Jobs for two bases queued alternately behind two warm workers: each worker keeps to the base it loaded, so
     the whole batch costs two loads (plain queue order would make the second worker load the first base too)."""
-    from models import make_session_factory
-    from worker.routing import base_queue, register_queue
-    from worker.lifecycle import enqueue
-    from models.specs import GenerateSpec
+    from api.jobs import enqueue
     from api.validate import validate_generate
+    from models import make_session_factory
+    from models.specs import GenerateSpec
+    from worker.routing import base_queue
 
     env = make_env("sqlite")
-    app, settings = app_of(env), settings_of(env)
+    broker, settings = broker_of(env), settings_of(env)
     bases = ["tiny-t5", second_base(env, tmp_path)]
     queues = {base_queue(settings.queue, b) for b in bases}
     for queue in queues:
-        register_queue(app, queue)
+        broker.register_queue(queue)
     workers = [start_worker(env, log=tmp_path / f"worker-{i}.log") for i in range(2)]
     try:
-        ready_workers(app, 2, queues | {settings.queue})
+        ready_workers(broker, 2, queues | {settings.queue})
         sessions = make_session_factory(settings.database_url)
         with sessions() as session:
             def submit(base: str, priority: int) -> int:
                 spec = validate_generate(GenerateSpec(model=base, limit=16, batch_size=16), session, settings.home)
-                return enqueue(session, app, spec, priority=priority).id
+                return enqueue(session, broker, spec, priority=priority).id
 
             # both workers are blocked in BRPOP: each urgent warm-up job goes to a different one
             warm = [submit(base, 9) for base in bases]
@@ -148,17 +139,16 @@ def test_two_workers_keep_their_bases(make_env, tmp_path):
 
 
 def test_new_base_reaches_a_running_worker_and_the_registry(make_env, tmp_path):
-    from worker.routing import base_queue, known_queues
-    from worker.registry import live_workers
+    from worker.routing import base_queue
 
     env = make_env("postgresql")
-    app, settings = app_of(env), settings_of(env)
+    broker, settings = broker_of(env), settings_of(env)
     other = second_base(env, tmp_path)
-    assert known_queues(app) == [settings.queue]  # nothing registered: the worker starts on the default queue
+    assert broker.known_queues() == [settings.queue]  # nothing registered: the worker starts on the default queue
     worker = start_worker(env, log=tmp_path / "worker.log")
     try:
-        [host] = ready_workers(app, 1, {settings.queue})
-        record = wait_until(lambda: [w for w in live_workers(app) if w["cuda"] is not None], 60, "the CUDA check")[0]
+        [host] = ready_workers(broker, 1, {settings.queue})
+        record = wait_until(lambda: [w for w in broker.live_workers() if w["cuda"] is not None], 60, "the CUDA check")[0]
         assert record["cuda"] is False and record["loaded_bases"] == [] and record["current_job"] is None
 
         # a base queue seen for the first time: the add_consumer broadcast makes the idle worker consume it
@@ -178,5 +168,5 @@ def test_new_base_reaches_a_running_worker_and_the_registry(make_env, tmp_path):
         assert host in cli(env, "workers").stdout
     finally:
         stop(worker)
-    assert live_workers(app) == []  # a stopped worker removes its record
+    assert broker.live_workers() == []  # a stopped worker removes its record
     assert "no worker is running" in cli(env, "workers").stdout

@@ -41,6 +41,6 @@ def test_bench_train_tiny():
 
 
 def test_bench_queue_tiny(tmp_path):
-    lines = run_bench("bench/queue.py", "--jobs", "10")
+    lines = run_bench("bench/queue_latency.py", "--jobs", "10")
     queue = [line for line in lines if line.get("figure") == "queue"][0]
     assert queue["succeeded"] == 10 and queue["base_loads"] == 1

@@ -12,10 +12,10 @@ from sqlalchemy import select
 
 from manage import cli
 from models.jobs import Job
-from tests.conftest import session_of
-from tests.test_bad_input import check_rejected, job_count, sqlite_env  # noqa: F401 (sqlite_env is a fixture)
+from tests.conftest import check_rejected, job_count, session_of
 from worker.data.examples import ALPACA_PROMPT_TEMPLATE, ALPACA_PROMPT_TEMPLATE_NO_INPUT, examples_for
-from worker.data.refs import RefError, check_dataset
+from models.errors import InputError
+from worker.data.refs import check_dataset
 from models.specs import FinetuneSpec, GenerateSpec
 
 ROWS = [{"conversation": f"A: hello {i}, ok?\nB: bye {i}", "gist": f"A greets B ({i}).",
@@ -94,7 +94,7 @@ def test_folder_of_split_files(tmp_path, suffix):
     dev = examples_for(spec, "dev", target_column="gist")
     assert [e["id"] for e in dev] == [f"ex{i}" for i in range(30, 50)]
     assert dev[0]["text"] == ROWS[30]["conversation"] and dev[0]["target"] == ROWS[30]["gist"]
-    with pytest.raises(RefError, match=r"has no 'test' split \(found: dev, train\)"):
+    with pytest.raises(InputError, match=r"has no 'test' split \(found: dev, train\)"):
         check_dataset(str(folder), ["conversation"], ["test"])
 
 
@@ -111,9 +111,9 @@ def test_dataset_dict_saved_to_disk_keeps_its_splits_and_label_names(tmp_path):
     test = examples_for(spec_for(ref), "test", target_column="sentiment")
     assert [e["text"] for e in test] == [r["conversation"] for r in ROWS[40:]]
     assert [e["target"] for e in test] == [r["sentiment"] for r in ROWS[40:]], "ClassLabel ints become names"
-    with pytest.raises(RefError, match="has splits train, test, not 'validation'"):
+    with pytest.raises(InputError, match="has splits train, test, not 'validation'"):
         check_dataset(ref, ["conversation"], ["validation"])
-    with pytest.raises(RefError, match=r"has no column 'gist_x' \(columns: conversation, gist, sentiment\)"):
+    with pytest.raises(InputError, match=r"has no column 'gist_x' \(columns: conversation, gist, sentiment\)"):
         check_dataset(ref, ["gist_x"], ["train"])
 
 
@@ -154,13 +154,13 @@ def test_alpaca_rows_map_onto_prompt_and_target(tmp_path):
     assert examples_for(custom, "train", target_column=None)[0] == {
         "id": "0", "text": "Add the numbers.\n\n2 and 3", "target": None,
         "source": "Q: Add the numbers. | 2 and 3 | Add the numbers.\n\n2 and 3 A:"}
-    with pytest.raises(RefError, match="no column 'output'.*--format alpaca reads instruction"):
+    with pytest.raises(InputError, match="no column 'output'.*--format alpaca reads instruction"):
         check_dataset(str(write(tmp_path / "no-output.csv", [{"instruction": "x", "input": ""}])),
                       ["instruction", "output"], ["train"], data_format="alpaca")
 
 
 def one_line_error(ref, columns=("conversation",), splits=("train",), **kwargs) -> str:
-    with pytest.raises(RefError) as info:
+    with pytest.raises(InputError) as info:
         check_dataset(str(ref), list(columns), list(splits), **kwargs)
     message = str(info.value)
     assert message and "\n" not in message, message
@@ -199,7 +199,7 @@ def test_hub_dataset_passes_its_config_and_fails_in_one_line(monkeypatch):
         raise ConnectionError("Couldn't reach 'org/chats' on the Hub (LocalEntryNotFoundError)\nmore detail")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RefError) as info:
+    with pytest.raises(InputError) as info:
         examples_for(GenerateSpec(dataset="org/chats", dataset_config="3.0.0"), "test", target_column="summary")
     assert calls == [("org/chats", "3.0.0", "test")]
     assert str(info.value) == ("cannot load hub dataset 'org/chats' (config '3.0.0') split 'test': ConnectionError: "

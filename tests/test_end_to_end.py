@@ -14,14 +14,9 @@ from sqlalchemy import func, select
 
 from models.jobs import Job, JobStatus
 from models.results import Adapter, ExampleScore, Generation, Metric
-from tests.conftest import REPO, cli, queue_length, session_of, start_worker
+from tests.conftest import REPO, cli, ok_json, queue_length, session_of, start_worker
 
 LIMIT = 30
-
-
-def ok_json(result) -> dict:
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout)
 
 
 def test_cli_worker_database_report(env, tmp_path):

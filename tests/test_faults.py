@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from models.jobs import Job, JobStatus
 from models.results import Adapter, Generation, LossPoint
-from tests.conftest import cli, queue_length, session_of, start_worker
+from tests.conftest import cli, queue_length, session_of, start_worker, wait_until
 
 FAST_REAPER = {"TUNEQUEUE_HEARTBEAT_SECONDS": "0.5", "TUNEQUEUE_STALE_SECONDS": "4", "TUNEQUEUE_REAP_SECONDS": "1"}
 
@@ -24,16 +24,6 @@ FAST_REAPER = {"TUNEQUEUE_HEARTBEAT_SECONDS": "0.5", "TUNEQUEUE_STALE_SECONDS": 
 def job_row(env, job_id) -> Job:
     with session_of(env) as session:
         return session.get(Job, job_id)
-
-
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def enqueue_id(result) -> int:

@@ -9,8 +9,7 @@ import signal
 from sqlalchemy import select
 
 from models.jobs import Job, JobStatus
-from tests.conftest import cli, session_of, start_worker
-from tests.test_end_to_end import ok_json
+from tests.conftest import cli, ok_json, session_of, start_worker
 
 SENTIMENT = ("--model", "tiny-bert", "--dataset", "synthetic-sentiment")
 
@@ -40,9 +39,9 @@ def test_classification_and_causal_through_the_queue(make_env, tmp_path):
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
     log = (tmp_path / "worker.log").read_text()
-    assert tuned["result"]["task"] == "classification" and tuned["result"]["method"] == "lora", log[-3000:]
-    assert causal["result"]["task"] == "causal"
-    assert wrong.returncode == 1 and "score it with --metric classification" in wrong.stderr
+    assert tuned["result"]["model_kind"] == "classification" and tuned["result"]["method"] == "lora", log[-3000:]
+    assert causal["result"]["model_kind"] == "causal"
+    assert wrong.returncode == 2 and "score it with --metric classification" in wrong.stderr
 
     report = json.loads(cli(env, "report", "--metric", "classification", "--format", "json").stdout)
     f1 = {row["variant"]: row["f1"] for row in report if row["model"] == "tiny-bert"}

@@ -11,24 +11,16 @@ import pytest
 from sqlalchemy import func, select
 
 from models import make_session_factory
-from models.jobs import Job, JobKind, JobStatus
+from models.jobs import JobKind
 from models.results import Adapter, ExampleScore, Generation, Metric
 from worker.jobs.generate import generate_summaries
 from worker.ml.model_cache import ModelCache
 from worker.jobs.score import rouge_scores, score_rows
 from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec
 from worker.jobs.finetune import train_adapter
-from tests.conftest import sqlite_home
+from tests.conftest import new_job, sqlite_home
 
 TEST_LIMIT = 100
-
-
-def new_job(session, kind: JobKind, spec) -> Job:
-    job = Job(kind=kind, status=JobStatus.running, spec=spec.model_dump(mode="json"), attempts=1,
-              cancel_requested=False)
-    session.add(job)
-    session.commit()
-    return job
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ from models import make_session_factory
 from models.jobs import JobKind
 from models.results import Adapter
 from worker.jobs.generate import generate_summaries
-from worker.ml.methods import PermanentJobError
+from models.errors import JobFailed
 from worker.ml.model_cache import ModelCache
 from worker.jobs.score import score_rows
 from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec
 from worker.jobs.finetune import train_adapter
-from tests.conftest import sqlite_home
-from tests.test_learning import new_job
+from tests.conftest import new_job, sqlite_home
 
 EVAL_LIMIT = 60
 # (model, dataset, method, metric, training overrides) — sized to learn in seconds on 2 CPU cores
@@ -78,7 +77,7 @@ def test_method_learns(lab, model, dataset, method, metric, overrides):
           f"{result['train_loss']:.3f}, {result['percent_trainable']:.2f}% trainable")
     assert after > before + 0.05, (before, after)
     row = lab["session"].query(Adapter).filter_by(name=name).one()
-    assert (row.method, row.task) == (method, {"tiny-t5": "seq2seq", "tiny-llama": "causal",
+    assert (row.method, row.model_kind) == (method, {"tiny-t5": "seq2seq", "tiny-llama": "causal",
                                                "tiny-bert": "classification"}[model])
     assert 0 < row.trainable_params <= row.total_params and row.size_bytes > 0
     folder = lab["home"] / row.path
@@ -104,7 +103,7 @@ def test_resident_base_untouched_by_classification_lora(lab):
 
 def test_qlora_without_cuda_fails_at_once(lab):
     spec = FinetuneSpec(name="q", model="tiny-llama", method="qlora", max_steps=2)
-    with pytest.raises(PermanentJobError, match="qlora needs a CUDA GPU"):
+    with pytest.raises(JobFailed, match="qlora needs a CUDA GPU"):
         train_adapter(spec, lab["session"], lab["cache"], lab["home"])
 
 

@@ -21,7 +21,7 @@ from worker.ml.model_cache import ModelCache, model_bytes
 from models.settings import Settings
 from models.specs import FinetuneSpec, GenerateSpec
 from worker.jobs.finetune import train_adapter
-from tests.test_learning import new_job
+from tests.conftest import new_job
 
 NIGHT_JOBS = 20
 # RSS growth allowed from after the first job to after the last (read after gc + malloc_trim). Measured: +2.0 MiB,

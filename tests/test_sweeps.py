@@ -14,8 +14,8 @@ from sqlalchemy import func, select, update
 from models.jobs import Job, JobStatus
 from models.results import LossPoint
 from models.sweeps import Sweep
-from tests.conftest import cli, queue_length, session_of, settings_of, start_worker
-from models.specs import SpecError
+from tests.conftest import broker_of, cli, queue_length, session_of, settings_of, start_worker
+from models.errors import InputError
 from api.sweeps import apply_overrides, expand, load_sweep_file
 
 SMALL = {"max_steps": 60, "eval_limit": 40, "eval_steps": 30}
@@ -80,17 +80,17 @@ def test_overrides():
     ({**GRID_2X2, "random": {"n": 2, "learning_rate": {"low": 1, "high": 0.1}}}, "random.learning_rate: low 1.0 is above"),
 ])
 def test_validation_names_point_and_field(data, message):
-    with pytest.raises(SpecError) as err:
+    with pytest.raises(InputError) as err:
         expand(data)
     assert message in str(err.value)
 
 
 def test_malformed_yaml_is_one_clear_line(tmp_path):
-    with pytest.raises(SpecError, match=r"is not valid YAML at line 4, column 9: expected"):
+    with pytest.raises(InputError, match=r"is not valid YAML at line 4, column 9: expected"):
         load_sweep_file(write(tmp_path, "name: x\ngrid:\n  learning_rate: [1e-3\n  lora_r: 8\n"))
-    with pytest.raises(SpecError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         load_sweep_file(str(tmp_path / "nope.yaml"))
-    with pytest.raises(SpecError, match="must be a mapping"):
+    with pytest.raises(InputError, match="must be a mapping"):
         load_sweep_file(write(tmp_path, "- 1\n- 2\n"))
 
 
@@ -205,22 +205,21 @@ def test_failing_point_is_left_out_of_the_evaluation(make_env, tmp_path):
 
 
 def test_evaluation_waits_for_every_fine_tune_and_is_skipped_when_none_succeeded(make_env, tmp_path):
-    from models.jobs import finish, readiness
-    from worker.celery_app import make_app
     from api.pipelines import enqueue_sweep
+    from models.jobs import finish, readiness
     from worker.lifecycle import settle_children
 
     env = make_env("sqlite")
-    app, plan = make_app(settings_of(env)), expand({**GRID_2X2, "grid": {"lora_r": [4, 8, 16]}})
+    broker, plan = broker_of(env), expand({**GRID_2X2, "grid": {"lora_r": [4, 8, 16]}})
     with session_of(env) as session:
-        _, jobs = enqueue_sweep(session, app, settings_of(env).home, plan)
+        _, jobs = enqueue_sweep(session, broker, settings_of(env).home, plan)
         finetunes, generate, score = jobs[:3], jobs[3], jobs[4]
         assert queue_length(env) == 3  # the fine-tunes only; the evaluation waits in the database
 
         def end(job, status):
             session.execute(update(Job).where(Job.id == job.id).values(status=JobStatus.running))
             finish(session, job.id, status, error=status.value)
-            settle_children(session, app, job.id)
+            settle_children(session, broker, job.id)
 
         end(finetunes[0], JobStatus.failed)
         end(finetunes[1], JobStatus.cancelled)
@@ -232,11 +231,11 @@ def test_evaluation_waits_for_every_fine_tune_and_is_skipped_when_none_succeeded
             generate.error and score.error == f"parent job {generate.id} was skipped"
 
         plan = expand({**GRID_2X2, "name": "half", "grid": {"lora_r": [4, 8]}})
-        _, jobs = enqueue_sweep(session, app, settings_of(env).home, plan)
+        _, jobs = enqueue_sweep(session, broker, settings_of(env).home, plan)
         waiting = queue_length(env)
         end(jobs[0], JobStatus.succeeded)
         end(jobs[1], JobStatus.failed)
-        settle_children(session, app, jobs[1].id)  # a second settling (two workers racing) publishes nothing more
+        settle_children(session, broker, jobs[1].id)  # a second settling (two workers racing) publishes nothing more
         session.refresh(jobs[2])
         assert jobs[2].status == JobStatus.queued and jobs[2].queued_at is not None
         assert queue_length(env) == waiting + 1

@@ -14,7 +14,8 @@ from tests.conftest import session_of
 from worker.data import synthetic
 from worker.data.examples import load_examples
 from models.settings import Settings, mask_url
-from models.specs import FinetuneSpec, SpecError, parse_spec
+from models.errors import InputError
+from models.specs import FinetuneSpec, parse_spec
 from worker.jobs.finetune import length_bucketed_batches
 
 
@@ -48,9 +49,9 @@ def test_synthetic_dataset_is_deterministic_and_varied():
 def test_spec_round_trip_and_unknown_fields():
     spec = FinetuneSpec(name="a", learning_rate=1e-3)
     assert parse_spec(spec.model_dump(mode="json")) == spec
-    with pytest.raises(SpecError, match="lora_rank: unknown field"):
+    with pytest.raises(InputError, match="lora_rank: unknown field"):
         parse_spec({"kind": "finetune", "name": "a", "lora_rank": 8})
-    with pytest.raises(SpecError, match="unknown job kind"):
+    with pytest.raises(InputError, match="unknown job kind"):
         parse_spec({"kind": "train"})
 
 

@@ -1,5 +1,10 @@
 """The Celery application: Redis broker, JSON messages that carry only a job id, defaults for long GPU jobs.
 
+`make_app(settings)` builds one; nothing is built at import. The CLI builds its app through `worker.broker.Broker`,
+a worker process through its runtime (worker/runtime.py), which also registers the tasks. For operators' own
+`celery -A worker.celery_app:app inspect ...` calls, the module attribute `app` is built from the environment on
+first access.
+
 Pool choice: CUDA is not fork-safe, and the `solo` pool runs the task in the consumer's own thread, so the worker
 stops answering Flower and `celery inspect` while a job runs. The `threads` pool with concurrency 1 keeps the model
 cache in one long-lived process, runs one job at a time, and leaves the main thread free for remote control and
@@ -18,7 +23,7 @@ TWELVE_HOURS = 12 * 3600
 def make_app(settings: Settings) -> Celery:
     # The result backend only mirrors task state (PROGRESS with step/loss meta, for Flower and AsyncResult);
     # outcomes and results live in the SQL database.
-    app = Celery("tunequeue", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
+    app = Celery("tunequeue", broker=settings.redis_url, backend=settings.redis_url)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -39,13 +44,15 @@ def make_app(settings: Settings) -> Celery:
             "priority_steps": list(range(10)),
             "sep": ":",
             # kombu's "priority" order (fixed, not round robin) with the queues of the worker's loaded bases first;
-            # BRPOP keys go by priority level first, so a job's priority still beats affinity (worker/affinity.py)
+            # BRPOP keys go by priority level first, so a job's priority still beats affinity (worker/routing.py)
             "queue_order_strategy": "worker.routing:AffinityCycle",
         },
         worker_hijack_root_logger=False,
     )
-    app.tunequeue_settings = settings
     return app
 
 
-app = make_app(Settings.from_env())
+def __getattr__(name: str):
+    if name == "app":  # `celery -A worker.celery_app:app ...`: built on first access, never at import
+        return make_app(Settings.from_env())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,11 @@
-"""Fault injection for tests and chaos runs, read from TUNEQUEUE_FAULTS; empty in normal operation."""
+"""Fault injection for tests and chaos runs: `Settings.faults` (TUNEQUEUE_FAULTS), parsed by the worker runtime for
+each job and passed to the job functions; empty in normal operation."""
 
 from __future__ import annotations
 
 
 class Faults:
-    """Fault injection for tests, from TUNEQUEUE_FAULTS (comma-separated):
+    """Fault injection for tests, from a comma-separated list:
     `oom_at_step:N` raises torch.cuda.OutOfMemoryError once at training step N (CPUs never raise it);
     `crash_at_step:N` raises RuntimeError after training step N, on every attempt;
     `oom_at_batch:N` raises it once at generation batch N; `score_delay_s:N` sleeps N seconds before scores are

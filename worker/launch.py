@@ -1,7 +1,8 @@
 """Starting a worker process, with rq-style `--burst`: exit once its queues are empty and no job is in hand.
 
-A worker consumes the default queue and every registered base queue (worker/affinity.py) and keeps a record of
-itself in Redis (worker/registry.py).
+A worker builds its runtime (worker/runtime.py), registers the job tasks on its Celery app, consumes the default
+queue and every registered base queue (worker/routing.py) and keeps a record of itself in Redis
+(worker/registry.py).
 """
 
 from __future__ import annotations
@@ -13,34 +14,18 @@ import threading
 import time
 import uuid
 
+from models.settings import Settings
+from worker.broker import Broker
+
 log = logging.getLogger("tunequeue.worker")
-
-
-def queue_length(app, queue: str) -> int:
-    from amqp.exceptions import ChannelError
-
-    with app.connection_for_read() as connection:
-        try:
-            return connection.default_channel.queue_declare(queue=queue, passive=True).message_count
-        except ChannelError as exc:
-            if "NOT_FOUND" in str(exc):  # Redis drops an empty list's key: an unknown queue is an empty one
-                return 0
-            raise
-
-
-def pending_messages(app) -> int:
-    """Messages waiting in the default queue and every registered base queue."""
-    from worker.routing import known_queues
-
-    return sum(queue_length(app, queue) for queue in known_queues(app))
 
 
 class BurstWatcher(threading.Thread):
     """Stops the worker (warm shutdown) after its queues have been seen empty, with nothing reserved or running."""
 
-    def __init__(self, app, interval: float = 0.5, quiet_checks: int = 3):
+    def __init__(self, broker: Broker, interval: float = 0.5, quiet_checks: int = 3):
         super().__init__(daemon=True, name="burst-watcher")
-        self.app, self.interval, self.quiet_checks = app, interval, quiet_checks
+        self.broker, self.interval, self.quiet_checks = broker, interval, quiet_checks
 
     def run(self) -> None:
         from celery.worker import state
@@ -49,7 +34,7 @@ class BurstWatcher(threading.Thread):
         while True:
             time.sleep(self.interval)
             try:
-                busy = bool(state.active_requests or state.reserved_requests) or pending_messages(self.app) > 0
+                busy = bool(state.active_requests or state.reserved_requests) or self.broker.pending_messages() > 0
             except Exception as exc:  # broker hiccup: keep going rather than exit early
                 log.warning("burst watcher could not read the queue: %s", exc)
                 busy = True
@@ -60,23 +45,24 @@ class BurstWatcher(threading.Thread):
                 return
 
 
-def run_worker(app, *, burst: bool = False, loglevel: str = "INFO", hostname: str | None = None) -> None:
-    from models import make_session_factory
-    from worker.routing import known_queues
+def run_worker(settings: Settings, *, burst: bool = False, loglevel: str = "INFO", hostname: str | None = None) -> None:
     from worker.reaper import ReaperThread
-    from worker.registry import RegistryStep
+    from worker.registry import registry_step
+    from worker.runner import register_tasks
+    from worker.runtime import WorkerRuntime
 
-    settings = app.tunequeue_settings
-    app.steps["consumer"].add(RegistryStep)
+    runtime = WorkerRuntime(settings)
+    app = runtime.broker.app
+    register_tasks(app, runtime)
+    app.steps["consumer"].add(registry_step(runtime))
     if burst:
-        BurstWatcher(app).start()
-    ReaperThread(app, make_session_factory(settings.database_url), settings.reap_seconds,
-                 settings.stale_seconds).start()
+        BurstWatcher(runtime.broker).start()
+    ReaperThread(runtime.broker, runtime.sessions, settings.reap_seconds, settings.stale_seconds).start()
     app.worker_main([
         "worker",
         "--pool=threads",
         "--concurrency=1",
-        f"--queues={','.join(known_queues(app))}",
+        f"--queues={','.join(runtime.broker.known_queues())}",
         f"--loglevel={loglevel}",
         f"--hostname={hostname or f'tunequeue-{uuid.uuid4().hex[:6]}@%h'}",
         "--without-mingle",

@@ -6,8 +6,6 @@ and to race: a job is claimed with a guarded update, so an extra message for it 
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import threading
 from datetime import timedelta
@@ -17,32 +15,13 @@ from sqlalchemy.orm import Session
 
 from models.base import utcnow
 from models.jobs import Job, JobStatus, fail_attempt, readiness, stale_running
-from worker.lifecycle import MAX_PRIORITY, publish, settle_children, skip
+from worker.broker import Broker
+from worker.lifecycle import publish, settle_children, skip
 
 log = logging.getLogger("tunequeue.reaper")
 
 
-def broker_job_ids(app, queues: list[str]) -> set[int]:
-    """Job ids of the messages waiting in the queues' priority lists or delivered but not yet acknowledged."""
-    from worker.routing import redis_client
-
-    client = redis_client(app)
-    keys = [key for queue in queues for key in [queue] + [f"{queue}:{level}" for level in range(1, MAX_PRIORITY + 1)]]
-    raw = [m for key in keys for m in client.lrange(key, 0, -1)]
-    raw += [json.loads(v)[0] for v in client.hvals("unacked")]  # [message, exchange, routing key]
-    ids = set()
-    for item in raw:
-        message = json.loads(item) if isinstance(item, (bytes, str)) else item
-        body = message.get("body", "")
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        if args and isinstance(args[0], int):
-            ids.add(args[0])
-    return ids
-
-
-def reap_lost_workers(session: Session, app, stale_seconds: float) -> list[tuple[int, str]]:
+def reap_lost_workers(session: Session, broker: Broker, stale_seconds: float) -> list[tuple[int, str]]:
     cutoff = utcnow() - timedelta(seconds=stale_seconds)
     outcomes = []
     for job in stale_running(session, cutoff):
@@ -50,23 +29,21 @@ def reap_lost_workers(session: Session, app, stale_seconds: float) -> list[tuple
                  f"(host {job.worker_host}, attempt {job.attempts})")
         status = fail_attempt(session, job.id, error, only_if_stale_before=cutoff)
         if status == JobStatus.queued:
-            publish(session, app, session.get(Job, job.id))
+            publish(session, broker, session.get(Job, job.id))
         elif status == JobStatus.failed:
-            settle_children(session, app, job.id)
+            settle_children(session, broker, job.id)
         if status is not None:
             log.warning("job %s: %s -> %s", job.id, error, status.value)
             outcomes.append((job.id, status.value))
     return outcomes
 
 
-def republish_lost_messages(session: Session, app) -> list[int]:
+def republish_lost_messages(session: Session, broker: Broker) -> list[int]:
     """Queued jobs that should be in the broker (their parents have finished, one succeeded) but are not: publish
     them again. A job whose parents all finished without success (its settling was lost) is skipped."""
-    from worker.routing import known_queues
-
     queued = list(session.scalars(select(Job).where(Job.status == JobStatus.queued)))
-    queues = set(known_queues(app)) | {job.queue for job in queued if job.queue}
-    waiting = broker_job_ids(app, sorted(queues))
+    queues = set(broker.known_queues()) | {job.queue for job in queued if job.queue}
+    waiting = broker.waiting_job_ids(sorted(queues))
     lost = []
     for job in queued:
         if job.id in waiting:
@@ -74,33 +51,33 @@ def republish_lost_messages(session: Session, app) -> list[int]:
         state, reason = readiness(session, job)
         if state == "skip":
             skip(session, job.id, reason)
-            settle_children(session, app, job.id)
+            settle_children(session, broker, job.id)
         if state != "ready":
             continue
-        publish(session, app, job)
+        publish(session, broker, job)
         lost.append(job.id)
     if lost:
         log.warning("re-published %d queued jobs whose messages were missing: %s", len(lost), lost)
     return lost
 
 
-def reconcile(session: Session, app, stale_seconds: float) -> dict:
-    return {"requeued_or_failed": reap_lost_workers(session, app, stale_seconds),
-            "republished": republish_lost_messages(session, app)}
+def reconcile(session: Session, broker: Broker, stale_seconds: float) -> dict:
+    return {"requeued_or_failed": reap_lost_workers(session, broker, stale_seconds),
+            "republished": republish_lost_messages(session, broker)}
 
 
 class ReaperThread(threading.Thread):
     """Runs `reconcile()` every `interval` seconds inside a worker process."""
 
-    def __init__(self, app, sessions, interval: float, stale_seconds: float):
+    def __init__(self, broker: Broker, sessions, interval: float, stale_seconds: float):
         super().__init__(daemon=True, name="tunequeue-reaper")
-        self.app, self.sessions, self.interval, self.stale_seconds = app, sessions, interval, stale_seconds
+        self.broker, self.sessions, self.interval, self.stale_seconds = broker, sessions, interval, stale_seconds
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
             try:
                 with self.sessions() as session:
-                    reconcile(session, self.app, self.stale_seconds)
+                    reconcile(session, self.broker, self.stale_seconds)
             except Exception as exc:  # the broker or database may be briefly away; try again next round
                 log.warning("reaper round failed: %s", exc)

@@ -2,8 +2,8 @@
 
 A record holds the worker's Celery hostname, pid, whether CUDA is available (torch is imported lazily, in the worker
 only; `null` until known), the loaded bases, the current job and the queues consumed. It expires a few refresh
-intervals after the last refresh, so a killed worker drops out by itself. `live_workers(app)` reads them (the QLoRA
-enqueue warning looks at `cuda`); `manage.py workers` prints them. The same thread also makes sure the worker
+intervals after the last refresh, so a killed worker drops out by itself. `Broker.live_workers()` reads them (the
+QLoRA enqueue warning looks at `cuda`); `manage.py workers` prints them. The same thread also makes sure the worker
 consumes every registered base queue, in case it missed an `add_consumer` broadcast while starting.
 """
 
@@ -17,23 +17,9 @@ from datetime import datetime, timezone
 
 from celery import bootsteps
 
-from worker.routing import known_queues, redis_client, registry_key
+from worker.broker import Broker
 
 log = logging.getLogger("tunequeue.registry")
-
-
-def live_workers(app) -> list[dict]:
-    """Records of this deployment's running workers (same default queue), by hostname."""
-    client = redis_client(app)
-    index = registry_key(app, "workers")
-    hosts = sorted(h.decode() for h in client.smembers(index))
-    if not hosts:
-        return []
-    values = client.mget([registry_key(app, f"worker.{host}") for host in hosts])
-    gone = [host for host, value in zip(hosts, values) if value is None]
-    if gone:
-        client.srem(index, *gone)
-    return [json.loads(value) for value in values if value is not None]
 
 
 def _cuda() -> tuple[bool | None, str | None]:
@@ -51,11 +37,11 @@ def _cuda() -> tuple[bool | None, str | None]:
 class WorkerRecord(threading.Thread):
     """Writes this worker's record every `interval` seconds (and at once on `update()`); deletes it on stop."""
 
-    def __init__(self, consumer, interval: float):
+    def __init__(self, consumer, broker: Broker, interval: float):
         super().__init__(daemon=True, name="tunequeue-registry")
-        self.consumer, self.app, self.hostname = consumer, consumer.app, consumer.hostname
+        self.consumer, self.broker, self.hostname = consumer, broker, consumer.hostname
         self.interval, self.ttl = interval, max(3 * interval, 10)
-        self.key = registry_key(self.app, f"worker.{self.hostname}")
+        self.key = broker.key(f"worker.{self.hostname}")
         self.state = {"hostname": self.hostname, "pid": os.getpid(), "cuda": None, "gpu": None, "loaded_bases": [],
                       "current_job": None, "started_at": _now()}
         self.lock = threading.Lock()
@@ -76,18 +62,17 @@ class WorkerRecord(threading.Thread):
         with self.lock:
             record = {**self.state, "queues": self.consumed(), "updated_at": _now()}
         try:
-            client = redis_client(self.app)
-            with client.pipeline() as pipe:
+            with self.broker.redis.pipeline() as pipe:
                 pipe.set(self.key, json.dumps(record), ex=int(self.ttl + 0.999))
-                pipe.sadd(registry_key(self.app, "workers"), self.hostname)
+                pipe.sadd(self.broker.key("workers"), self.hostname)
                 pipe.execute()
         except Exception as exc:  # the broker may be briefly away; the next round writes again
             log.warning("could not write the worker record: %s", exc)
 
     def sync_queues(self) -> None:
-        missing = [q for q in known_queues(self.app) if q not in self.consumed()]
+        missing = [q for q in self.broker.known_queues() if q not in self.consumed()]
         for queue in missing:
-            self.app.control.add_consumer(queue, destination=[self.hostname], reply=False)
+            self.broker.app.control.add_consumer(queue, destination=[self.hostname], reply=False)
 
     def run(self) -> None:
         self.write()
@@ -103,8 +88,8 @@ class WorkerRecord(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         try:
-            redis_client(self.app).delete(self.key)
-            redis_client(self.app).srem(registry_key(self.app, "workers"), self.hostname)
+            self.broker.redis.delete(self.key)
+            self.broker.redis.srem(self.broker.key("workers"), self.hostname)
         except Exception:
             pass
 
@@ -113,24 +98,28 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-class RegistryStep(bootsteps.StartStopStep):
-    """Consumer bootstep that runs one `WorkerRecord` for the worker's lifetime (across broker reconnects)."""
+def registry_step(runtime) -> type[bootsteps.StartStopStep]:
+    """A consumer bootstep, bound to the worker's runtime, that runs one `WorkerRecord` for the worker's lifetime
+    (across broker reconnects) and hands it to the runtime."""
 
-    requires = {"celery.worker.consumer.tasks:Tasks"}
+    class RegistryStep(bootsteps.StartStopStep):
+        requires = {"celery.worker.consumer.tasks:Tasks"}
 
-    def __init__(self, parent, **kwargs):
-        super().__init__(parent, **kwargs)
-        self.record = None
+        def __init__(self, parent, **kwargs):
+            super().__init__(parent, **kwargs)
+            self.record = None
 
-    def start(self, c):
-        if self.record is None:
-            self.record = WorkerRecord(c, c.app.tunequeue_settings.heartbeat_seconds)
-            c.app.tunequeue_worker_record = self.record
-            self.record.start()
+        def start(self, c):
+            if self.record is None:
+                self.record = WorkerRecord(c, runtime.broker, runtime.settings.heartbeat_seconds)
+                runtime.record = self.record
+                self.record.start()
 
-    def stop(self, c):
-        pass  # a broker reconnect restarts the consumer's steps; the record lives on
+        def stop(self, c):
+            pass  # a broker reconnect restarts the consumer's steps; the record lives on
 
-    def shutdown(self, c):
-        if self.record is not None:
-            self.record.stop()
+        def shutdown(self, c):
+            if self.record is not None:
+                self.record.stop()
+
+    return RegistryStep

@@ -2,8 +2,9 @@
 
 Routing: a job whose spec names a `model` (fine-tune, generate) goes to `{queue}.base.{slug}`; a score job names no
 model (CPU only, nothing to load) and stays on the default queue `{queue}`, which every worker consumes. Each base
-queue is added to a Redis set, the queue registry: a worker starts consuming every registered queue, and the first
-time a queue is registered an `add_consumer` remote-control message reaches the deployment's live workers at once.
+queue is added to a Redis set, the queue registry (`Broker.register_queue`): a worker starts consuming every
+registered queue, and the first time a queue is registered an `add_consumer` remote-control message reaches the
+deployment's live workers at once.
 
 Ordering: kombu's Redis transport pops with one BRPOP over the keys `[queue(:level) for level in priority_steps for
 queue in queues]` (`Channel._brpop_start`), so keys go by priority level first and only then by queue order, and the
@@ -33,41 +34,10 @@ def base_queue(default_queue: str, model: str) -> str:
     return f"{default_queue}.base.{slug}"
 
 
-def route(app, spec: dict) -> str:
+def route(default_queue: str, spec: dict) -> str:
     """The queue a job with this spec is published to."""
     model = spec.get("model")
-    return base_queue(app.conf.task_default_queue, model) if model else app.conf.task_default_queue
-
-
-def redis_client(app):
-    """One Redis client per app, for the registry keys (the broker's own connections stay kombu's)."""
-    client = getattr(app, "tunequeue_redis", None)
-    if client is None:
-        import redis
-
-        client = app.tunequeue_redis = redis.Redis.from_url(app.conf.broker_url)
-    return client
-
-
-def registry_key(app, what: str) -> str:
-    return f"_tunequeue.{app.conf.task_default_queue}.{what}"
-
-
-def register_queue(app, queue: str) -> None:
-    """Record a base queue; when it is new, tell the deployment's running workers to consume it now."""
-    if queue == app.conf.task_default_queue or not redis_client(app).sadd(registry_key(app, "queues"), queue):
-        return
-    from worker.registry import live_workers
-
-    hosts = [w["hostname"] for w in live_workers(app)]
-    if hosts:  # only this deployment's workers: other deployments may share the broker
-        app.control.add_consumer(queue, destination=hosts, reply=False)
-
-
-def known_queues(app) -> list[str]:
-    """The default queue and every registered base queue: what a worker consumes."""
-    members = sorted(m.decode() for m in redis_client(app).smembers(registry_key(app, "queues")))
-    return [app.conf.task_default_queue] + members
+    return base_queue(default_queue, model) if model else default_queue
 
 
 class AffinityCycle(priority_cycle):
@@ -82,23 +52,9 @@ class AffinityCycle(priority_cycle):
         return sorted(self.items[:n], key=lambda queue: rank.get(queue, len(rank)))
 
 
-def prefer(app, loaded: list[str], last: str | None) -> tuple[str, ...]:
+def prefer(default_queue: str, loaded: list[str], last: str | None) -> tuple[str, ...]:
     """The default queue first (it holds only score jobs, seconds each, which finish pipelines for the report), then
     the queues of the loaded bases (`last`, the base just used, leading), then the other bases."""
-    default = app.conf.task_default_queue
     bases = ([last] if last in loaded else []) + [ref for ref in loaded if ref != last]
-    AffinityCycle.preferred = (default,) + tuple(base_queue(default, ref) for ref in bases)
+    AffinityCycle.preferred = (default_queue,) + tuple(base_queue(default_queue, ref) for ref in bases)
     return AffinityCycle.preferred
-
-
-def note_job(app, cache, job_id: int | None, base: str | None) -> None:
-    """Called by the runner when a job starts (`job_id`) and ends (None), in the task thread: when it ends,
-    re-rank the queues before the message is acknowledged (so before the next BRPOP); either way refresh this
-    worker's registry record."""
-    loaded = list(getattr(cache, "loaded_refs", []))
-    if job_id is None:
-        prefer(app, loaded, base)
-    record = getattr(app, "tunequeue_worker_record", None)
-    if record is not None:
-        stats = cache.stats() if hasattr(cache, "stats") else None
-        record.update(current_job=job_id, loaded_bases=loaded, model_cache=stats)

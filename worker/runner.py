@@ -1,30 +1,25 @@
-"""Runs one job inside a worker: claim the row, call the plain function, record the outcome, release children.
+"""Runs one job inside a worker: claim the row, call the job's plain function, record the outcome, release children.
 
-The worker's long-lived state (settings, session factory, model cache) is one `WorkerRuntime` object hung on the
-Celery app, created on the first job in the process.
+Outcomes follow the error tree (models/errors.py): `JobCancelled` → cancelled; `JobFailed` or `InputError` (the
+job can never succeed: bad data, an unsupported method) → failed at once; anything else is a failed attempt,
+retried while attempts remain.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 import traceback
-from dataclasses import dataclass
 
 from sqlalchemy.orm import sessionmaker
 
-from models import make_session_factory
-import threading
-
-from models.jobs import (Job, JobStatus, claim, fail_attempt, finish, heartbeat, report_progress,
-                         unfinished_outputs)
-from worker.routing import note_job
-from worker.ml.model_cache import ModelCache
-from worker.lifecycle import publish, settle_children
-from models.settings import Settings
+from models.errors import InputError, JobCancelled, JobFailed
+from models.jobs import Job, JobKind, JobStatus, claim, fail_attempt, finish, heartbeat, report_progress, unfinished_outputs
 from models.specs import parse_spec
-from worker.ml.methods import PermanentJobError
-from worker.jobs.finetune import JobCancelled
+from worker.lifecycle import publish, settle_children
+from worker.runtime import WorkerRuntime
+from worker.tasks import JOBS, TASK_NAMES
 
 log = logging.getLogger("tunequeue.worker")
 
@@ -47,100 +42,85 @@ class Heartbeat(threading.Thread):
                 log.warning("heartbeat of job %s failed: %s", self.job_id, exc)
 
 
-@dataclass
-class WorkerRuntime:
-    settings: Settings
-    sessions: sessionmaker
-    cache: ModelCache
+def register_tasks(app, runtime: WorkerRuntime) -> None:
+    """One thin bound task per job kind (worker/tasks.py), registered on `app` and running jobs with `runtime`."""
+    for kind, function in JOBS.items():
+        app.task(name=TASK_NAMES[kind], bind=True)(_task(kind, function, runtime))
 
 
-def runtime_for(app) -> WorkerRuntime:
-    runtime = getattr(app, "tunequeue_runtime", None)
-    if runtime is None:
-        settings = app.tunequeue_settings
-        runtime = WorkerRuntime(settings, make_session_factory(settings.database_url),
-                                ModelCache(settings.home, budget_bytes=settings.model_cache_bytes))
-        app.tunequeue_runtime = runtime
-    return runtime
+def _task(kind: JobKind, function, runtime: WorkerRuntime):
+    def task(self, job_id: int) -> str:
+        return run_job(self, runtime, job_id, kind, function)
+
+    task.__name__ = task.__qualname__ = kind.value
+    return task
 
 
-def _dispatch(kind: str, spec, session, runtime: WorkerRuntime, job_id: int, on_progress) -> dict:
-    if kind == "finetune":
-        from worker.jobs.finetune import train_adapter
-
-        return train_adapter(spec, session, runtime.cache, runtime.settings.home, job_id=job_id,
-                             on_progress=on_progress)
-    if kind == "generate":
-        from worker.jobs.generate import generate_summaries
-
-        return generate_summaries(spec, session, runtime.cache, runtime.settings.home, job_id=job_id,
-                                  on_progress=on_progress)
-    from worker.jobs.score import score_rows
-
-    return score_rows(spec, session, job_id=job_id, on_progress=on_progress)
-
-
-def run_job(task, job_id: int, kind: str) -> str:
-    """Run job `job_id` for Celery task `task` (bound); returns the outcome as a word."""
-    app, task_id = task.app, task.request.id
+def run_job(task, runtime: WorkerRuntime, job_id: int, kind: JobKind, function) -> str:
+    """Run job `job_id` for Celery task `task` (bound) with `function` (the kind's plain function, worker/tasks.py);
+    returns the outcome as a word."""
     if not isinstance(job_id, int) or job_id <= 0:
         raise ValueError(f"job id must be a positive integer, got {job_id!r}")
-    runtime = runtime_for(app)
     with runtime.sessions() as session:
         job = session.get(Job, job_id)
-        if job is None or job.kind.value != kind:
-            log.error("job %s is not a %s job in the database; message dropped", job_id, kind)
+        if job is None or job.kind != kind:
+            log.error("job %s is not a %s job in the database; message dropped", job_id, kind.value)
             return "missing"
         # the Celery node name tells apart two workers on one machine (and matches `manage.py workers`)
-        if not claim(session, job_id, task_id, task.request.hostname or socket.gethostname()):
+        if not claim(session, job_id, task.request.id, task.request.hostname or socket.gethostname()):
             log.warning("job %s is %s, not queued; this delivery does nothing", job_id, job.status.value)
             return "not-queued"
-        log.info("job %s (%s) started", job_id, kind)
+        log.info("job %s (%s) started", job_id, kind.value)
         base = job.spec.get("model")
-        note_job(app, runtime.cache, job_id, base)
-        progress_session = runtime.sessions()
+        runtime.note_job(job_id, base)
         beat = Heartbeat(runtime.sessions, job_id, runtime.settings.heartbeat_seconds)
         beat.start()
-
-        def on_progress(progress: dict) -> bool:
-            if task_id:  # mirrored to Celery so Flower and AsyncResult see PROGRESS with the same meta
-                task.update_state(state="PROGRESS", meta={"job_id": job_id, **progress})
-                task.send_event("task-progress", job_id=job_id, **progress)
-            return report_progress(progress_session, job_id, progress)
-
         try:
-            spec = parse_spec(job.spec)
-            left_out = unfinished_outputs(session, job) if kind == "generate" and spec.adapters else []
-            if left_out:  # a sweep's evaluation goes on with the adapters whose fine-tunes succeeded
-                spec = spec.model_copy(update={"adapters": [a for a in spec.adapters if a not in left_out]})
-            result = _dispatch(kind, spec, session, runtime, job_id, on_progress)
-            if left_out:
-                result = {**result, "left_out_adapters": left_out}
+            with runtime.sessions() as progress_session:
+                result = _call(function, task, runtime, session, progress_session, job)
         except JobCancelled as exc:
-            session.rollback()
-            finish(session, job_id, JobStatus.cancelled, error=str(exc))
-            settle_children(session, app, job_id)
-            return "cancelled"
-        except PermanentJobError as exc:  # no retry can help (e.g. QLoRA on a worker without CUDA)
-            session.rollback()
+            return _end(session, runtime, job_id, JobStatus.cancelled, str(exc))
+        except (JobFailed, InputError) as exc:  # no retry can help
             log.error("job %s failed: %s", job_id, exc)
-            finish(session, job_id, JobStatus.failed, error=f"{exc}")
-            settle_children(session, app, job_id)
-            return "failed"
+            return _end(session, runtime, job_id, JobStatus.failed, str(exc))
         except Exception as exc:
             session.rollback()
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             status = fail_attempt(session, job_id, f"{exc.__class__.__name__}: {exc}")
             if status == JobStatus.queued:  # attempts remain: run it again
-                publish(session, app, session.get(Job, job_id))
+                publish(session, runtime.broker, session.get(Job, job_id))
                 return "retrying"
-            settle_children(session, app, job_id)
+            settle_children(session, runtime.broker, job_id)
             return "failed"
         finally:
             beat.stopped.set()
-            progress_session.close()
-            note_job(app, runtime.cache, None, base)  # loaded bases' queues first from the next message on
+            runtime.note_job(None, base)  # loaded bases' queues first from the next message on
         finish(session, job_id, JobStatus.succeeded, result=result)
-        log.info("job %s (%s) succeeded: %s", job_id, kind, result)
-        settle_children(session, app, job_id)
+        log.info("job %s (%s) succeeded: %s", job_id, kind.value, result)
+        settle_children(session, runtime.broker, job_id)
         return "succeeded"
+
+
+def _call(function, task, runtime: WorkerRuntime, session, progress_session, job: Job) -> dict:
+    """Parse the spec and run the plain function, mirroring its progress into the row and into Celery's state."""
+    task_id = task.request.id
+
+    def on_progress(progress: dict) -> bool:
+        if task_id:  # mirrored to Celery so Flower and AsyncResult see PROGRESS with the same meta
+            task.update_state(state="PROGRESS", meta={"job_id": job.id, **progress})
+            task.send_event("task-progress", job_id=job.id, **progress)
+        return report_progress(progress_session, job.id, progress)
+
+    spec = parse_spec(job.spec)
+    left_out = unfinished_outputs(session, job) if job.kind == JobKind.generate and spec.adapters else []
+    if left_out:  # a sweep's evaluation goes on with the adapters whose fine-tunes succeeded
+        spec = spec.model_copy(update={"adapters": [a for a in spec.adapters if a not in left_out]})
+    result = function(spec, session, runtime, job.id, on_progress)
+    return {**result, "left_out_adapters": left_out} if left_out else result
+
+
+def _end(session, runtime: WorkerRuntime, job_id: int, status: JobStatus, error: str) -> str:
+    session.rollback()
+    finish(session, job_id, status, error=error)
+    settle_children(session, runtime.broker, job_id)
+    return status.value

@@ -11,9 +11,13 @@ from __future__ import annotations
 import random
 import re
 
+from models.builtins import BUILTIN_DATASETS, DEFAULT_PROMPT_TEMPLATE
+from models.errors import InputError, first_line
 from worker.data import files as datafiles
-from worker.ml.builtin import DEFAULT_PROMPT_TEMPLATE
-from worker.data.refs import BUILTIN_DATASETS, RefError, looks_like_path
+from worker.data import synthetic, synthetic_sentiment
+from worker.data.refs import looks_like_path
+
+GENERATORS = {module.NAME: module.generate_split for module in (synthetic, synthetic_sentiment)}
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}
 # The Stanford Alpaca prompts, used for --format alpaca while the prompt template is the default one.
@@ -30,10 +34,10 @@ SLOT = re.compile(r"\{(text|dialogue|instruction|input)\}")
 def split_rows(dataset: str, split: str, seed: int, dataset_config: str | None = None) -> list[tuple[str, dict]]:
     """`(example id, row)` pairs of one split, in the dataset's order (a carved split: file order)."""
     if dataset in BUILTIN_DATASETS:
-        module = BUILTIN_DATASETS[dataset]
-        if split not in module.SPLIT_SIZES:
-            raise RefError(f"dataset {dataset!r} has splits {', '.join(module.SPLIT_SIZES)}, not {split!r}")
-        return [(ex["id"], ex) for ex in module.generate_split(split)]
+        sizes = BUILTIN_DATASETS[dataset].split_sizes
+        if split not in sizes:
+            raise InputError(f"dataset {dataset!r} has splits {', '.join(sizes)}, not {split!r}")
+        return [(ex["id"], ex) for ex in GENERATORS[dataset](split)]
     if looks_like_path(dataset):
         source = datafiles.locate(dataset, split)
         rows = datafiles.read_rows(source)
@@ -53,7 +57,7 @@ def _hub_rows(dataset: str, split: str, config: str | None) -> list[tuple[str, d
         hub = datasets.load_dataset(dataset, config, split=split)
     except Exception as exc:
         named = f"{dataset!r}" + (f" (config {config!r})" if config else "")
-        raise RefError(f"cannot load hub dataset {named} split {split!r}: {datafiles.first_line(exc)} "
+        raise InputError(f"cannot load hub dataset {named} split {split!r}: {first_line(exc)} "
                        "(needs the network or the local Hugging Face cache)") from None
     return [(str(row.get("id", i)), row) for i, row in enumerate(datafiles.dataset_rows(hub))]
 
@@ -65,7 +69,7 @@ def render(template: str, values: dict[str, str]) -> str:
 
 def _value(row: dict, column: str, where: str) -> str:
     if column not in row:
-        raise RefError(f"{where} has no column {column!r} (columns: {', '.join(map(str, row))})")
+        raise InputError(f"{where} has no column {column!r} (columns: {', '.join(map(str, row))})")
     return "" if row[column] is None else str(row[column])
 
 
@@ -89,7 +93,7 @@ def to_examples(rows: list[tuple[str, dict]], where: str, *, text_column: str, t
                                                                                     "dialogue": text}),
                          "target": None if target is None else str(target)})
     if not examples:
-        raise RefError(f"{where} is empty")
+        raise InputError(f"{where} is empty")
     return examples
 
 

@@ -3,7 +3,7 @@
 A local dataset is one file (`.jsonl`, `.json`, `.csv`, `.parquet`) or a folder written by `Dataset.save_to_disk`
 (both carved 80/10/10 into train/validation/test by the seed), a folder written by `DatasetDict.save_to_disk` (its
 own splits), or a folder of per-split files such as `train.jsonl`, `validation.csv`, `test.parquet`. Every error is
-a `RefError` with a one-line message.
+an `InputError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.data.refs import LOCAL_SUFFIXES, SPLITS, RefError
+from models.errors import InputError, first_line
 
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SPLITS = ("train", "validation", "test")  # of a carved dataset (80/10/10 by seed)
 FORMATS = "a .jsonl, .json, .csv or .parquet file, or a folder written by save_to_disk"
 
 
@@ -28,19 +30,19 @@ class Source:
 
 
 def locate(ref: str, split: str) -> Source:
-    """Where `split` of the local dataset `ref` lives; RefError for a missing path, format or split."""
+    """Where `split` of the local dataset `ref` lives; InputError for a missing path, format or split."""
     path = Path(ref).expanduser()
     if not path.exists():
-        raise RefError(f"dataset path {ref!r} does not exist")
+        raise InputError(f"dataset path {ref!r} does not exist")
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
-            raise RefError(f"dataset file {ref!r} has an unknown format {path.suffix or '(no extension)'!r}: "
+            raise InputError(f"dataset file {ref!r} has an unknown format {path.suffix or '(no extension)'!r}: "
                            f"use {FORMATS}")
         return Source(path, _carved(f"the single-file dataset {ref!r}", split))
     if (path / "dataset_dict.json").is_file():
         splits = _read_json(path / "dataset_dict.json").get("splits") or []
         if split not in splits:
-            raise RefError(f"dataset folder {ref!r} (DatasetDict.save_to_disk) has splits {', '.join(splits)}, "
+            raise InputError(f"dataset folder {ref!r} (DatasetDict.save_to_disk) has splits {', '.join(splits)}, "
                            f"not {split!r}")
         return Source(path / split, False)
     if (path / "state.json").is_file():
@@ -52,14 +54,14 @@ def locate(ref: str, split: str) -> Source:
     if split in files:
         return Source(files[split], False)
     if not files:
-        raise RefError(f"dataset folder {ref!r} holds no split files (train.jsonl, validation.csv, ...) and was "
+        raise InputError(f"dataset folder {ref!r} holds no split files (train.jsonl, validation.csv, ...) and was "
                        "not written by save_to_disk")
-    raise RefError(f"dataset folder {ref!r} has no {split!r} split (found: {', '.join(sorted(files))})")
+    raise InputError(f"dataset folder {ref!r} has no {split!r} split (found: {', '.join(sorted(files))})")
 
 
 def _carved(what: str, split: str) -> bool:
     if split not in SPLITS:
-        raise RefError(f"{what} has splits {', '.join(SPLITS)} (80/10/10 by seed), not {split!r}")
+        raise InputError(f"{what} has splits {', '.join(SPLITS)} (80/10/10 by seed), not {split!r}")
     return True
 
 
@@ -67,9 +69,9 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RefError(f"cannot read {path}: {exc}") from None
+        raise InputError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
-        raise RefError(f"cannot read {path}: not a JSON object")
+        raise InputError(f"cannot read {path}: not a JSON object")
     return data
 
 
@@ -82,7 +84,7 @@ def columns(source: Source) -> list[str]:
 
             files = _read_json(path / "state.json").get("_data_files") or []
             if not files:
-                raise RefError(f"dataset folder {path} has no data files listed in state.json")
+                raise InputError(f"dataset folder {path} has no data files listed in state.json")
             with pa.memory_map(str(path / files[0]["filename"])) as f:
                 return pa.ipc.open_stream(f).schema.names
         if path.suffix == ".parquet":
@@ -91,10 +93,10 @@ def columns(source: Source) -> list[str]:
             if pq.read_metadata(path).num_rows == 0:
                 return []
             return pq.read_schema(path).names
-    except RefError:
+    except InputError:
         raise
     except Exception as exc:  # pyarrow's ArrowInvalid, OSError, a broken state.json
-        raise RefError(f"cannot read dataset {path}: {first_line(exc)}") from None
+        raise InputError(f"cannot read dataset {path}: {first_line(exc)}") from None
     rows = read_rows(source)
     return list(rows[0]) if rows else []
 
@@ -113,13 +115,13 @@ def read_rows(source: Source) -> list[dict]:
             return pq.read_table(path).to_pylist()
         text = path.read_text(encoding="utf-8-sig")
     except Exception as exc:
-        raise RefError(f"cannot read dataset {path}: {first_line(exc)}") from None
+        raise InputError(f"cannot read dataset {path}: {first_line(exc)}") from None
     if path.suffix == ".csv":
         return _csv_rows(path, text)
     rows = _json_rows(path, text) if path.suffix == ".json" else _json_lines(path, text)
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):
-            raise RefError(f"dataset file {path}: record {n} is not a JSON object")
+            raise InputError(f"dataset file {path}: record {n} is not a JSON object")
     return rows
 
 
@@ -130,7 +132,7 @@ def _json_lines(path: Path, text: str) -> list:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise RefError(f"dataset file {path}: line {n} is not valid JSON ({exc.msg})") from None
+                raise InputError(f"dataset file {path}: line {n} is not valid JSON ({exc.msg})") from None
     return rows
 
 
@@ -141,7 +143,7 @@ def _json_rows(path: Path, text: str) -> list:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":
             return _json_lines(path, text)
-        raise RefError(f"dataset file {path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
+        raise InputError(f"dataset file {path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
     if isinstance(data, dict):
         return data["data"] if isinstance(data.get("data"), list) else [data]
     return data if isinstance(data, list) else [data]
@@ -153,11 +155,11 @@ def _csv_rows(path: Path, text: str) -> list[dict]:
     try:
         for row in reader:
             if None in row:
-                raise RefError(f"dataset file {path}: line {reader.line_num} has more fields than the header "
+                raise InputError(f"dataset file {path}: line {reader.line_num} has more fields than the header "
                                f"({len(reader.fieldnames)})")
             rows.append(row)
     except csv.Error as exc:
-        raise RefError(f"dataset file {path}: not valid CSV at line {reader.line_num} ({exc})") from None
+        raise InputError(f"dataset file {path}: not valid CSV at line {reader.line_num} ({exc})") from None
     return rows
 
 
@@ -171,7 +173,3 @@ def dataset_rows(dataset) -> list[dict]:
                 row[column] = labels[row[column]]
     return rows
 
-
-def first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{exc.__class__.__name__}: {text.splitlines()[0]}" if text else exc.__class__.__name__

@@ -1,8 +1,8 @@
 """Cheap checks of model and dataset references (no torch import), used before anything is enqueued or written.
 
 A model reference is a built-in name, a local folder with a `config.json`, or a Hugging Face hub id (`org/name`).
-A dataset reference is a built-in name (`BUILTIN_DATASETS`), a local file or folder (formats in `worker.data.files`),
-or a hub dataset name.
+A dataset reference is a built-in name (models/builtins.py), a local file or folder (formats in
+`worker.data.files`), or a hub dataset name. Every failure is an `InputError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -10,18 +10,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from worker.data import synthetic, synthetic_sentiment
-from worker.ml.builtin import BUILTIN_MODELS
+from models.builtins import BUILTIN_DATASETS, BUILTIN_MODELS
+from models.errors import InputError
+from worker.data import files as datafiles
+from worker.data.files import LOCAL_SUFFIXES
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-SPLITS = ("train", "validation", "test")
-# Built-in datasets by name; each module has NAME, SPLIT_SIZES, COLUMNS and generate_split(split).
-BUILTIN_DATASETS = {module.NAME: module for module in (synthetic, synthetic_sentiment)}
-
-
-class RefError(ValueError):
-    """A reference that does not name anything usable; the message is one line for the user."""
 
 
 def looks_like_path(ref: str) -> bool:
@@ -29,20 +23,20 @@ def looks_like_path(ref: str) -> bool:
 
 
 def check_model(ref: str) -> str:
-    """Return the kind of reference ('builtin', 'local', 'hub'), or raise RefError."""
+    """Return the kind of reference ('builtin', 'local', 'hub'), or raise InputError."""
     if ref in BUILTIN_MODELS:
         return "builtin"
     if looks_like_path(ref):
         path = Path(ref).expanduser()
         if not path.is_dir():
-            raise RefError(f"model path {ref!r} does not exist or is not a folder")
+            raise InputError(f"model path {ref!r} does not exist or is not a folder")
         if not (path / "config.json").exists():
-            raise RefError(f"model folder {ref!r} has no config.json (not a saved Hugging Face model)")
+            raise InputError(f"model folder {ref!r} has no config.json (not a saved Hugging Face model)")
         return "local"
     if HUB_ID.match(ref):
         _check_hub(ref, "model")
         return "hub"
-    raise RefError(f"unknown model {ref!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), "
+    raise InputError(f"unknown model {ref!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), "
                    "not a local folder, not a hub id like 'google/flan-t5-base'")
 
 
@@ -59,12 +53,12 @@ def _check_hub(ref: str, repo_type: str) -> None:
     try:
         info = HfApi().repo_info(ref, repo_type=repo_type, timeout=5)
     except HfHubHTTPError as exc:
-        raise RefError(f"unknown {repo_type} {ref!r} on the Hugging Face hub ({exc.__class__.__name__})") from None
+        raise InputError(f"unknown {repo_type} {ref!r} on the Hugging Face hub ({exc.__class__.__name__})") from None
     except Exception as exc:  # offline, DNS, timeout
-        raise RefError(f"cannot reach the Hugging Face hub to check {repo_type} {ref!r} "
+        raise InputError(f"cannot reach the Hugging Face hub to check {repo_type} {ref!r} "
                        f"({exc.__class__.__name__}); download it first and pass its local folder") from None
     if info is None:
-        raise RefError(f"unknown {repo_type} {ref!r} on the Hugging Face hub")
+        raise InputError(f"unknown {repo_type} {ref!r} on the Hugging Face hub")
 
 
 def required_columns(data_format: str, text_column: str, target_column: str | None = None) -> list[str]:
@@ -78,35 +72,34 @@ def _check_columns(what: str, found, columns: list[str], data_format: str) -> No
     hint = "; --format alpaca reads instruction, input (optional) and output" if data_format == "alpaca" else ""
     for column in columns:
         if column not in found:
-            raise RefError(f"{what} has no column {column!r} (columns: {', '.join(found)}){hint}")
+            raise InputError(f"{what} has no column {column!r} (columns: {', '.join(found)}){hint}")
 
 
 def check_dataset(ref: str, columns: list[str], splits: list[str], *, dataset_config: str | None = None,
                   data_format: str = "columns") -> str:
-    """Return the dataset kind ('builtin', 'local', 'hub'), or raise RefError naming what is wrong."""
+    """Return the dataset kind ('builtin', 'local', 'hub'), or raise InputError naming what is wrong."""
     if dataset_config and (ref in BUILTIN_DATASETS or looks_like_path(ref)):
-        raise RefError(f"--dataset-config is for hub datasets; {ref!r} is not one")
+        raise InputError(f"--dataset-config is for hub datasets; {ref!r} is not one")
     if ref in BUILTIN_DATASETS:
-        module = BUILTIN_DATASETS[ref]
+        builtin = BUILTIN_DATASETS[ref]
         for split in splits:
-            if split not in module.SPLIT_SIZES:
-                raise RefError(f"dataset {ref!r} has splits {', '.join(module.SPLIT_SIZES)}, not {split!r}")
-        missing = [c for c in columns if c not in module.COLUMNS]
+            if split not in builtin.split_sizes:
+                raise InputError(f"dataset {ref!r} has splits {', '.join(builtin.split_sizes)}, not {split!r}")
+        missing = [c for c in columns if c not in builtin.column_names]
         if missing:
-            raise RefError(f"dataset {ref!r} has columns {', '.join(module.COLUMNS)}; no column {missing[0]!r}")
+            raise InputError(f"dataset {ref!r} has columns {', '.join(builtin.column_names)}; "
+                             f"no column {missing[0]!r}")
         return "builtin"
     if looks_like_path(ref):
-        from worker.data import files as datafiles
-
         for split in splits:
             source = datafiles.locate(ref, split)
             found = datafiles.columns(source)
             if not found:
-                raise RefError(f"dataset file {source.path} is empty")
+                raise InputError(f"dataset file {source.path} is empty")
             _check_columns(f"dataset {'folder' if source.path.is_dir() else 'file'} {source.path}", found, columns,
                            data_format)
         return "local"
     if HUB_ID.match(ref) or re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", ref):
         _check_hub(ref, "dataset")
         return "hub"
-    raise RefError(f"unknown dataset {ref!r}")
+    raise InputError(f"unknown dataset {ref!r}")

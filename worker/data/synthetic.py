@@ -3,131 +3,62 @@
 Each example is a short SAMSum-style chat between two people about one of several everyday scenarios. Names,
 places, days, times, items and phrasings are drawn at random, and some dialogues carry small talk that is not part
 of the summary, so a model has to read the dialogue to write the summary. The whole dataset is a deterministic
-function of the seed: the same seed always gives the same splits, byte for byte.
+function of the seed: the same seed always gives the same splits, byte for byte. The names, places, phrasings and
+scenarios are data, in dialogue_templates.yaml beside this file.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
+import yaml
+
+from models.builtins import BUILTIN_DATASETS
+
 NAME = "synthetic-dialogsum"
-COLUMNS = ("dialogue", "summary")
-SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
+SPLIT_SIZES = BUILTIN_DATASETS[NAME].split_sizes
 DEFAULT_SEED = 1234
 SMALL_TALK_RATE = 0.4
 
-NAMES = [
-    "Anna", "Tom", "Maria", "John", "Lucy", "Peter", "Emma", "Jack", "Sofia", "Paul", "Nina", "Mark", "Olivia",
-    "Sam", "Grace", "Leo", "Chloe", "Adam", "Julia", "Ben", "Kate", "Oscar", "Mia", "Victor", "Hannah", "Ryan",
-    "Laura", "Ethan", "Zoe", "David", "Alice", "Henry", "Eva", "Daniel", "Ruby", "Felix", "Ella", "Hugo",
-]
-PLACES = [
-    "cinema", "park", "library", "museum", "cafe", "station", "gym", "beach", "mall", "restaurant", "theatre",
-    "stadium", "zoo", "bakery", "office", "pool", "market", "hotel", "church", "bridge",
-]
-ACTIVITIES = [
-    ("watch a film", "watch a film"), ("have lunch", "have lunch"), ("play tennis", "play tennis"),
-    ("study", "study"), ("go for a walk", "go for a walk"), ("have coffee", "have coffee"),
-    ("see the new exhibition", "see the new exhibition"), ("play chess", "play chess"), ("go swimming", "go swimming"),
-    ("have dinner", "have dinner"),
-]
-DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-TIMES = ["8 am", "9 am", "10 am", "11 am", "noon", "1 pm", "2 pm", "3 pm", "4 pm", "5 pm", "6 pm", "7 pm", "8 pm"]
-ITEMS = [
-    "apples", "eggs", "tickets", "batteries", "flowers", "candles", "bananas", "cookies", "stamps", "pencils",
-    "bottles of water", "loaves of bread", "notebooks", "oranges",
-]
-COUNTS = ["two", "three", "four", "five", "six", "ten", "twelve"]
-SHOPS = ["supermarket", "corner shop", "market", "pharmacy", "kiosk", "bakery"]
-LOST_THINGS = ["keys", "wallet", "phone", "umbrella", "glasses", "scarf", "laptop", "jacket", "bag", "watch"]
-EVENTS = ["meeting", "class", "interview", "party", "concert", "match", "wedding", "exam"]
-REASONS = ["traffic", "the rain", "a flat tyre", "a cancelled train", "a long queue", "a power cut", "the snow"]
-APPOINTMENTS = ["dentist appointment", "haircut", "doctor appointment", "yoga class", "piano lesson", "job interview"]
-SMALL_TALK = [
-    ("How are you?", "Fine, thanks. A bit tired."),
-    ("Did you see the weather today?", "Yes, it is quite cold."),
-    ("How was your weekend?", "Quiet, I mostly read."),
-    ("Is your sister back from her trip?", "Not yet, next week."),
-    ("Busy day?", "As always."),
-]
+TEMPLATES = yaml.safe_load((Path(__file__).with_name("dialogue_templates.yaml")).read_text(encoding="utf-8"))
+NAMES = TEMPLATES["pools"]["names"]
+SMALL_TALK = TEMPLATES["small_talk"]
 
 
-def _meeting(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
-    phrase, summary_phrase = r.choice(ACTIVITIES)
-    place, day, time = r.choice(PLACES), r.choice(DAYS), r.choice(TIMES)
-    opener = r.choice([
-        f"Hi {b}! Do you want to {phrase} on {day}?",
-        f"{b}, are you free on {day}? We could {phrase}.",
-        f"Hey {b}, shall we {phrase} on {day}?",
-    ])
-    lines = [(a, opener)]
-    lines.append((b, r.choice(["Sure! Where?", "Good idea. Where shall we meet?", "Yes, why not. Where?"])))
-    lines.append((a, r.choice([f"At the {place} at {time}.", f"Let's meet at the {place}, {time}?",
-                               f"How about the {place} at {time}?"])))
-    lines.append((b, r.choice(["Perfect, see you there.", "Great, see you then!", "OK, deal."])))
-    return lines, f"{a} and {b} will {summary_phrase} at the {place} on {day} at {time}."
+@dataclass(frozen=True)
+class Scenario:
+    """One kind of chat from dialogue_templates.yaml: `slots` names the pool each slot draws from (in order; a key
+    of two names draws two distinct values); each line is (speaker "a" or "b", text or a list of texts to choose
+    from), with {slot} fields (a capitalised slot name gives the value capitalised); `summary` is the reference."""
+
+    name: str
+    slots: dict[str, str]
+    lines: list
+    summary: str
+
+    def render(self, r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
+        values = {"a": a, "b": b}
+        for names, pool in self.slots.items():
+            drawn = r.sample(TEMPLATES["pools"][pool], len(names.split())) if " " in names else \
+                [r.choice(TEMPLATES["pools"][pool])]
+            values.update(zip(names.split(), drawn))
+        values.update({k.capitalize(): v.capitalize() for k, v in list(values.items())})
+        speakers = {"a": a, "b": b}
+        lines = [(speakers[who], (text if isinstance(text, str) else r.choice(text)).format(**values))
+                 for who, text in self.lines]
+        return lines, self.summary.format(**values)
 
 
-def _shopping(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
-    count, item, shop = r.choice(COUNTS), r.choice(ITEMS), r.choice(SHOPS)
-    lines = [
-        (a, r.choice([f"{b}, are you going to the {shop}?", f"{b}, will you pass by the {shop} today?",
-                      f"Are you near the {shop}, {b}?"])),
-        (b, r.choice(["Yes, in an hour. Do you need anything?", "I am on my way. Why?", "Yes. Need something?"])),
-        (a, r.choice([f"Could you buy {count} {item} for me?", f"Please get me {count} {item}.",
-                      f"I need {count} {item}, could you get them?"])),
-        (b, r.choice(["No problem.", "Sure, I will.", "Of course."])),
-    ]
-    return lines, f"{a} asks {b} to buy {count} {item} at the {shop}."
-
-
-def _lost(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
-    thing, place, day = r.choice(LOST_THINGS), r.choice(PLACES), r.choice(DAYS)
-    lines = [
-        (a, r.choice([f"I think I lost my {thing} at the {place}.", f"Oh no, I left my {thing} at the {place}!",
-                      f"{b}, my {thing} is gone. I had it at the {place}."])),
-        (b, r.choice(["Oh no! When?", "Really? When was that?", "That is bad. When were you there?"])),
-        (a, f"On {day}."),
-        (b, r.choice(["I will help you look for it.", "Let's go back and look for it together.",
-                      "I can help you search."])),
-    ]
-    return lines, f"{a} lost the {thing} at the {place} on {day} and {b} will help to find it."
-
-
-def _late(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
-    event, reason, time = r.choice(EVENTS), r.choice(REASONS), r.choice(TIMES)
-    lines = [
-        (a, r.choice([f"{b}, I am going to be late for the {event}.", f"Sorry {b}, I will miss the start of the {event}.",
-                      f"Bad news, {b}: I am late for the {event}."])),
-        (b, r.choice(["What happened?", "Why?", "Oh, what is going on?"])),
-        (a, r.choice([f"Because of {reason}.", f"It is {reason}, sorry.", f"{reason.capitalize()}, again."])),
-        (b, "When will you get here?"),
-        (a, r.choice([f"Around {time}.", f"I hope by {time}.", f"At {time} I think."])),
-    ]
-    return lines, f"{a} is late for the {event} because of {reason} and will arrive at {time}."
-
-
-def _reschedule(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
-    appointment = r.choice(APPOINTMENTS)
-    old_day, new_day = r.sample(DAYS, 2)
-    lines = [
-        (a, f"Hello {b}, I have a {appointment} on {old_day}."),
-        (b, "Yes, I see it here."),
-        (a, r.choice([f"Can we move it to {new_day}?", f"Could I change it to {new_day}?",
-                      f"Is {new_day} possible instead?"])),
-        (b, r.choice([f"Yes, {new_day} is fine.", f"Sure, I moved it to {new_day}.", f"{new_day} works."])),
-    ]
-    return lines, f"{a} moves the {appointment} from {old_day} to {new_day} with {b}."
-
-
-SCENARIOS = [_meeting, _shopping, _lost, _late, _reschedule]
+SCENARIOS = [Scenario(**scenario) for scenario in TEMPLATES["scenarios"]]
 
 
 def make_example(r: random.Random) -> tuple[str, str]:
     """One (dialogue, summary) pair drawn from `r`."""
     a, b = r.sample(NAMES, 2)
-    lines, summary = r.choice(SCENARIOS)(r, a, b)
+    lines, summary = r.choice(SCENARIOS).render(r, a, b)
     if r.random() < SMALL_TALK_RATE:
         question, answer = r.choice(SMALL_TALK)
         lines = [(a, question), (b, answer)] + lines

@@ -10,10 +10,11 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
+from models.builtins import BUILTIN_DATASETS
+
 NAME = "synthetic-sentiment"
-COLUMNS = ("text", "label")
-LABELS = ("negative", "positive")
-SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
+SPLIT_SIZES = BUILTIN_DATASETS[NAME].split_sizes
+LABELS = BUILTIN_DATASETS[NAME].labels
 DEFAULT_SEED = 4321
 
 FILMS = ["The Long Road", "Night Harbour", "Paper Moons", "The Last Orchard", "Glass City", "Winter Tide",

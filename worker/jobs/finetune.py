@@ -1,5 +1,9 @@
-"""Fine-tuning: `train_adapter(spec, session, ...)` trains with any method (worker/methods.py) on any model kind
-(worker/features.py) and records the result.
+"""Fine-tuning: `train_adapter(spec, session, ...)` trains with any method (worker/ml/methods.py) on any model kind
+(worker/ml/kinds.py) and records the result.
+
+`train_adapter` reads as its steps: `prepare` (examples, labels, base model, features), `start_run` (optimizer,
+scheduler, resume from a checkpoint), `train_loop`, `save` (the adapter folder) and `record` (database rows and the
+summary). Checkpoint files are worker/jobs/checkpoint.py's.
 
 Batches are built from length-sorted windows with dynamic padding (labels padded with -100), so the loss is the
 target tokens' only and little compute goes to padding. A PEFT adapter is written in PEFT's own format
@@ -15,83 +19,207 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Optional
 
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
+from models.errors import JobCancelled, JobTimeLimit
 from models.results import Adapter, LossPoint
-from worker.ml.builtin import DEFAULT_PROMPT_TEMPLATE
-from worker.data.examples import examples_for
-from worker.faults import parse_faults
-from worker.ml.features import cached_encode, collate, label_tokens, pad  # noqa: F401 (pad: re-exported)
-from worker.ml.methods import (base_for, check_method_supported, classification_labels, parameter_counts, save_output,
-                            trainable_model)
-from worker.ml.model_cache import ModelCache
 from models.specs import FinetuneSpec
+from worker.data.examples import examples_for
+from worker.faults import Faults
+from worker.jobs import ProgressFn
+from worker.jobs.checkpoint import TrainState, checkpoint_dir, load_checkpoint, save_checkpoint, trainable_state
+from worker.ml.features import cached_encode, collate, label_tokens
+from worker.ml.kinds import resolve_model_kind
+from worker.ml.methods import (base_for, check_method_supported, classification_labels, parameter_counts, save_output,
+                               trainable_model)
+from worker.ml.model_cache import LoadedModel, ModelCache
 
 log = logging.getLogger("tunequeue.train")
-ProgressFn = Callable[[dict], bool]  # returns True when the job should stop (cancel requested)
 LOG_EVERY = 10
 
 
-class JobCancelled(Exception):
-    pass
+@dataclass
+class Prepared:
+    """What training needs before the model is made trainable: the base, the features and how many steps."""
 
+    loaded: LoadedModel
+    labels: Optional[list[str]]  # classification labels in head order; None for other kinds
+    features: list[dict]
+    from_cache: bool  # the training features came from the tokenization cache
+    evaluation: Optional[list[dict]]  # held-out features; None without an eval split
+    total_steps: int
+    eval_every: int
 
-class JobTimeLimit(Exception):
-    pass
+    @property
+    def lengths(self) -> list[int]:
+        return [len(f["input_ids"]) for f in self.features]
+
+    @property
+    def pad_id(self) -> int:
+        return self.loaded.tokenizer.pad_token_id
 
 
 @dataclass
-class TrainState:
-    """Everything a resumed run needs besides model, optimizer and scheduler: where it is in the data."""
+class Run:
+    """One training run in progress: the model and its optimizer, where it is, and what it has measured so far."""
 
-    batches: list
-    position: int = 0
-    step: int = 0
-    best_eval: Optional[float] = None
-    last_eval: Optional[float] = None
-    evals_without_gain: int = 0
-    stopped_early: bool = False
-    micro_batches: int = 1
-    curve: dict = field(default_factory=dict)
+    spec: FinetuneSpec
+    prepared: Prepared
+    model: Any
+    params: list
+    optimizer: Any
+    scheduler: Any
+    rng: random.Random
+    state: TrainState
+    counts: tuple[int, int]  # trainable and total parameters
+    checkpoints: Optional[Path]
+    faults: Faults
+    on_progress: Optional[ProgressFn]
+    started: float
+    resumed_from: int = 0
+    initial_eval: Optional[float] = None
+    recent: list = field(default_factory=list)  # loss tensors since the last log, read once per interval
+    best_weights: Optional[dict] = None  # kept for early stopping
+    last_save: float = 0.0
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, rng: random.Random, state: TrainState) -> None:
-    """Adapter weights, optimizer, scheduler, RNG states and data position, written atomically."""
+def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home: Path, *,
+                  job_id: Optional[int] = None, on_progress: Optional[ProgressFn] = None,
+                  faults: Optional[Faults] = None) -> dict:
+    """Fine-tune `spec.model` with `spec.method` and record the adapter (or full model) row; returns a summary."""
     import torch
 
-    directory.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "adapter": trainable_state(model),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": asdict(state),
-    }
-    staging = directory / "checkpoint.pt.tmp"
-    torch.save(payload, staging)
-    os.replace(staging, directory / "checkpoint.pt")
+    started = time.monotonic()
+    random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    check_method_supported(spec, cache.device)
+    spec = resolve_model_kind(spec)
+    prepared = prepare(spec, cache, home)
+    if job_id is not None:
+        session.execute(delete(LossPoint).where(LossPoint.job_id == job_id))  # a re-run draws its curve anew
+        session.commit()
+    checkpoints = checkpoint_dir(home, job_id)
+    with trainable_model(spec, cache, prepared.loaded, spec.model_kind) as model:
+        run = start_run(spec, prepared, model, checkpoints, faults or Faults(), on_progress, started)
+        train_loop(run)
+        out_dir = save(run, home)
+    if checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is saved; the checkpoint has served
+    return record(run, session, home, out_dir, job_id=job_id, base_loads=cache.loads)
 
 
-def load_checkpoint(directory: Optional[Path], model, optimizer, scheduler, rng: random.Random,
-                    state: TrainState) -> int:
-    """Restore a checkpoint into the objects given; returns the step it resumes from (0: none)."""
+def prepare(spec: FinetuneSpec, cache: ModelCache, home: Path) -> Prepared:
+    """Examples read and tokenized (through the cache), labels found, the base model loaded, step counts set."""
+    # a --train-limit takes a random subset chosen by the seed, not the file's first rows
+    examples = examples_for(spec, spec.train_split, target_column=spec.target_column, limit=spec.train_limit,
+                            shuffle=spec.train_limit is not None)
+    labels = classification_labels(cache.resolve(spec.model), [e["target"] for e in examples]) \
+        if spec.model_kind == "classification" else None
+    loaded = base_for(spec, cache, spec.model_kind, labels)
+    encoding = {"max_source_length": spec.max_source_length, "max_target_length": spec.max_target_length,
+                "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
+    features, from_cache = cached_encode(home, spec.model_kind, loaded.tokenizer, examples, **encoding)
+    evaluation = held_out_features(spec, home, loaded.tokenizer, encoding) if spec.eval_split else None
+    steps_per_epoch = math.ceil(len(examples) / spec.per_device_train_batch_size)
+    return Prepared(loaded=loaded, labels=labels, features=features, from_cache=from_cache, evaluation=evaluation,
+                    total_steps=spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.num_train_epochs)),
+                    eval_every=spec.eval_steps or steps_per_epoch)
+
+
+def held_out_features(spec: FinetuneSpec, home: Path, tokenizer, encoding: dict) -> Optional[list[dict]]:
+    """Features of the eval split (only examples with a known label, for classification); None when empty."""
+    held_out = examples_for(spec, spec.eval_split, target_column=spec.target_column, limit=spec.eval_limit)
+    if encoding["label2id"]:
+        held_out = [e for e in held_out if e["target"] in encoding["label2id"]]
+    return cached_encode(home, spec.model_kind, tokenizer, held_out, **encoding)[0] or None
+
+
+def start_run(spec: FinetuneSpec, prepared: Prepared, model, checkpoints: Optional[Path], faults: Faults,
+              on_progress: Optional[ProgressFn], started: float) -> Run:
+    """Optimizer, scheduler and the first epoch's batches, restored from a checkpoint when there is one; a fresh
+    run measures the untrained eval loss, so "evaluation improved" has a number to beat."""
+    counts = parameter_counts(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(spec, params, prepared.loaded.device, prepared.total_steps)
+    model.train()
+    rng = random.Random(spec.seed)
+    state = TrainState(batches=epoch_batches(spec, prepared, rng))
+    run = Run(spec=spec, prepared=prepared, model=model, params=params, optimizer=optimizer, scheduler=scheduler,
+              rng=rng, state=state, counts=counts, checkpoints=checkpoints, faults=faults, on_progress=on_progress,
+              started=started)
+    run.resumed_from = load_checkpoint(checkpoints, model, optimizer, scheduler, rng, state)
+    if prepared.evaluation and not run.resumed_from:
+        run.initial_eval = eval_loss(model, prepared.evaluation, prepared.pad_id, prepared.loaded.device,
+                                     spec.per_device_train_batch_size)
+    run.last_save = time.monotonic()
+    return run
+
+
+def make_optimizer(spec: FinetuneSpec, params: list, device: str, total_steps: int):
+    """AdamW with linear warmup (at most a tenth of the steps) then linear decay to zero."""
     import torch
 
-    if directory is None or not (directory / "checkpoint.pt").exists():
-        return 0
-    payload = torch.load(directory / "checkpoint.pt", weights_only=False)
-    model.load_state_dict(payload["adapter"], strict=False)
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    rng.setstate(payload["python_rng"])
-    torch.set_rng_state(payload["torch_rng"])
-    for key, value in payload["state"].items():
-        setattr(state, key, value)
-    state.curve = {int(k): v for k, v in state.curve.items()}
-    return state.step
+    fused = {"fused": True} if str(device).startswith("cuda") else {}
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, **fused)
+    warmup = min(spec.warmup_steps, total_steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) * max(0.0, 1 - s / total_steps))
+    return optimizer, scheduler
+
+
+def epoch_batches(spec: FinetuneSpec, prepared: Prepared, rng: random.Random) -> list[list[int]]:
+    return length_bucketed_batches(prepared.lengths, spec.per_device_train_batch_size, rng,
+                                   max_tokens=spec.max_tokens_per_batch)
+
+
+def train_loop(run: Run) -> None:
+    """Train to `total_steps` or until early stopping; raises JobCancelled or JobTimeLimit (checkpoint kept)."""
+    state = run.state
+    while state.step < run.prepared.total_steps and not state.stopped_early:
+        if state.position >= len(state.batches):  # next epoch
+            state.batches, state.position = epoch_batches(run.spec, run.prepared, run.rng), 0
+        loss = train_step(run, state.batches[state.position])
+        run.recent.append(loss.detach())
+        run.faults.maybe_crash(state.step)
+        evaluate(run)
+        report(run)
+        checkpoint_if_due(run)
+        stop_at_time_limit(run)
+
+
+def train_step(run: Run, batch: list[int]):
+    """One optimizer step on `batch`; returns its loss. Out of memory halves the micro-batch and tries again, with
+    gradient accumulation keeping the effective batch the same."""
+    import torch
+
+    state = run.state
+    while True:
+        try:
+            run.faults.maybe_oom(state.step + 1, state.micro_batches)
+            loss = _train_batch(run.model, batch, run.prepared.features, run.prepared.pad_id,
+                                run.prepared.loaded.device, state.micro_batches)
+            break
+        except torch.cuda.OutOfMemoryError:
+            run.optimizer.zero_grad(set_to_none=True)
+            if math.ceil(len(batch) / state.micro_batches) <= 1:
+                raise
+            state.micro_batches *= 2
+            log.warning("out of memory at step %s: micro-batch now %s", state.step + 1,
+                        math.ceil(len(batch) / state.micro_batches))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    torch.nn.utils.clip_grad_norm_(run.params, run.spec.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.position += 1
+    state.step += 1
+    return loss
 
 
 def _train_batch(model, batch, features, pad_id, device, micro_batches: int):
@@ -109,6 +237,142 @@ def _train_batch(model, batch, features, pad_id, device, micro_batches: int):
         weighted = loss.detach() * len(part) / len(batch)
         total = weighted if total is None else total + weighted
     return total
+
+
+def evaluate(run: Run) -> None:
+    """Every `eval_every` steps and at the last: the held-out loss; early stopping keeps the best weights seen and
+    stops after `early_stopping_patience` evaluations without a gain."""
+    spec, state, prepared = run.spec, run.state, run.prepared
+    if not prepared.evaluation or (state.step % prepared.eval_every and state.step != prepared.total_steps):
+        return
+    loss = eval_loss(run.model, prepared.evaluation, prepared.pad_id, prepared.loaded.device,
+                     spec.per_device_train_batch_size)
+    state.curve.setdefault(state.step, {})["eval_loss"] = loss
+    if state.best_eval is None or loss < state.best_eval:
+        state.best_eval, state.evals_without_gain = loss, 0
+        if spec.early_stopping_patience:
+            run.best_weights = trainable_state(run.model, clone=True)
+    else:
+        state.evals_without_gain += 1
+        if spec.early_stopping_patience and state.evals_without_gain >= spec.early_stopping_patience:
+            state.stopped_early = True
+    state.last_eval = loss
+
+
+def report(run: Run) -> None:
+    """Every LOG_EVERY steps, at the last and on early stopping: the mean recent loss into the curve and to
+    `on_progress`; when that asks for a cancel, checkpoint and raise JobCancelled."""
+    import torch
+
+    state, step = run.state, run.state.step
+    if step % LOG_EVERY and step != run.prepared.total_steps and not state.stopped_early:
+        return
+    run.recent = run.recent[-LOG_EVERY:]
+    mean_loss = float(torch.stack(run.recent).mean())  # one sync per logging interval
+    state.curve.setdefault(step, {})["train_loss"] = mean_loss
+    progress = {"step": step, "total_steps": run.prepared.total_steps, "loss": round(mean_loss, 4)}
+    if state.last_eval is not None:
+        progress["eval_loss"] = round(state.last_eval, 4)
+    if run.resumed_from:
+        progress["resumed_from_step"] = run.resumed_from
+    if run.on_progress and run.on_progress(progress):
+        if run.checkpoints:
+            write_checkpoint(run, "cancelled")
+        raise JobCancelled(f"cancelled at step {step}" + (" (checkpoint kept)" if run.checkpoints else ""))
+
+
+def checkpoint_if_due(run: Run) -> None:
+    """A checkpoint every `checkpoint_every_steps` steps, and every `checkpoint_every_minutes` since the last one."""
+    spec = run.spec
+    due_by_time = (spec.checkpoint_every_minutes is not None
+                   and time.monotonic() - run.last_save > 60 * spec.checkpoint_every_minutes)
+    due_by_step = spec.checkpoint_every_steps and run.state.step % spec.checkpoint_every_steps == 0
+    if run.checkpoints and (due_by_step or due_by_time):
+        write_checkpoint(run, "periodic")
+        run.last_save = time.monotonic()
+
+
+def stop_at_time_limit(run: Run) -> None:
+    """Past `time_limit_s` with steps left: checkpoint and raise JobTimeLimit, so a re-run resumes here."""
+    spec, step = run.spec, run.state.step
+    if spec.time_limit_s and time.monotonic() - run.started > spec.time_limit_s and step < run.prepared.total_steps:
+        if run.checkpoints:
+            write_checkpoint(run, "time limit")
+        raise JobTimeLimit(f"time limit of {spec.time_limit_s:g}s reached at step {step}"
+                           + (" (checkpoint kept; a re-run resumes there)" if run.checkpoints else ""))
+
+
+def write_checkpoint(run: Run, reason: str) -> None:
+    save_checkpoint(run.checkpoints, run.model, run.optimizer, run.scheduler, run.rng, run.state)
+    log.info("checkpoint at step %s (%s)", run.state.step, reason)
+
+
+def save(run: Run, home: Path) -> Path:
+    """Write the adapter (or full model) to `adapters/NAME` through a staging folder renamed at the end, so a crash
+    never leaves a half-written folder under that name; returns the folder."""
+    if run.best_weights is not None:  # early stopping keeps the best evaluated weights
+        run.model.load_state_dict(run.best_weights, strict=False)
+    run.model.eval()
+    out_dir = home / "adapters" / run.spec.name
+    staging = home / "adapters" / f".{run.spec.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_output(run.spec, run.model, run.prepared.loaded, staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return out_dir
+
+
+def record(run: Run, session: Session, home: Path, out_dir: Path, *, job_id: Optional[int], base_loads: int) -> dict:
+    """The Adapter row (replacing any of the same name: a re-run or --replace) and the loss curve's rows; returns
+    the job's summary."""
+    spec, state, labels = run.spec, run.state, run.prepared.labels
+    duration = time.monotonic() - run.started
+    final_loss = final_train_loss(run)
+    trainable, total = run.counts
+    hyperparameters = {**spec.hyperparameters, **({"labels": labels} if labels else {})}
+    session.execute(delete(Adapter).where(Adapter.name == spec.name))
+    adapter = Adapter(name=spec.name, job_id=job_id, base_model=spec.model, method=spec.method,
+                      model_kind=spec.model_kind, hyperparameters=hyperparameters, path=str(out_dir.relative_to(home)),
+                      size_bytes=dir_size(out_dir), trainable_params=trainable, total_params=total,
+                      train_loss=final_loss, eval_loss=state.last_eval, best_eval_loss=state.best_eval,
+                      duration_s=duration)
+    session.add(adapter)
+    if job_id is not None:
+        session.add_all([LossPoint(job_id=job_id, step=s, train_loss=point.get("train_loss"),
+                                   eval_loss=point.get("eval_loss")) for s, point in sorted(state.curve.items())])
+    session.commit()
+    return summary(run, adapter, final_loss, duration, base_loads)
+
+
+def summary(run: Run, adapter: Adapter, final_loss: float, duration: float, base_loads: int) -> dict:
+    spec, state, prepared = run.spec, run.state, run.prepared
+    trainable, total = run.counts
+    return {"adapter_id": adapter.id, "adapter": spec.name, "method": spec.method, "model_kind": spec.model_kind,
+            "steps": state.step, "total_steps": prepared.total_steps, "stopped_early": state.stopped_early,
+            "train_loss": round(final_loss, 4), "initial_eval_loss": rounded(run.initial_eval),
+            "eval_loss": rounded(state.last_eval), "best_eval_loss": rounded(state.best_eval),
+            "first_train_loss": next((p["train_loss"] for _, p in sorted(state.curve.items()) if "train_loss" in p),
+                                     None),
+            "trainable_params": trainable, "total_params": total,
+            "percent_trainable": round(100 * trainable / total, 4) if total else None,
+            "size_bytes": adapter.size_bytes, "duration_s": round(duration, 2), "base_loads": base_loads,
+            "tokenized_from_cache": prepared.from_cache, "resumed_from_step": run.resumed_from,
+            "micro_batch_size": math.ceil(spec.per_device_train_batch_size / state.micro_batches)}
+
+
+def final_train_loss(run: Run) -> float:
+    """Mean of the last LOG_EVERY step losses; a run resumed at its very end takes the curve's last one."""
+    import torch
+
+    recent, curve = run.recent, run.state.curve
+    if not recent:  # resumed at the very end
+        recent = [torch.tensor(curve[max(curve)].get("train_loss", float("nan")))] if curve else [torch.tensor(0.0)]
+    return float(torch.stack(recent[-LOG_EVERY:]).mean())
+
+
+def rounded(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 4)
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, window: int = 50,
@@ -155,193 +419,3 @@ def eval_loss(model, features: list[dict], pad_id: int, device: str, batch_size:
             tokens += n
     model.train(was_training)
     return total / max(tokens, 1)
-
-
-def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home: Path, *,
-                  job_id: Optional[int] = None, on_progress: Optional[ProgressFn] = None) -> dict:
-    """Fine-tune `spec.model` with `spec.method` and record the adapter (or full model) row; returns a summary."""
-    import torch
-
-    started = time.monotonic()
-    random.seed(spec.seed)
-    torch.manual_seed(spec.seed)
-    check_method_supported(spec, cache.device)
-    task = spec.task or cache.task_of(spec.model)
-    spec = with_task_defaults(spec, task)
-    target_column = spec.label_column if task == "classification" else spec.summary_column
-    # a --train-limit takes a random subset chosen by the seed, not the file's first rows
-    examples = examples_for(spec, spec.train_split, target_column=target_column, limit=spec.train_limit,
-                            shuffle=spec.train_limit is not None)
-    labels = classification_labels(cache.resolve(spec.model), [e["target"] for e in examples]) \
-        if task == "classification" else None
-    loaded = base_for(spec, cache, task, labels)
-    tokenizer = loaded.tokenizer
-    encoding = {"max_source_length": spec.max_source_length, "max_target_length": spec.max_target_length,
-                "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
-    features, from_cache = cached_encode(home, task, tokenizer, examples, **encoding)
-    evaluation = None
-    if spec.eval_split:
-        held_out = examples_for(spec, spec.eval_split, target_column=target_column, limit=spec.eval_limit)
-        if labels:
-            held_out = [e for e in held_out if e["target"] in encoding["label2id"]]
-        evaluation = cached_encode(home, task, tokenizer, held_out, **encoding)[0] or None
-    if job_id is not None:
-        session.execute(delete(LossPoint).where(LossPoint.job_id == job_id))  # a re-run draws its curve anew
-        session.commit()
-    curve: dict[int, dict] = {}
-    recent: list = []
-    last_eval = None
-    rng = random.Random(spec.seed)
-    steps_per_epoch = math.ceil(len(examples) / spec.per_device_train_batch_size)
-    total_steps = spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.num_train_epochs))
-
-    checkpoint_dir = home / "checkpoints" / f"job-{job_id}" if job_id is not None else None
-    faults = parse_faults(os.environ.get("TUNEQUEUE_FAULTS", ""))
-    with trainable_model(spec, cache, loaded, task) as model:
-        trainable, total = parameter_counts(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        on_cuda = str(loaded.device).startswith("cuda")
-        optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, **({"fused": True} if on_cuda else {}))
-        warmup = min(spec.warmup_steps, total_steps // 10)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) * max(0.0, 1 - s / total_steps))
-        model.train()
-        pad_id = tokenizer.pad_token_id
-        lengths = [len(f["input_ids"]) for f in features]
-        eval_every = spec.eval_steps or steps_per_epoch
-        batching = {"max_tokens": spec.max_tokens_per_batch}
-        state = TrainState(batches=length_bucketed_batches(lengths, spec.per_device_train_batch_size, rng,
-                                                           **batching))
-        resumed_from = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, rng, state)
-        initial_eval = None  # the untrained starting point, so "evaluation improved" has a number to beat
-        if evaluation and not resumed_from:
-            initial_eval = eval_loss(model, evaluation, pad_id, loaded.device, spec.per_device_train_batch_size)
-        if resumed_from:
-            curve.update(state.curve)
-        best_state = None
-        micro_batches = state.micro_batches
-        last_save = time.monotonic()
-
-        def save(reason: str) -> None:
-            state.curve, state.micro_batches = curve, micro_batches
-            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, rng, state)
-            log.info("checkpoint at step %s (%s)", state.step, reason)
-
-        while state.step < total_steps and not state.stopped_early:
-            if state.position >= len(state.batches):  # next epoch
-                state.batches, state.position = length_bucketed_batches(
-                    lengths, spec.per_device_train_batch_size, rng, **batching), 0
-            batch = state.batches[state.position]
-            while True:
-                try:
-                    faults.maybe_oom(state.step + 1, micro_batches)
-                    loss = _train_batch(model, batch, features, pad_id, loaded.device, micro_batches)
-                    break
-                except torch.cuda.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    if math.ceil(len(batch) / micro_batches) <= 1:
-                        raise
-                    micro_batches *= 2  # same effective batch through gradient accumulation
-                    log.warning("out of memory at step %s: micro-batch now %s", state.step + 1,
-                                math.ceil(len(batch) / micro_batches))
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.position += 1
-            state.step += 1
-            step = state.step
-            recent.append(loss.detach())
-            faults.maybe_crash(step)
-            if evaluation and (step % eval_every == 0 or step == total_steps):
-                last_eval = eval_loss(model, evaluation, pad_id, loaded.device, spec.per_device_train_batch_size)
-                curve.setdefault(step, {})["eval_loss"] = last_eval
-                if state.best_eval is None or last_eval < state.best_eval:
-                    state.best_eval, state.evals_without_gain = last_eval, 0
-                    if spec.early_stopping_patience:
-                        best_state = trainable_state(model, clone=True)
-                else:
-                    state.evals_without_gain += 1
-                    if spec.early_stopping_patience and state.evals_without_gain >= spec.early_stopping_patience:
-                        state.stopped_early = True
-                state.last_eval = last_eval
-            if step % LOG_EVERY == 0 or step == total_steps or state.stopped_early:
-                recent = recent[-LOG_EVERY:]
-                mean_loss = float(torch.stack(recent).mean())  # one sync per logging interval
-                curve.setdefault(step, {})["train_loss"] = mean_loss
-                progress = {"step": step, "total_steps": total_steps, "loss": round(mean_loss, 4)}
-                if state.last_eval is not None:
-                    progress["eval_loss"] = round(state.last_eval, 4)
-                if resumed_from:
-                    progress["resumed_from_step"] = resumed_from
-                if on_progress and on_progress(progress):
-                    if checkpoint_dir:
-                        save("cancelled")
-                    raise JobCancelled(f"cancelled at step {step}" + (" (checkpoint kept)" if checkpoint_dir else ""))
-            due_by_time = (spec.checkpoint_every_minutes is not None
-                           and time.monotonic() - last_save > 60 * spec.checkpoint_every_minutes)
-            if checkpoint_dir and ((spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0)
-                                   or due_by_time):
-                save("periodic")
-                last_save = time.monotonic()
-            if spec.time_limit_s and time.monotonic() - started > spec.time_limit_s and step < total_steps:
-                if checkpoint_dir:
-                    save("time limit")
-                raise JobTimeLimit(f"time limit of {spec.time_limit_s:g}s reached at step {step}"
-                                   + (" (checkpoint kept; a re-run resumes there)" if checkpoint_dir else ""))
-        step, last_eval, best_eval, stopped_early = state.step, state.last_eval, state.best_eval, state.stopped_early
-        if not recent:  # resumed at the very end
-            recent = [torch.tensor(curve[max(curve)].get("train_loss", float("nan")))] if curve else [torch.tensor(0.0)]
-        final_loss = float(torch.stack(recent[-LOG_EVERY:]).mean())
-        if best_state is not None:  # early stopping keeps the best evaluated weights
-            model.load_state_dict(best_state, strict=False)
-        model.eval()
-        out_dir = home / "adapters" / spec.name
-        staging = home / "adapters" / f".{spec.name}.staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_output(spec, model, loaded, staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is saved; the checkpoint has served
-
-    duration = time.monotonic() - started
-    hyperparameters = {**spec.hyperparameters, **({"labels": labels} if labels else {})}
-    session.execute(delete(Adapter).where(Adapter.name == spec.name))  # a re-run (or --replace) replaces the row
-    adapter = Adapter(name=spec.name, job_id=job_id, base_model=spec.model, method=spec.method, task=task,
-                      hyperparameters=hyperparameters, path=str(out_dir.relative_to(home)),
-                      size_bytes=dir_size(out_dir), trainable_params=trainable, total_params=total,
-                      train_loss=final_loss, eval_loss=last_eval, best_eval_loss=best_eval, duration_s=duration)
-    session.add(adapter)
-    if job_id is not None:
-        session.add_all([LossPoint(job_id=job_id, step=s, train_loss=point.get("train_loss"),
-                                   eval_loss=point.get("eval_loss")) for s, point in sorted(curve.items())])
-    session.commit()
-    return {"adapter_id": adapter.id, "adapter": spec.name, "method": spec.method, "task": task, "steps": step,
-            "total_steps": total_steps, "stopped_early": stopped_early, "train_loss": round(final_loss, 4),
-            "initial_eval_loss": None if initial_eval is None else round(initial_eval, 4),
-            "eval_loss": None if last_eval is None else round(last_eval, 4),
-            "best_eval_loss": None if best_eval is None else round(best_eval, 4),
-            "first_train_loss": next((p["train_loss"] for _, p in sorted(curve.items()) if "train_loss" in p), None),
-            "trainable_params": trainable, "total_params": total,
-            "percent_trainable": round(100 * trainable / total, 4) if total else None,
-            "size_bytes": adapter.size_bytes, "duration_s": round(duration, 2), "base_loads": cache.loads,
-            "tokenized_from_cache": from_cache, "resumed_from_step": resumed_from,
-            "micro_batch_size": math.ceil(spec.per_device_train_batch_size / micro_batches)}
-
-
-def with_task_defaults(spec, task: str):
-    """The spec with its task filled in; classification reads the bare text unless a template was chosen."""
-    update: dict = {"task": task}
-    if task == "classification" and spec.prompt_template == DEFAULT_PROMPT_TEMPLATE:
-        update["prompt_template"] = "{text}"
-    return spec.model_copy(update=update)
-
-
-def trainable_state(model, clone: bool = False) -> dict:
-    """The weights this run trains (LoRA layers, virtual tokens, heads, or everything for full fine-tuning)."""
-    return {name: (p.detach().clone() if clone else p.detach().cpu()) for name, p in model.named_parameters()
-            if p.requires_grad}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +20,17 @@ from typing import Callable, ContextManager, Iterator, Optional
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.errors import JobCancelled, NotFound
 from models.results import Adapter, Generation
-from worker.ml import multi_lora
+from models.specs import GenerateSpec
 from worker.data.examples import examples_for
-from worker.faults import parse_faults
+from worker.faults import Faults
+from worker.jobs import ProgressFn
+from worker.ml import multi_lora
 from worker.ml.features import attention_mask, pad
+from worker.ml.kinds import resolve_model_kind
 from worker.ml.methods import classification_labels
 from worker.ml.model_cache import LoadedModel, ModelCache
-from models.specs import GenerateSpec
-from worker.jobs.finetune import JobCancelled, ProgressFn, with_task_defaults
 
 log = logging.getLogger("tunequeue.generate")
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
@@ -52,8 +53,8 @@ class Pass:
         return BASE_ADAPTER_NAME if self.variants[index][1] is None else f"adapter_{index}"
 
 
-def plan_passes(variants: list[tuple[str, Optional[Adapter]]], task: str) -> list[Pass]:
-    mixable = [v for v in variants if v[1] is not None and v[1].method == "lora" and task != "classification"]
+def plan_passes(variants: list[tuple[str, Optional[Adapter]]], model_kind: str) -> list[Pass]:
+    mixable = [v for v in variants if v[1] is not None and v[1].method == "lora" and model_kind != "classification"]
     if len(mixable) < 2:
         return [Pass([v]) for v in variants]
     if any(v[1] is None for v in variants):
@@ -68,7 +69,7 @@ def _adapters(spec: GenerateSpec, session: Session) -> list[tuple[str, Optional[
     found = {a.name: a for a in session.scalars(select(Adapter).where(Adapter.name.in_(names)))}
     missing = [n for n in names if n not in found and n != "base"]
     if missing:
-        raise LookupError(f"adapter {missing[0]!r} does not exist")
+        raise NotFound(f"adapter {missing[0]!r} does not exist")
     return [(n, found.get(n)) for n in names]  # "base" (no adapter) may ride along in a list
 
 
@@ -76,11 +77,11 @@ Rows = Callable[[list[str]], ContextManager[dict]]  # a batch's variants → ext
 
 
 @contextlib.contextmanager
-def _pass_model(p: Pass, cache: ModelCache, spec: GenerateSpec, task: str, home: Path,
+def _pass_model(p: Pass, cache: ModelCache, spec: GenerateSpec, model_kind: str, home: Path,
                 labels: Optional[list[str]]) -> Iterator[tuple[object, LoadedModel, Optional[Rows]]]:
     adapter = p.variants[0][1]
     if p.mixed:
-        loaded = cache.get(spec.model, task)
+        loaded = cache.get(spec.model, model_kind)
         paths = [home / a.path if a is not None else None for _, a in p.variants]
         names = [name for name, _ in p.variants]
         if all(multi_lora.supported(path) for path in paths if path is not None):
@@ -96,11 +97,11 @@ def _pass_model(p: Pass, cache: ModelCache, spec: GenerateSpec, task: str, home:
                                                                                          for v in batch]})
         return
     if adapter is not None and adapter.method == "full":  # a whole fine-tuned model: its own cache entry
-        loaded = cache.get(str(home / adapter.path), task, labels=labels)
+        loaded = cache.get(str(home / adapter.path), model_kind, labels=labels)
         p.applied_by = "full model"
         yield loaded.model, loaded, None
         return
-    loaded = cache.get(spec.model, task, labels=labels, load_in_4bit=adapter is not None and adapter.method == "qlora")
+    loaded = cache.get(spec.model, model_kind, labels=labels, load_in_4bit=adapter is not None and adapter.method == "qlora")
     if adapter is not None and adapter.method == "lora" and multi_lora.supported(home / adapter.path):
         # merged into copies of its target layers: the base's speed, no LoRA matmuls at every decoding step
         with cache.with_merged_lora(loaded, home / adapter.path) as model:
@@ -118,13 +119,13 @@ def _in_scope(scope: ContextManager) -> Iterator[dict]:
         yield {}
 
 
-def _run_batch(model, loaded: LoadedModel, task: str, spec: GenerateSpec, ids: list[list[int]],
+def _run_batch(model, loaded: LoadedModel, model_kind: str, spec: GenerateSpec, ids: list[list[int]],
                extra: dict, labels: Optional[list[str]]) -> list[str]:
     tokenizer, device = loaded.tokenizer, loaded.device
-    left = task == "causal"
+    left = model_kind == "causal"
     input_ids = pad(ids, tokenizer.pad_token_id, left=left).to(device)
     mask = attention_mask(ids, left=left).to(device)
-    if task == "classification":
+    if model_kind == "classification":
         logits = model(input_ids=input_ids, attention_mask=mask, **extra).logits
         return [labels[i] for i in logits.argmax(-1).tolist()]
     output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=spec.max_new_tokens,
@@ -136,31 +137,30 @@ def _run_batch(model, loaded: LoadedModel, task: str, spec: GenerateSpec, ids: l
 
 
 def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, home: Path, *,
-                       job_id: int, on_progress: Optional[ProgressFn] = None) -> dict:
+                       job_id: int, on_progress: Optional[ProgressFn] = None, faults: Optional[Faults] = None) -> dict:
     import torch
 
     started = time.monotonic()
-    task = spec.task or cache.task_of(spec.model)
-    spec = with_task_defaults(spec, task)
+    spec = resolve_model_kind(spec)
+    model_kind = spec.model_kind
+    faults = faults or Faults()
     variants = _adapters(spec, session)
-    target_column = spec.label_column if task == "classification" else spec.summary_column
-    examples = examples_for(spec, spec.split, target_column=target_column, limit=spec.limit)
+    examples = examples_for(spec, spec.split, target_column=spec.target_column, limit=spec.limit)
     done = set(session.execute(select(Generation.variant, Generation.example_id).where(
         Generation.job_id == job_id)).tuples())
     was_loaded = cache.is_loaded(spec.model)
-    faults = parse_faults(os.environ.get("TUNEQUEUE_FAULTS", ""))
     total, finished, batch_size, batch_number = len(examples) * len(variants), len(done), spec.batch_size, 0
-    passes = plan_passes(variants, task)
+    passes = plan_passes(variants, model_kind)
     for p in passes:
         items = [(name, adapter, e) for e in examples for name, adapter in p.variants if (name, e["id"]) not in done]
         if not items:
             continue
         labels = None
-        if task == "classification":
+        if model_kind == "classification":
             adapter = p.variants[0][1]
             labels = (adapter.hyperparameters.get("labels") if adapter is not None else None) or \
                 classification_labels(cache.resolve(spec.model), [e["target"] for e in examples])
-        with _pass_model(p, cache, spec, task, home, labels) as (model, loaded, rows), torch.inference_mode():
+        with _pass_model(p, cache, spec, model_kind, home, labels) as (model, loaded, rows), torch.inference_mode():
             encoded = loaded.tokenizer([e["source"] for _, _, e in items], truncation=True,
                                        max_length=spec.max_source_length)["input_ids"]
             order = sorted(range(len(items)), key=lambda i: (len(encoded[i]), items[i][0]))
@@ -172,7 +172,7 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
                 try:
                     faults.maybe_oom_batch(batch_number)
                     with scope as extra:
-                        predictions = _run_batch(model, loaded, task, spec, [encoded[i] for i in batch], extra,
+                        predictions = _run_batch(model, loaded, model_kind, spec, [encoded[i] for i in batch], extra,
                                                  labels)
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:
@@ -196,7 +196,7 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
     duration = time.monotonic() - started
     generated = finished - len(done)
     return {"variant": spec.variant if len(variants) == 1 else None, "variants": [v for v, _ in variants],
-            "task": task, "examples": len(examples), "rows": total, "resumed_from": len(done),
+            "model_kind": model_kind, "examples": len(examples), "rows": total, "resumed_from": len(done),
             "passes": len(passes), "applied_by": [p.applied_by for p in passes],
             "model_was_loaded": was_loaded, "base_loads": cache.loads,
             "duration_s": round(duration, 2), "rows_per_s": round(generated / duration, 2) if duration else None,

@@ -11,21 +11,20 @@ Per-example scores and aggregated means are replaced as a whole, so a re-run nev
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from models.errors import JobFailed
 from models.jobs import Job
-from models.results import ExampleScore, Generation, Metric
-from worker.faults import parse_faults
-from models.specs import GenerateSpec, ScoreSpec
-from worker.jobs.finetune import ProgressFn
+from models.results import METRIC_FAMILIES, Adapter, ExampleScore, Generation, Metric, metric_family
+from models.specs import ScoreSpec, parse_spec
+from worker.faults import Faults
+from worker.jobs import ProgressFn
+from worker.ml.kinds import resolve_model_kind
 
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "f1_macro", "precision_macro", "recall_macro")
-METRICS_FOR_TASK = {"seq2seq": "rouge", "causal": "rouge", "classification": "classification"}
+ROUGE_TYPES = METRIC_FAMILIES["rouge"]
 
 
 def classification_metrics(predictions: list[str], references: list[str], labels: list[str]) -> dict[str, float]:
@@ -65,32 +64,24 @@ def rouge_scores(predictions: list[str], references: list[str], use_stemmer: boo
             for pred, ref in zip(predictions, references)]
 
 
-def metric_family(spec: ScoreSpec, generate_spec: GenerateSpec, task: str) -> str:
-    family = (spec.metrics or [METRICS_FOR_TASK[task]])[0]
-    if family != METRICS_FOR_TASK[task]:
-        raise ValueError(f"generate job {spec.generate_job_id} is a {task} job; score it with --metric "
-                         f"{METRICS_FOR_TASK[task]}, not {family}")
-    return family
-
-
-def score_rows(spec: ScoreSpec, session: Session, *, job_id: int,
-               on_progress: Optional[ProgressFn] = None) -> dict:
+def score_rows(spec: ScoreSpec, session: Session, *, job_id: int, on_progress: Optional[ProgressFn] = None,
+               faults: Optional[Faults] = None) -> dict:
     generate_job = session.get(Job, spec.generate_job_id)
-    generate_spec = GenerateSpec.model_validate(generate_job.spec)
-    task = generate_spec.task or (generate_job.result or {}).get("task") or _task_of(generate_spec.model)
-    family = metric_family(spec, generate_spec, task)
+    generate_spec = parse_spec(generate_job.spec)
+    if generate_spec.model_kind is None:  # a job stored before the kind was resolved at enqueue
+        generate_spec = resolve_model_kind(generate_spec)
+    family = metric_family(spec.metrics, generate_spec.model_kind, spec.generate_job_id)
     rows = list(session.scalars(select(Generation).where(Generation.job_id == spec.generate_job_id)
                                 .order_by(Generation.id)))
     rows = [r for r in rows if r.reference is not None]
     if not rows:
-        raise ValueError(f"generate job {spec.generate_job_id} has no rows with a reference to score")
+        raise JobFailed(f"generate job {spec.generate_job_id} has no rows with a reference to score")
     if family == "rouge":
         per_example = rouge_scores([r.prediction for r in rows], [r.reference for r in rows], spec.use_stemmer)
-        names = ROUGE_TYPES
     else:
         per_example = [{"accuracy": float(r.prediction == r.reference)} for r in rows]
-        names = CLASSIFICATION_METRICS
-    parse_faults(os.environ.get("TUNEQUEUE_FAULTS", "")).maybe_delay_scoring()
+    if faults:
+        faults.maybe_delay_scoring()
     session.execute(delete(ExampleScore).where(ExampleScore.job_id == job_id))
     session.execute(delete(Metric).where(Metric.job_id == job_id))
     session.add_all([ExampleScore(job_id=job_id, generation_id=row.id, name=name, value=value)
@@ -99,7 +90,7 @@ def score_rows(spec: ScoreSpec, session: Session, *, job_id: int,
     for variant in dict.fromkeys(r.variant for r in rows):
         picked = [i for i, r in enumerate(rows) if r.variant == variant]
         if family == "rouge":
-            values = {name: sum(per_example[i][name] for i in picked) / len(picked) for name in names}
+            values = {name: sum(per_example[i][name] for i in picked) / len(picked) for name in ROUGE_TYPES}
         else:
             labels = sorted({rows[i].reference for i in picked} | {rows[i].prediction for i in picked})
             labels = _label_order(session, rows[picked[0]], labels)
@@ -116,19 +107,8 @@ def score_rows(spec: ScoreSpec, session: Session, *, job_id: int,
     return {"examples": len(rows), "metrics": family, **{k: round(v, 4) for k, v in summary.items()}}
 
 
-def _task_of(model: str) -> str:
-    from worker.ml.kinds import TaskError, detect_task
-
-    try:
-        return detect_task(model)
-    except TaskError:
-        return "seq2seq"
-
-
 def _label_order(session: Session, row: Generation, found: list[str]) -> list[str]:
     """The adapter's head order when known (so "positive" is the positive class), else the labels sorted."""
-    from models.results import Adapter
-
     adapter = session.get(Adapter, row.adapter_id) if row.adapter_id else None
     labels = (adapter.hyperparameters or {}).get("labels") if adapter else None
     if labels and set(found) <= set(labels):

@@ -19,10 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from models.builtins import BUILTIN_MODELS, DEFAULT_PROMPT_TEMPLATE
 from worker.data import synthetic, synthetic_sentiment
-
-BUILTIN_MODELS = {"tiny-t5": "seq2seq", "tiny-llama": "causal", "tiny-bert": "classification"}
-DEFAULT_PROMPT_TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 _BUILD_VERSION = "1"  # bump when the recipe changes so that old builds are rebuilt
 _COPY_INIT_SCALE = 3.0
 

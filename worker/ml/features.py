@@ -4,7 +4,7 @@
 - causal: one sequence prompt + summary + EOS; labels are -100 over the prompt, so the loss is the summary's only.
 - classification: input = text, label = the label's index.
 
-Tokenized features are cached under `TUNEQUEUE_HOME/cache/tokenized`, keyed by a hash of the tokenizer, the task,
+Tokenized features are cached under `TUNEQUEUE_HOME/cache/tokenized`, keyed by a hash of the tokenizer, the model kind,
 the lengths, the label set and the examples' text, so that twenty jobs of a sweep on one dataset tokenize once.
 """
 
@@ -20,12 +20,12 @@ from typing import Optional
 CACHE_FORMAT = "1"
 
 
-def encode(task: str, tokenizer, examples: list[dict], *, max_source_length: int, max_target_length: int,
+def encode(model_kind: str, tokenizer, examples: list[dict], *, max_source_length: int, max_target_length: int,
            label2id: Optional[dict[str, int]] = None) -> list[dict]:
     sources = tokenizer([e["source"] for e in examples], truncation=True, max_length=max_source_length)["input_ids"]
-    if task == "classification":
+    if model_kind == "classification":
         return [{"input_ids": ids, "label": label2id[e["target"]]} for ids, e in zip(sources, examples)]
-    if task == "causal":
+    if model_kind == "causal":
         targets = tokenizer([e["target"] for e in examples], add_special_tokens=False, truncation=True,
                             max_length=max_target_length)["input_ids"]
         eos = [tokenizer.eos_token_id]
@@ -46,12 +46,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return cached
 
 
-def cached_encode(home: Optional[Path], task: str, tokenizer, examples: list[dict], **options) -> tuple[list[dict], bool]:
+def cached_encode(home: Optional[Path], model_kind: str, tokenizer, examples: list[dict], **options) -> tuple[list[dict], bool]:
     """`encode` through the on-disk cache; returns (features, whether they came from the cache)."""
     if home is None:
-        return encode(task, tokenizer, examples, **options), False
+        return encode(model_kind, tokenizer, examples, **options), False
     digest = hashlib.sha256()
-    digest.update(json.dumps([CACHE_FORMAT, task, tokenizer_fingerprint(tokenizer), options], sort_keys=True,
+    digest.update(json.dumps([CACHE_FORMAT, model_kind, tokenizer_fingerprint(tokenizer), options], sort_keys=True,
                              default=str).encode())
     for example in examples:
         digest.update(f"{example['source']}\x00{example['target']}\x01".encode())
@@ -62,7 +62,7 @@ def cached_encode(home: Optional[Path], task: str, tokenizer, examples: list[dic
                 return pickle.load(f), True
         except (OSError, EOFError, pickle.UnpicklingError):
             pass  # a damaged entry is rebuilt
-    features = encode(task, tokenizer, examples, **options)
+    features = encode(model_kind, tokenizer, examples, **options)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(f".tmp{os.getpid()}")
     with staging.open("wb") as f:

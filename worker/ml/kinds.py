@@ -1,7 +1,7 @@
-"""Model kinds (tasks): seq2seq, causal LM and sequence classification, told apart from a model's config.
+"""Model kinds (model kinds): seq2seq, causal LM and sequence classification, told apart from a model's config.
 
-`detect_task` reads `config.json` only (no torch), so the CLI can check a job before enqueueing it;
-`load_model` loads weights with the Auto class of the task, optionally in 4-bit (QLoRA) or in a given dtype.
+`detect_model_kind` reads `config.json` only (no torch), so the CLI can check a job before enqueueing it;
+`load_model` loads weights with the Auto class of its kind, optionally in 4-bit (QLoRA) or in a given dtype.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from worker.ml.builtin import BUILTIN_MODELS
+from models.builtins import BUILTIN_MODELS
+from models.errors import InputError
 
 AUTO_CLASSES = {
     "seq2seq": "AutoModelForSeq2SeqLM",
@@ -23,11 +24,7 @@ ENCODER_MODEL_TYPES = {"bert", "distilbert", "roberta", "xlm-roberta", "deberta"
                        "albert", "camembert", "modernbert"}
 
 
-class TaskError(ValueError):
-    """The model's kind cannot be told or does not fit; one line for the user."""
-
-
-def task_from_config(config: dict) -> str:
+def model_kind_from_config(config: dict) -> str:
     for architecture in config.get("architectures") or []:
         if architecture.endswith("ForConditionalGeneration") and config.get("is_encoder_decoder", True):
             return "seq2seq"
@@ -41,7 +38,7 @@ def task_from_config(config: dict) -> str:
         return "classification"
     if config.get("model_type"):
         return "causal"
-    raise TaskError("cannot tell the model's task from its config.json; pass --task")
+    raise InputError("cannot tell the model's kind from its config.json; pass --model-kind")
 
 
 def read_config(ref: str) -> Optional[dict]:
@@ -59,33 +56,39 @@ def read_config(ref: str) -> Optional[dict]:
     try:
         return json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise TaskError(f"cannot read the config of model {ref!r}: {exc}") from None
+        raise InputError(f"cannot read the config of model {ref!r}: {exc}") from None
 
 
-def detect_task(ref: str) -> str:
-    """The task of model `ref` (built-in name, local folder or cached hub id)."""
+def detect_model_kind(ref: str) -> str:
+    """The kind of model `ref` (built-in name, local folder or cached hub id)."""
     if ref in BUILTIN_MODELS:
-        return BUILTIN_MODELS[ref]
+        return BUILTIN_MODELS[ref].model_kind
     config = read_config(ref)
     if config is None:
-        raise TaskError(f"cannot read the config of model {ref!r} to tell its task; pass --task")
-    return task_from_config(config)
+        raise InputError(f"cannot read the config of model {ref!r} to tell its kind; pass --model-kind")
+    return model_kind_from_config(config)
 
 
-def model_class(task: str):
+def resolve_model_kind(spec):
+    """The spec with its model kind (given, else read from the model's config) and the defaults that depend on it;
+    the one place a kind is resolved. Validation calls it before enqueueing, so a worker finds it done."""
+    return spec.with_model_kind(spec.model_kind or detect_model_kind(spec.model))
+
+
+def model_class(model_kind: str):
     import transformers
 
-    return getattr(transformers, AUTO_CLASSES[task])
+    return getattr(transformers, AUTO_CLASSES[model_kind])
 
 
-def load_model(path: str, task: str, *, labels: Optional[list[str]] = None, dtype: Any = None,
+def load_model(path: str, model_kind: str, *, labels: Optional[list[str]] = None, dtype: Any = None,
                load_in_4bit: bool = False) -> Any:
-    """Weights of `path` with the task's Auto class. `labels` sizes a classification head (a new head is made when
+    """Weights of `path` with the model kind's Auto class. `labels` sizes a classification head (a new head is made when
     the saved one has another size); `load_in_4bit` loads NF4 weights with double quantization and bf16 compute."""
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if task == "classification" and labels:
+    if model_kind == "classification" and labels:
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True)
     if load_in_4bit:
@@ -96,4 +99,4 @@ def load_model(path: str, task: str, *, labels: Optional[list[str]] = None, dtyp
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": 0}
-    return model_class(task).from_pretrained(path, **kwargs)
+    return model_class(model_kind).from_pretrained(path, **kwargs)

@@ -15,16 +15,12 @@ import contextlib
 import re
 from typing import Any, Iterator
 
-from worker.ml.model_cache import LoadedModel, ModelCache
-from worker.ml.kinds import PEFT_TASK_TYPES
+from models.errors import JobFailed
 from models.specs import FinetuneSpec
-
+from worker.ml.kinds import PEFT_TASK_TYPES
+from worker.ml.model_cache import LoadedModel, ModelCache
 
 CLASSIFIER_HEADS = ["pre_classifier", "classifier", "score"]
-
-
-class PermanentJobError(RuntimeError):
-    """A job that cannot succeed on any retry (e.g. QLoRA on a worker without CUDA): failed at once."""
 
 
 def check_method_supported(spec: FinetuneSpec, device: str) -> None:
@@ -33,12 +29,12 @@ def check_method_supported(spec: FinetuneSpec, device: str) -> None:
     import socket
 
     if not str(device).startswith("cuda"):
-        raise PermanentJobError(f"qlora needs a CUDA GPU (bitsandbytes 4-bit weights); worker "
+        raise JobFailed(f"qlora needs a CUDA GPU (bitsandbytes 4-bit weights); worker "
                                 f"{socket.gethostname()} has none. Run a worker on a GPU machine, or use --method lora")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise PermanentJobError("qlora needs the bitsandbytes package on the worker: pip install bitsandbytes"
+        raise JobFailed("qlora needs the bitsandbytes package on the worker: pip install bitsandbytes"
                                 ) from None
 
 
@@ -48,19 +44,19 @@ def prompt_init_text(template: str) -> str:
     return words or "Complete the task."
 
 
-def peft_config(spec: FinetuneSpec, task: str, loaded: LoadedModel):
+def peft_config(spec: FinetuneSpec, model_kind: str, loaded: LoadedModel):
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit
 
     if spec.method == "prompt-tuning":
         text_init = spec.prompt_tuning_init == "text"
         return PromptTuningConfig(
-            task_type=PEFT_TASK_TYPES[task], num_virtual_tokens=spec.num_virtual_tokens,
+            task_type=PEFT_TASK_TYPES[model_kind], num_virtual_tokens=spec.num_virtual_tokens,
             prompt_tuning_init=PromptTuningInit.TEXT if text_init else PromptTuningInit.RANDOM,
             prompt_tuning_init_text=prompt_init_text(spec.prompt_template) if text_init else None,
             tokenizer_name_or_path=loaded.path if text_init else None)
     # a classifier's head is trained whole (PEFT's modules_to_save), so LoRA must not wrap it as well
-    exclude = CLASSIFIER_HEADS if task == "classification" and spec.target_modules == "all-linear" else None
-    return LoraConfig(task_type=PEFT_TASK_TYPES[task], r=spec.lora_r, lora_alpha=spec.lora_alpha,
+    exclude = CLASSIFIER_HEADS if model_kind == "classification" and spec.target_modules == "all-linear" else None
+    return LoraConfig(task_type=PEFT_TASK_TYPES[model_kind], r=spec.lora_r, lora_alpha=spec.lora_alpha,
                       lora_dropout=spec.lora_dropout, target_modules=spec.target_modules, exclude_modules=exclude)
 
 
@@ -77,17 +73,17 @@ def classification_labels(path: str, targets) -> list[str]:
     return found
 
 
-def base_for(spec: FinetuneSpec, cache: ModelCache, task: str, labels) -> LoadedModel:
-    return cache.get(spec.model, task, labels=labels, load_in_4bit=spec.method == "qlora")
+def base_for(spec: FinetuneSpec, cache: ModelCache, model_kind: str, labels) -> LoadedModel:
+    return cache.get(spec.model, model_kind, labels=labels, load_in_4bit=spec.method == "qlora")
 
 
 @contextlib.contextmanager
-def trainable_model(spec: FinetuneSpec, cache: ModelCache, loaded: LoadedModel, task: str) -> Iterator[Any]:
+def trainable_model(spec: FinetuneSpec, cache: ModelCache, loaded: LoadedModel, model_kind: str) -> Iterator[Any]:
     """The model to train for `spec.method`, cleaned up (adapter removed, private copy dropped) afterwards."""
     if spec.method == "full":
         from worker.ml.kinds import load_model
 
-        model = load_model(loaded.path, task, labels=loaded.labels).to(loaded.device)
+        model = load_model(loaded.path, model_kind, labels=loaded.labels).to(loaded.device)
         model.train()
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -101,7 +97,7 @@ def trainable_model(spec: FinetuneSpec, cache: ModelCache, loaded: LoadedModel, 
 
         loaded.model = prepare_model_for_kbit_training(loaded.model)
         loaded.extra["prepared_for_kbit"] = True
-    with cache.training_adapter(loaded, peft_config(spec, task, loaded)) as model:
+    with cache.training_adapter(loaded, peft_config(spec, model_kind, loaded)) as model:
         yield model
 
 

@@ -1,7 +1,7 @@
 """The worker's resident base models: loaded once per process, adapters attached and removed per job.
 
 A `ModelCache` is a plain object owned by the worker process (one per GPU). `get()` loads a base model the first
-time and counts loads; a base is keyed by reference, task, quantization (4-bit bases are separate entries) and, for
+time and counts loads; a base is keyed by reference, model_kind, quantization (4-bit bases are separate entries) and, for
 classification, its label set. `with_adapter()`, `with_adapters()` and `training_adapter()` inject PEFT layers into
 the resident model for the duration of one job and remove them afterwards, so the base weights stay untouched and
 the next job on the same base never reloads it.
@@ -39,7 +39,7 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     device: str
-    task: str = "seq2seq"
+    model_kind: str = "seq2seq"
     labels: Optional[list[str]] = None
     load_in_4bit: bool = False
     extra: dict = field(default_factory=dict)
@@ -63,17 +63,14 @@ class ModelCache:
             return str(ensure_builtin(ref, self.home))
         return ref
 
-    def task_of(self, ref: str) -> str:
-        from worker.ml.kinds import detect_task
+    def _key(self, ref: str, model_kind: Optional[str], labels, load_in_4bit: bool) -> tuple:
+        from worker.ml.kinds import detect_model_kind
 
-        return detect_task(self.resolve(ref) if ref in BUILTIN_MODELS else ref)
+        return (ref, model_kind or detect_model_kind(ref), tuple(labels) if labels else None, load_in_4bit)
 
-    def _key(self, ref: str, task: Optional[str], labels, load_in_4bit: bool) -> tuple:
-        return (ref, task or self.task_of(ref), tuple(labels) if labels else None, load_in_4bit)
-
-    def get(self, ref: str, task: Optional[str] = None, *, labels: Optional[list[str]] = None,
+    def get(self, ref: str, model_kind: Optional[str] = None, *, labels: Optional[list[str]] = None,
             load_in_4bit: bool = False) -> LoadedModel:
-        key = self._key(ref, task, labels, load_in_4bit)
+        key = self._key(ref, model_kind, labels, load_in_4bit)
         loaded = self._models.get(key)
         if loaded is not None:
             self._models.move_to_end(key)
@@ -87,19 +84,19 @@ class ModelCache:
 
             hf_logging.disable_progress_bar()
             path = self.resolve(ref)
-            task = key[1]
+            model_kind = key[1]
             tokenizer = AutoTokenizer.from_pretrained(path)
             if tokenizer.pad_token is None:  # GPT-2 / Llama style tokenizers ship without one
                 tokenizer.pad_token = tokenizer.eos_token
-            if task == "causal":
+            if model_kind == "causal":
                 tokenizer.padding_side = "left"  # batched generation continues right after each prompt
-            model = load_model(path, task, labels=labels, load_in_4bit=load_in_4bit)
+            model = load_model(path, model_kind, labels=labels, load_in_4bit=load_in_4bit)
             if not load_in_4bit:
                 model = model.to(self.device)
             model.eval()
-            if labels is None and task == "classification":
+            if labels is None and model_kind == "classification":
                 labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-            loaded = LoadedModel(ref, path, model, tokenizer, self.device, task, labels, load_in_4bit,
+            loaded = LoadedModel(ref, path, model, tokenizer, self.device, model_kind, labels, load_in_4bit,
                                  size_bytes=model_bytes(model))
             self._models[key] = loaded
             self._measured[key] = loaded.size_bytes
@@ -139,7 +136,7 @@ class ModelCache:
 
     def stats(self) -> dict:
         """Budget, usage, counters and the entries (most recently used first), JSON-ready for the worker record."""
-        entries = [{"ref": loaded.name, "task": loaded.task, "labels": loaded.labels,
+        entries = [{"ref": loaded.name, "model_kind": loaded.model_kind, "labels": loaded.labels,
                     "load_in_4bit": loaded.load_in_4bit, "bytes": loaded.size_bytes,
                     "last_used": datetime.fromtimestamp(loaded.last_used, timezone.utc).isoformat(timespec="seconds")}
                    for loaded in reversed(self._models.values())]

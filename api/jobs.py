@@ -1,0 +1,157 @@
+"""Jobs as every door sees them: submit (validate, store, publish), wait, list, show, cancel and reconcile.
+
+Enqueueing stores the job row (the source of truth), then publishes only its id (worker/lifecycle.py). A job with an
+unfinished parent (or join) is stored but not published; the worker that finishes the parent publishes it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Optional
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from api.context import AppContext
+from api.validate import validate
+from models.base import utcnow
+from models.errors import NotFound
+from models.jobs import Job, JobKind, JobStatus, JobWait, readiness
+from models.specs import Submission, parse_spec
+from worker.lifecycle import publish, settle_children, skip
+
+
+def submit(ctx: AppContext, data: dict, submission: Submission = Submission(), *, model_given: bool = True) -> Job:
+    """Build the spec from `data` (None values mean the defaults), check it against the world and the broker, then
+    store and publish the job. Raises InputError (nothing written) or Unavailable."""
+    spec = parse_spec(data)
+    with ctx.session() as session:
+        spec = validate(spec, session, ctx.settings.home, model_given=model_given)
+        ctx.broker.check()
+        job = enqueue(session, ctx.broker, spec, priority=submission.priority, max_attempts=submission.max_attempts)
+        session.refresh(job)  # loads its join rows too, so the caller can show it after the session is gone
+        return job
+
+
+def enqueue(session: Session, broker, spec, parent: Job | None = None, *, waits_for: list[Job] = (),
+            priority: int = 0, sweep_id: int | None = None, max_attempts: int = 3) -> Job:
+    """Store the job (after `parent`, or after every job of `waits_for`) and publish it if it can run now."""
+    if parent is not None and waits_for:
+        raise ValueError("a job has one parent or a join of jobs it waits for, not both")
+    job = Job(kind=JobKind(spec.kind), status=JobStatus.queued, spec=spec.model_dump(mode="json"),
+              parent_id=parent.id if parent else None, attempts=0, cancel_requested=False, priority=priority,
+              sweep_id=sweep_id, max_attempts=max_attempts)
+    session.add(job)
+    session.flush()
+    session.add_all([JobWait(job_id=job.id, waits_for_id=other.id) for other in waits_for])
+    session.commit()
+    state, reason = readiness(session, job)
+    if state == "ready":
+        publish(session, broker, job)
+    elif state == "skip":
+        skip(session, job.id, reason)
+    return job
+
+
+def get_job(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} does not exist")
+    return job
+
+
+def latest_jobs(session: Session, limit: int = 50, status: JobStatus | None = None) -> list[Job]:
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Job.status == status)
+    return list(session.scalars(query))
+
+
+def cancel(session: Session, broker, job: Job) -> str:
+    """Cancel a queued job at once; ask a running one to stop at its next step. Returns what happened."""
+    if job.status == JobStatus.queued:
+        done = session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.queued)
+                               .values(status=JobStatus.cancelled, finished_at=utcnow(), error="cancelled by user"))
+        session.commit()
+        if done.rowcount:
+            settle_children(session, broker, job.id)  # a join may run without this job
+            return "cancelled"
+    if job.status in (JobStatus.queued, JobStatus.running):
+        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+        session.commit()
+        return "cancel requested"
+    return f"already {job.status.value}"
+
+
+def reconcile(ctx: AppContext, stale_after: Optional[float] = None) -> dict:
+    """Put back lost work: running jobs whose worker died, queued jobs whose message the broker lost."""
+    from worker.reaper import reconcile as reconcile_jobs
+
+    ctx.broker.check()
+    with ctx.session() as session:
+        return reconcile_jobs(session, ctx.broker, ctx.settings.stale_seconds if stale_after is None else stale_after)
+
+
+def cuda_worker_warning(ctx: AppContext) -> Optional[str]:
+    """QLoRA runs only on a CUDA worker: a warning when no running worker reports CUDA, else None."""
+    try:
+        found = ctx.broker.live_workers()
+    except Exception:
+        return None
+    if any(w.get("cuda") for w in found):
+        return None
+    return (f"warning: no running worker on queue {ctx.settings.queue!r} reports CUDA; a qlora job fails on a worker "
+            "without it (start a worker on a GPU machine)")
+
+
+def job_dict(job: Job, full: bool = False) -> dict:
+    """The job as JSON-ready data, the same for `--json` and the HTTP API."""
+    data = {
+        "id": job.id, "kind": job.kind.value, "status": job.status.value, "parent_id": job.parent_id,
+        "waits_for": job.waits_for_ids,
+        "attempts": job.attempts, "worker_host": job.worker_host, "created_at": job.created_at,
+        "started_at": job.started_at, "finished_at": job.finished_at, "duration_s": job.duration_s,
+        "queued_at": job.queued_at, "queue_wait_s": job.queue_wait_s, "queue": job.queue,
+        "error": job.error, "progress": job.progress, "result": job.result,
+    }
+    if full:
+        data.update(spec=job.spec, celery_task_id=job.celery_task_id, cancel_requested=job.cancel_requested,
+                    max_attempts=job.max_attempts, attempt_errors=job.attempt_errors)
+    return data
+
+
+def describe(job: Job) -> str:
+    """One line of what the job does, for tables."""
+    spec = job.spec
+    if job.kind == JobKind.finetune:
+        return f"{spec['name']} on {spec['model']} lr={spec['learning_rate']:g}"
+    if job.kind == JobKind.generate:
+        adapters = spec.get("adapters") or [spec.get("adapter") or "base"]
+        shown = adapters[0] if len(adapters) == 1 else f"{len(adapters)} variants ({adapters[0]}, {adapters[1]}…)"
+        return f"{shown} on {spec['model']} / {spec['split']}"
+    return f"job {spec['generate_job_id']}"
+
+
+def wait_for(ctx: AppContext, job_ids: list[int], *, quiet: bool = False, poll: float = 0.5,
+             give_up: Optional[Callable[[], bool]] = None, force_bars: bool = False) -> dict[int, JobStatus]:
+    """Poll the job rows until all are finished (or `give_up()` says so), with a progress bar per job on a
+    terminal; returns each job's last status."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), disable=quiet or not (force_bars or sys.stderr.isatty())) as progress, \
+            ctx.sessions() as session:
+        bars = {job_id: progress.add_task(f"job {job_id}", total=None, info="") for job_id in job_ids}
+        while True:
+            session.expire_all()
+            found = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
+            for job_id, bar in bars.items():
+                job = found[job_id]
+                info = job.progress or {}
+                progress.update(bar, total=info.get("total_steps"), completed=info.get("step", 0),
+                                description=f"job {job_id} {job.kind.value}",
+                                info=f"{job.status.value} loss={info['loss']}" if "loss" in info else job.status.value)
+            if all(job.status.finished for job in found.values()) or (give_up and give_up()):
+                return {job_id: job.status for job_id, job in found.items()}
+            time.sleep(poll)

@@ -1,0 +1,75 @@
+"""The report as every door asks for it: metric names checked against the database, the comparison rows, the
+examples where two runs differ most, and the plots; rendering lives in api/render.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from sqlalchemy.orm import Session
+
+from api.render import box_plot, loss_plot
+from models.errors import InputError, NotFound
+from models.report import (compare_variants, comparison, known_metric_names, loss_curves, per_example_scores,
+                           sweep_by_name, sweep_jobs)
+from models.results import expand_metrics
+
+
+@dataclass(frozen=True)
+class ReportQuery:
+    metrics: list[str] = field(default_factory=lambda: ["rouge"])  # families ("rouge") or stored metric names
+    split: str = "test"
+    sweep: Optional[str] = None
+    sort: Optional[str] = None
+    top: Optional[int] = None
+
+    @property
+    def metric_names(self) -> list[str]:
+        return expand_metrics(list(self.metrics))
+
+
+def check_metrics(session: Session, query: ReportQuery) -> list[str]:
+    """The query's metric names, each one stored in the database (once anything is)."""
+    if query.top is not None and query.top <= 0:
+        raise InputError("--top must be a positive number")
+    metrics = query.metric_names
+    known = known_metric_names(session)
+    unknown = [m for m in metrics if known and m not in known]
+    if unknown:
+        raise NotFound(f"no metric named {unknown[0]!r} in the database (known: {', '.join(sorted(known))})")
+    return metrics
+
+
+def report_rows(session: Session, query: ReportQuery) -> list[dict]:
+    """One row per run (base and adapters), as models.report.comparison returns them; NotFound when none is
+    scored yet."""
+    metrics = check_metrics(session, query)
+    rows = comparison(session, metrics, query.split, sweep=query.sweep, sort=query.sort, top=query.top)
+    if not rows:
+        raise NotFound(f"no scored results on split {query.split!r}"
+                       f"{f' in sweep {query.sweep!r}' if query.sweep else ''} yet; run generate and score jobs first")
+    return rows
+
+
+def differing_examples(session: Session, query: ReportQuery, a: str, b: str, limit: int) -> list[dict]:
+    """The examples where runs `a` and `b` differ most on the query's first metric."""
+    return compare_variants(session, a, b, check_metrics(session, query)[0], query.split, limit)
+
+
+def write_box_plot(session: Session, query: ReportQuery, rows: list[dict], path: str) -> int:
+    """Box plots of per-example scores, one box per row; returns the number of boxes."""
+    metric = query.sort or query.metric_names[0]
+    scores = per_example_scores(session, rows, metric, query.split, query.sweep)
+    title = f"{metric} per example" + (f", sweep {query.sweep}" if query.sweep else "")
+    return box_plot(scores, metric, path, title=title)
+
+
+def write_loss_plot(session: Session, query: ReportQuery, rows: list[dict], path: str) -> None:
+    curves = loss_curves(session, [r["variant"] for r in rows if r["variant"] != "base"])
+    if not any(curves.values()):
+        raise NotFound("no loss curves recorded for these runs")
+    loss_plot(curves, path, title="loss curves" + (f", sweep {query.sweep}" if query.sweep else ""))
+
+
+def sweep_job_ids(session: Session, name: str) -> list[int]:
+    return [job.id for job in sweep_jobs(session, sweep_by_name(session, name))]
