@@ -26,10 +26,6 @@ from typing import Iterator, Optional
 PREFIX = "base_model.model."
 
 
-class Unsupported(ValueError):
-    pass
-
-
 def _config(path: Path) -> dict:
     config = json.loads((path / "adapter_config.json").read_text())
     problems = [name for name, bad in [
@@ -38,7 +34,7 @@ def _config(path: Path) -> dict:
         ("fan_in_fan_out (Conv1D)", config.get("fan_in_fan_out")),
         ("layer replication", config.get("layer_replication"))] if bad]
     if problems:
-        raise Unsupported(f"adapter {path.name}: {', '.join(problems)}")
+        raise ValueError(f"adapter {path.name}: {', '.join(problems)}")
     return config
 
 
@@ -46,7 +42,7 @@ def supported(path: Path) -> bool:
     try:
         _config(path)
         return True
-    except (Unsupported, OSError, ValueError):
+    except (OSError, ValueError):  # not plain LoRA on linear layers, or unreadable
         return False
 
 
@@ -68,7 +64,7 @@ def read_adapter(path: Path) -> dict[str, tuple]:
     for key, a in weights.items():
         if not key.endswith(".lora_A.weight"):
             if ".lora_A." not in key and ".lora_B." not in key:
-                raise Unsupported(f"adapter {path.name}: unexpected tensor {key}")
+                raise ValueError(f"adapter {path.name}: unexpected tensor {key}")
             continue
         module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
         b = weights[key.replace(".lora_A.", ".lora_B.")]
@@ -89,7 +85,7 @@ class MixedLora:
         for name in sorted({m for r in read for m in r}):
             layer = modules.get(name)
             if not isinstance(layer, torch.nn.Linear):
-                raise Unsupported(f"LoRA target {name} is not a linear layer of the base model")
+                raise ValueError(f"LoRA target {name} is not a linear layer of the base model")
             rank = max(r[name][0].shape[0] for r in read if name in r)
             dtype, device = layer.weight.dtype, layer.weight.device
             # slot len(adapters) stays zero: rows without an adapter (the base) gather it
@@ -178,7 +174,7 @@ def merged_copy(model, adapter: Path) -> Iterator[int]:
             for name, (a, b) in read_adapter(adapter).items():
                 layer = modules.get(name)
                 if not isinstance(layer, torch.nn.Linear):
-                    raise Unsupported(f"LoRA target {name} is not a linear layer of the base model")
+                    raise ValueError(f"LoRA target {name} is not a linear layer of the base model")
                 weight = layer.weight
                 delta = b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
                 originals[name] = weight
