@@ -1,22 +1,26 @@
 """Jobs as every door sees them: submit (validate, store, publish), wait, list, show, cancel and reconcile.
 
-Enqueueing stores the job row (the source of truth), then publishes only its id (worker/lifecycle.py). A job with an
-unfinished parent (or join) is stored but not published; the worker that finishes the parent publishes it.
+Enqueueing writes every row of a submission (a job, a pipeline, a whole sweep) in one transaction, then publishes
+only the ids of the jobs that can run now (worker/lifecycle.py); a job with an unfinished parent (or join) is stored
+but not published, and the worker that finishes the parent publishes it. If the broker fails while publishing, the
+rows are kept and `jobs reconcile` (or any worker's reaper) publishes what is missing; the error says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Callable, Optional
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.context import AppContext
 from api.validate import validate
 from models.base import utcnow
-from models.errors import NotFound
+from models.errors import InputError, NotFound, Unavailable
 from models.jobs import Job, JobKind, JobStatus, JobWait, readiness
 from models.specs import Submission, parse_spec
 from worker.lifecycle import publish, settle_children, skip
@@ -36,22 +40,64 @@ def submit(ctx: AppContext, data: dict, submission: Submission = Submission(), *
 
 def enqueue(session: Session, broker, spec, parent: Job | None = None, *, waits_for: list[Job] = (),
             priority: int = 0, sweep_id: int | None = None, max_attempts: int = 3) -> Job:
-    """Store the job (after `parent`, or after every job of `waits_for`) and publish it if it can run now."""
+    """Store one job (after `parent`, or after every job of `waits_for`) and publish it if it can run now."""
+    job = stage(session, spec, parent, waits_for=waits_for, priority=priority, sweep_id=sweep_id,
+                max_attempts=max_attempts)
+    commit_staged(session)
+    release(session, broker, [job], what=f"job {job.id}")
+    return job
+
+
+def stage(session: Session, spec, parent: Job | None = None, *, waits_for: list[Job] = (), priority: int = 0,
+          sweep_id: int | None = None, max_attempts: int = 3) -> Job:
+    """Add the job's rows to the session's transaction (flushed, so it has an id; nothing committed)."""
     if parent is not None and waits_for:
         raise ValueError("a job has one parent or a join of jobs it waits for, not both")
     job = Job(kind=JobKind(spec.kind), status=JobStatus.queued, spec=spec.model_dump(mode="json"),
               parent_id=parent.id if parent else None, attempts=0, cancel_requested=False, priority=priority,
-              sweep_id=sweep_id, max_attempts=max_attempts)
+              sweep_id=sweep_id, max_attempts=max_attempts, output_name=getattr(spec, "name", None))
     session.add(job)
-    session.flush()
+    with reserving_names(session):
+        session.flush()
     session.add_all([JobWait(job_id=job.id, waits_for_id=other.id) for other in waits_for])
-    session.commit()
-    state, reason = readiness(session, job)
-    if state == "ready":
-        publish(session, broker, job)
-    elif state == "skip":
-        skip(session, job.id, reason)
     return job
+
+
+def commit_staged(session: Session) -> None:
+    """Commit every staged row at once."""
+    with reserving_names(session):
+        session.commit()
+
+
+@contextlib.contextmanager
+def reserving_names(session: Session):
+    """A fine-tune whose adapter name another queued or running job has reserved meanwhile (a race the validation
+    could not see: the unique index on active jobs' output_name) is an InputError, and nothing is written."""
+    try:
+        yield
+    except IntegrityError as exc:
+        session.rollback()
+        if "output_name" not in str(exc.orig):
+            raise
+        raise InputError("the adapter name is already used by a queued or running fine-tune job (submitted at the "
+                         "same moment); choose another --name") from None
+
+
+def release(session: Session, broker, jobs: list[Job], *, what: str) -> None:
+    """Publish the stored `jobs` that can run now and skip those that never can. When the broker fails part way,
+    the rows stay queued and Unavailable says that `jobs reconcile` will publish them."""
+    try:
+        for job in jobs:
+            state, reason = readiness(session, job)
+            if state == "ready":
+                publish(session, broker, job)
+            elif state == "skip":
+                skip(session, job.id, reason)
+    except Exception as exc:
+        session.rollback()
+        raise Unavailable(f"{what} is stored, but the broker failed while publishing it "
+                          f"({exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                          "run 'python manage.py jobs reconcile' once the broker is back") from None
 
 
 def get_job(session: Session, job_id: int) -> Job:

@@ -8,9 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.jobs import cancel, enqueue
+from api.jobs import cancel, commit_staged, release, stage
 from api.sweeps import SweepPlan
 from api.validate import validate_finetune, validate_generate
 from models.errors import InputError
@@ -23,13 +24,16 @@ from models.sweeps import Sweep
 def enqueue_pipeline(session: Session, broker, generate_spec: GenerateSpec, finetune_spec: FinetuneSpec | None = None,
                      *, metrics: list[str] | None = None, submission: Submission = Submission(),
                      sweep_id: int | None = None) -> list[Job]:
-    """Fine-tune (optional) → generate → score. The specs must already be validated. Returns the jobs."""
+    """Fine-tune (optional) → generate → score, stored in one transaction, then published. The specs must already
+    be validated. Returns the jobs."""
     common = {"priority": submission.priority, "max_attempts": submission.max_attempts, "sweep_id": sweep_id}
-    parent = enqueue(session, broker, finetune_spec, **common) if finetune_spec is not None else None
-    generate_job = enqueue(session, broker, generate_spec, parent, **common)
-    score_job = enqueue(session, broker, ScoreSpec(generate_job_id=generate_job.id, metrics=metrics), generate_job,
-                        **common)
-    return ([parent] if parent else []) + [generate_job, score_job]
+    parent = stage(session, finetune_spec, **common) if finetune_spec is not None else None
+    generate_job = stage(session, generate_spec, parent, **common)
+    score_job = stage(session, ScoreSpec(generate_job_id=generate_job.id, metrics=metrics), generate_job, **common)
+    jobs = ([parent] if parent else []) + [generate_job, score_job]
+    commit_staged(session)
+    release(session, broker, jobs, what=f"pipeline {jobs[0].id}..{jobs[-1].id}")
+    return jobs
 
 
 def validate_pipeline(session: Session, home: Path, generate_spec: GenerateSpec,
@@ -59,19 +63,27 @@ def validate_sweep(session: Session, home: Path, plan: SweepPlan) -> SweepPlan:
 
 def enqueue_sweep(session: Session, broker, home: Path, plan: SweepPlan,
                   submission: Submission = Submission()) -> tuple[Sweep, list[Job]]:
+    """The sweep row and all its jobs in one transaction, then the fine-tunes published: a broker that dies part
+    way leaves a whole sweep that `jobs reconcile` finishes publishing, never half of one."""
     plan = validate_sweep(session, home, plan)
     sweep = Sweep(name=plan.name, spec=plan.spec, priority=submission.priority, points=len(plan.points))
     session.add(sweep)
-    session.commit()
+    session.flush()
     common = {"priority": submission.priority, "sweep_id": sweep.id, "max_attempts": submission.max_attempts}
-    finetunes = {point.index: enqueue(session, broker, point.finetune, **common) for point in plan.points}
+    finetunes = {point.index: stage(session, point.finetune, **common) for point in plan.points}
     jobs = list(finetunes.values())
     for evaluation in plan.evaluations:
         # runs once every fine-tune it waits for has finished; adapters whose fine-tune failed are left out
-        generate_job = enqueue(session, broker, evaluation.generate,
-                               waits_for=[finetunes[point.index] for point in evaluation.points], **common)
+        generate_job = stage(session, evaluation.generate,
+                             waits_for=[finetunes[point.index] for point in evaluation.points], **common)
         score_spec = ScoreSpec(generate_job_id=generate_job.id, metrics=plan.metrics)
-        jobs += [generate_job, enqueue(session, broker, score_spec, generate_job, **common)]
+        jobs += [generate_job, stage(session, score_spec, generate_job, **common)]
+    try:
+        commit_staged(session)
+    except IntegrityError:  # another sweep of this name was stored since the validation read
+        session.rollback()
+        raise InputError(f"sweep {plan.name!r} already exists; choose another name") from None
+    release(session, broker, jobs, what=f"sweep {plan.name!r} ({len(jobs)} jobs)")
     return sweep, jobs
 
 

@@ -8,6 +8,8 @@ and, later, the HTTP API.
 - `JobFailed`: this job can never succeed, so it fails at once without a retry (QLoRA on a worker without CUDA,
   data the worker cannot read). An `InputError` raised inside a job counts as one too.
 - `JobTimeLimit`: the soft time limit was reached after a checkpoint; a failed attempt like a crash.
+- `LeaseLost`: the attempt lost its claim on the job to a newer attempt; it stops and writes nothing.
+- `DiskFull`: a checkpoint or an adapter could not be written for lack of space (the message names where).
 - `JobCancelled`: a cancel was asked for and the running job stopped at its next step.
 
 Any other exception inside a job is taken as passing (a crash, an out-of-memory): the job is retried until its
@@ -43,6 +45,15 @@ class JobFailed(TunequeueError):
 
 class JobTimeLimit(TunequeueError):
     """The job's soft time limit was reached; it checkpointed first, so a retry resumes where it stopped."""
+
+
+class LeaseLost(TunequeueError):
+    """This attempt no longer holds the job (the reaper gave it to another worker while this one stalled): stop and
+    write nothing."""
+
+
+class DiskFull(TunequeueError):
+    """A write ran out of disk space; what was half written is removed. A failed attempt like a crash."""
 
 
 class JobCancelled(TunequeueError):

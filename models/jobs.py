@@ -1,15 +1,26 @@
-"""The jobs table: one row per fine-tune, generate or score job, with its validated spec and its lifecycle."""
+"""The jobs table: one row per fine-tune, generate or score job, with its validated spec and its lifecycle.
+
+Ownership is fenced: each claim of a job is a new attempt, and the attempt number is the worker's lease. Every
+write a worker makes about the job (its row, its result rows, its files) happens inside a transaction that first
+touches the job row on the condition that the job is still running under that attempt (`Lease.hold`); the row lock
+that update takes keeps the reaper and a newer attempt out until the commit. A worker that stalled and lost the job
+finds the condition false, raises `LeaseLost`, and writes nothing.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import uuid
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Integer, String, Text, select, update
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from models.base import Base, utcnow
+from models.errors import LeaseLost
 
 
 class JobKind(str, enum.Enum):
@@ -31,10 +42,25 @@ class JobStatus(str, enum.Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.skipped)
 
 
+ACTIVE_STATUSES = ("queued", "running")
+
+
+def new_uid() -> str:
+    return uuid.uuid4().hex
+
+
 class Job(Base):
     __tablename__ = "jobs"
+    # an adapter name is reserved by the fine-tune that will write it while that job is queued or running, so two
+    # submissions of one name cannot both be accepted, however close together they come
+    __table_args__ = (Index("uq_active_output_name", "output_name", unique=True,
+                            postgresql_where=text("status IN ('queued', 'running')"),
+                            sqlite_where=text("status IN ('queued', 'running')")),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # unique across databases that share a TUNEQUEUE_HOME: checkpoints are kept under it, never under the id
+    uid: Mapped[str] = mapped_column(String(32), default=new_uid, unique=True)
+    output_name: Mapped[Optional[str]] = mapped_column(String(64))  # the adapter a fine-tune writes
     kind: Mapped[JobKind] = mapped_column(Enum(JobKind, native_enum=False, length=16))
     status: Mapped[JobStatus] = mapped_column(Enum(JobStatus, native_enum=False, length=16), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -79,43 +105,75 @@ class Job(Base):
         return None
 
 
-def claim(session: Session, job_id: int, task_id: str | None, host: str) -> bool:
-    """Move a queued job to running; False when another delivery already took it or it was cancelled."""
+@dataclass(frozen=True)
+class Lease:
+    """Attempt `attempt` of job `job_id`: what a worker holds between its claim and the job's outcome."""
+
+    job_id: int
+    attempt: int
+
+    def hold(self, session: Session) -> None:
+        """Fence: touch the job row in the session's transaction, on the condition that this attempt still runs the
+        job. Call it first in every transaction that writes for the job; the lock lasts until that commit. Raises
+        LeaseLost (after a rollback) when another attempt has the job now."""
+        held = session.execute(update(Job).where(*self._mine()).values(heartbeat_at=utcnow()))
+        if held.rowcount != 1:
+            session.rollback()
+            raise LeaseLost(f"job {self.job_id}: attempt {self.attempt} no longer holds it; another attempt runs it")
+
+    @contextlib.contextmanager
+    def held(self, session: Session) -> Iterator[None]:
+        """The block runs while this attempt holds the job (the row stays locked until the commit at its end)."""
+        self.hold(session)
+        try:
+            yield
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+    def _mine(self) -> tuple:
+        return Job.id == self.job_id, Job.attempts == self.attempt, Job.status == JobStatus.running
+
+
+def claim(session: Session, job_id: int, task_id: str | None, host: str) -> Lease | None:
+    """Move a queued job to running as a new attempt; None when another delivery already took it or it was
+    cancelled."""
     now = utcnow()
-    result = session.execute(
+    attempt = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued)
         .values(status=JobStatus.running, started_at=now, heartbeat_at=now, celery_task_id=task_id,
                 worker_host=host, attempts=Job.attempts + 1, error=None)
-    )
+        .returning(Job.attempts)
+    ).scalar()
     session.commit()
-    return result.rowcount == 1
+    return None if attempt is None else Lease(job_id, attempt)
 
 
-def finish(session: Session, job_id: int, status: JobStatus, *, error: str | None = None,
+def finish(session: Session, lease: Lease, status: JobStatus, *, error: str | None = None,
            result: dict | None = None) -> bool:
-    """Record the outcome of a running job (guarded: only a running job can finish)."""
+    """Record the outcome of the attempt `lease` holds (guarded: only that running attempt can finish the job)."""
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
     if result is not None:
         values["result"] = result
-    updated = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(**values)
-    )
+    updated = session.execute(update(Job).where(*lease._mine()).values(**values))
     session.commit()
     return updated.rowcount == 1
 
 
-def fail_attempt(session: Session, job_id: int, error: str, *, only_if_stale_before: datetime | None = None
-                 ) -> JobStatus | None:
+def fail_attempt(session: Session, job_id: int, error: str, *, attempt: int | None = None,
+                 only_if_stale_before: datetime | None = None) -> JobStatus | None:
     """Record a failed (or lost) attempt of a running job: back to queued while attempts remain, else failed.
 
-    Guarded: returns None when the job is no longer running (or, for the reaper, when its heartbeat is fresh).
+    Guarded: returns None when the job is no longer running, when `attempt` is given and is not the current one, or
+    (for the reaper) when its heartbeat is fresh.
     """
     query = (select(Job).where(Job.id == job_id, Job.status == JobStatus.running).with_for_update()
              .execution_options(populate_existing=True))  # the session may hold this row from before the claim
     job = session.scalar(query)
-    if job is None or (only_if_stale_before is not None and job.heartbeat_at and
-                       _aware(job.heartbeat_at) >= only_if_stale_before):
+    if job is None or (attempt is not None and job.attempts != attempt) or (
+            only_if_stale_before is not None and job.heartbeat_at and _aware(job.heartbeat_at) >= only_if_stale_before):
         session.rollback()
         return None
     history = list(job.attempt_errors or []) + [{"attempt": job.attempts, "error": error, "at": utcnow().isoformat(),
@@ -140,16 +198,21 @@ def stale_running(session: Session, stale_before: datetime) -> list[Job]:
     return [j for j in jobs if j.heartbeat_at is None or _aware(j.heartbeat_at) < stale_before]
 
 
-def heartbeat(session: Session, job_id: int) -> None:
-    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(heartbeat_at=utcnow()))
+def heartbeat(session: Session, lease: Lease) -> bool:
+    """Touch the row while this attempt still holds the job; False once it does not."""
+    touched = session.execute(update(Job).where(*lease._mine()).values(heartbeat_at=utcnow()))
     session.commit()
+    return touched.rowcount == 1
 
 
-def report_progress(session: Session, job_id: int, progress: dict) -> bool:
-    """Store progress and beat the heartbeat; returns whether a cancel was requested."""
-    session.execute(update(Job).where(Job.id == job_id).values(progress=progress, heartbeat_at=utcnow()))
+def report_progress(session: Session, lease: Lease, progress: dict) -> bool:
+    """Store progress and beat the heartbeat (fenced: LeaseLost when this attempt lost the job); returns whether a
+    cancel was requested."""
+    lease.hold(session)
+    session.execute(update(Job).where(Job.id == lease.job_id).values(progress=progress))
+    cancel = bool(session.scalar(select(Job.cancel_requested).where(Job.id == lease.job_id)))
     session.commit()
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+    return cancel
 
 
 class JobWait(Base):

@@ -46,7 +46,7 @@ def stop(worker) -> None:
 def test_kill_9_mid_training_resumes_from_checkpoint(make_env, tmp_path):
     env = {**make_env("postgresql"), **FAST_REAPER}
     job_id = enqueue_id(cli(env, "finetune", "--name", "survivor", "--epochs", "2", "--checkpoint-every", "40"))
-    checkpoint = Path(env["TUNEQUEUE_HOME"]) / "checkpoints" / f"job-{job_id}" / "checkpoint.pt"
+    checkpoint = Path(env["TUNEQUEUE_HOME"]) / "checkpoints" / job_row(env, job_id).uid / "checkpoint.pt"
     first = start_worker(env, log=tmp_path / "first.log")
     try:
         wait_until(checkpoint.exists, 120, "the first checkpoint")
@@ -114,14 +114,19 @@ def test_injected_oom_halves_the_micro_batch(make_env, tmp_path):
     assert "out of memory at step 3: micro-batch now 8" in (tmp_path / "worker.log").read_text()
 
 
-def test_soft_time_limit_checkpoints_and_fails_clearly(make_env, tmp_path):
+def test_soft_time_limit_checkpoints_resumes_and_fails_clearly(make_env, tmp_path):
+    """Each attempt stops at the limit with a checkpoint; the retry resumes from it and gets further; once the
+    attempts are spent the job fails with the reason and its checkpoint is removed (an ended job never resumes)."""
     env = make_env("sqlite")
     job_id = enqueue_id(cli(env, "finetune", "--name", "slow", "--epochs", "50", "--time-limit", "3",
-                            "--checkpoint-every", "1000", "--max-attempts", "1"))
+                            "--checkpoint-every", "1000", "--max-attempts", "2"))
     drain(env, tmp_path)
     job = job_row(env, job_id)
     assert job.status == JobStatus.failed and "JobTimeLimit: time limit of 3s reached at step" in job.error
-    assert (Path(env["TUNEQUEUE_HOME"]) / "checkpoints" / f"job-{job_id}" / "checkpoint.pt").exists()
+    steps = [int(e["error"].split("reached at step ")[1].split()[0]) for e in job.attempt_errors]
+    assert len(steps) == 2 and steps[1] > steps[0], job.attempt_errors
+    assert job.progress["resumed_from_step"] == steps[0]  # the retry went on from the first attempt's checkpoint
+    assert not (Path(env["TUNEQUEUE_HOME"]) / "checkpoints" / job.uid).exists()
 
 
 def _pings(client) -> bool:

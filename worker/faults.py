@@ -9,12 +9,20 @@ class Faults:
     `oom_at_step:N` raises torch.cuda.OutOfMemoryError once at training step N (CPUs never raise it);
     `crash_at_step:N` raises RuntimeError after training step N, on every attempt;
     `oom_at_batch:N` raises it once at generation batch N; `score_delay_s:N` sleeps N seconds before scores are
-    written (so a test can kill a worker mid-scoring)."""
+    written (so a test can kill a worker mid-scoring); `nan_at_step:N` sets a trained weight to NaN after step N,
+    so the loss really becomes NaN from then on."""
 
     def __init__(self, oom_at_step: int | None = None, crash_at_step: int | None = None,
-                 oom_at_batch: int | None = None, score_delay_s: int | None = None):
+                 oom_at_batch: int | None = None, score_delay_s: int | None = None, nan_at_step: int | None = None):
         self.oom_at_step, self.crash_at_step, self.oom_fired = oom_at_step, crash_at_step, False
-        self.oom_at_batch, self.score_delay_s = oom_at_batch, score_delay_s
+        self.oom_at_batch, self.score_delay_s, self.nan_at_step = oom_at_batch, score_delay_s, nan_at_step
+
+    def maybe_poison(self, step: int, params: list) -> None:
+        if self.nan_at_step == step and params:
+            import torch
+
+            with torch.no_grad():
+                params[0].view(-1)[0] = float("nan")
 
     def maybe_oom(self, step: int, micro_batches: int) -> None:
         if self.oom_at_step == step and not self.oom_fired:
@@ -45,7 +53,8 @@ def parse_faults(text: str) -> Faults:
     values = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, number = item.partition(":")
-        if name not in ("oom_at_step", "crash_at_step", "oom_at_batch", "score_delay_s") or not number.isdigit():
+        if name not in ("oom_at_step", "crash_at_step", "oom_at_batch", "score_delay_s", "nan_at_step") \
+                or not number.isdigit():
             raise ValueError(f"unknown fault {item!r} in TUNEQUEUE_FAULTS")
         values[name] = int(number)
     return Faults(**values)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from models.base import utcnow
 from models.jobs import Job, JobStatus, fail_attempt, readiness, stale_running
 from worker.broker import Broker
+from worker.jobs.checkpoint import forget_checkpoints
 from worker.lifecycle import publish, settle_children, skip
 
 log = logging.getLogger("tunequeue.reaper")
@@ -31,6 +32,7 @@ def reap_lost_workers(session: Session, broker: Broker, stale_seconds: float) ->
         if status == JobStatus.queued:
             publish(session, broker, session.get(Job, job.id))
         elif status == JobStatus.failed:
+            forget_checkpoints(broker.settings.home, job.uid)
             settle_children(session, broker, job.id)
         if status is not None:
             log.warning("job %s: %s -> %s", job.id, error, status.value)

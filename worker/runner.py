@@ -1,8 +1,9 @@
 """Runs one job inside a worker: claim the row, call the job's plain function, record the outcome, release children.
 
 Outcomes follow the error tree (models/errors.py): `JobCancelled` → cancelled; `JobFailed` or `InputError` (the
-job can never succeed: bad data, an unsupported method) → failed at once; anything else is a failed attempt,
-retried while attempts remain.
+job can never succeed: bad data, an unsupported method) → failed at once; `LeaseLost` (the attempt stalled and the
+job went to another) → nothing at all is written; anything else is a failed attempt, retried while attempts remain.
+Every write goes through the attempt's `Lease` (models/jobs.py). A job's checkpoints are removed once it has ended.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import traceback
 
 from sqlalchemy.orm import sessionmaker
 
-from models.errors import InputError, JobCancelled, JobFailed
-from models.jobs import Job, JobKind, JobStatus, claim, fail_attempt, finish, heartbeat, report_progress, unfinished_outputs
+from models.errors import InputError, JobCancelled, JobFailed, LeaseLost
+from models.jobs import (Job, JobKind, JobStatus, Lease, claim, fail_attempt, finish, heartbeat, report_progress,
+                         unfinished_outputs)
 from models.specs import parse_spec
+from worker.jobs.checkpoint import forget_checkpoints
 from worker.lifecycle import publish, settle_children
 from worker.runtime import WorkerRuntime
 from worker.tasks import JOBS, TASK_NAMES
@@ -28,18 +31,19 @@ class Heartbeat(threading.Thread):
     """Touches the running job's row every few seconds, even while one long step runs, so the reaper can tell a
     slow job from a dead worker."""
 
-    def __init__(self, sessions: sessionmaker, job_id: int, interval: float):
-        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.sessions, self.job_id, self.interval = sessions, job_id, interval
+    def __init__(self, sessions: sessionmaker, lease: Lease, interval: float):
+        super().__init__(daemon=True, name=f"heartbeat-{lease.job_id}")
+        self.sessions, self.lease, self.interval = sessions, lease, interval
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
             try:
                 with self.sessions() as session:
-                    heartbeat(session, self.job_id)
+                    if not heartbeat(session, self.lease):
+                        return  # the attempt lost the job: the job's next step finds out and stops
             except Exception as exc:
-                log.warning("heartbeat of job %s failed: %s", self.job_id, exc)
+                log.warning("heartbeat of job %s failed: %s", self.lease.job_id, exc)
 
 
 def register_tasks(app, runtime: WorkerRuntime) -> None:
@@ -67,41 +71,51 @@ def run_job(task, runtime: WorkerRuntime, job_id: int, kind: JobKind, function) 
             log.error("job %s is not a %s job in the database; message dropped", job_id, kind.value)
             return "missing"
         # the Celery node name tells apart two workers on one machine (and matches `manage.py workers`)
-        if not claim(session, job_id, task.request.id, task.request.hostname or socket.gethostname()):
+        lease = claim(session, job_id, task.request.id, task.request.hostname or socket.gethostname())
+        if lease is None:
             log.warning("job %s is %s, not queued; this delivery does nothing", job_id, job.status.value)
             return "not-queued"
-        log.info("job %s (%s) started", job_id, kind.value)
-        base = job.spec.get("model")
+        log.info("job %s (%s) started, attempt %s", job_id, kind.value, lease.attempt)
+        base, uid = job.spec.get("model"), job.uid
         runtime.note_job(job_id, base)
-        beat = Heartbeat(runtime.sessions, job_id, runtime.settings.heartbeat_seconds)
+        beat = Heartbeat(runtime.sessions, lease, runtime.settings.heartbeat_seconds)
         beat.start()
         try:
             with runtime.sessions() as progress_session:
-                result = _call(function, task, runtime, session, progress_session, job)
+                result = _call(function, task, runtime, session, progress_session, job, lease)
+        except LeaseLost as exc:
+            session.rollback()
+            log.warning("job %s: attempt %s stopped, writing nothing: %s", job_id, lease.attempt, exc)
+            return "lease-lost"
         except JobCancelled as exc:
-            return _end(session, runtime, job_id, JobStatus.cancelled, str(exc))
+            return _end(session, runtime, lease, uid, JobStatus.cancelled, str(exc))
         except (JobFailed, InputError) as exc:  # no retry can help
             log.error("job %s failed: %s", job_id, exc)
-            return _end(session, runtime, job_id, JobStatus.failed, str(exc))
+            return _end(session, runtime, lease, uid, JobStatus.failed, str(exc))
         except Exception as exc:
             session.rollback()
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            status = fail_attempt(session, job_id, f"{exc.__class__.__name__}: {exc}")
-            if status == JobStatus.queued:  # attempts remain: run it again
+            status = fail_attempt(session, job_id, f"{exc.__class__.__name__}: {exc}", attempt=lease.attempt)
+            if status == JobStatus.queued:  # attempts remain: run it again (a fine-tune resumes from its checkpoint)
                 publish(session, runtime.broker, session.get(Job, job_id))
                 return "retrying"
-            settle_children(session, runtime.broker, job_id)
+            if status == JobStatus.failed:
+                forget_checkpoints(runtime.settings.home, uid)
+                settle_children(session, runtime.broker, job_id)
             return "failed"
         finally:
             beat.stopped.set()
             runtime.note_job(None, base)  # loaded bases' queues first from the next message on
-        finish(session, job_id, JobStatus.succeeded, result=result)
+        if not finish(session, lease, JobStatus.succeeded, result=result):
+            log.warning("job %s: attempt %s lost the job before recording its outcome", job_id, lease.attempt)
+            return "lease-lost"
         log.info("job %s (%s) succeeded: %s", job_id, kind.value, result)
+        forget_checkpoints(runtime.settings.home, uid)
         settle_children(session, runtime.broker, job_id)
         return "succeeded"
 
 
-def _call(function, task, runtime: WorkerRuntime, session, progress_session, job: Job) -> dict:
+def _call(function, task, runtime: WorkerRuntime, session, progress_session, job: Job, lease: Lease) -> dict:
     """Parse the spec and run the plain function, mirroring its progress into the row and into Celery's state."""
     task_id = task.request.id
 
@@ -109,18 +123,21 @@ def _call(function, task, runtime: WorkerRuntime, session, progress_session, job
         if task_id:  # mirrored to Celery so Flower and AsyncResult see PROGRESS with the same meta
             task.update_state(state="PROGRESS", meta={"job_id": job.id, **progress})
             task.send_event("task-progress", job_id=job.id, **progress)
-        return report_progress(progress_session, job.id, progress)
+        return report_progress(progress_session, lease, progress)
 
     spec = parse_spec(job.spec)
     left_out = unfinished_outputs(session, job) if job.kind == JobKind.generate and spec.adapters else []
     if left_out:  # a sweep's evaluation goes on with the adapters whose fine-tunes succeeded
         spec = spec.model_copy(update={"adapters": [a for a in spec.adapters if a not in left_out]})
-    result = function(spec, session, runtime, job.id, on_progress)
+    result = function(spec, session, runtime, lease, on_progress)
     return {**result, "left_out_adapters": left_out} if left_out else result
 
 
-def _end(session, runtime: WorkerRuntime, job_id: int, status: JobStatus, error: str) -> str:
+def _end(session, runtime: WorkerRuntime, lease: Lease, uid: str, status: JobStatus, error: str) -> str:
     session.rollback()
-    finish(session, job_id, status, error=error)
-    settle_children(session, runtime.broker, job_id)
+    if not finish(session, lease, status, error=error):
+        return "lease-lost"
+    forget_checkpoints(runtime.settings.home, uid)
+    settle_children(session, runtime.broker, lease.job_id)
     return status.value
+

@@ -12,24 +12,25 @@ from typing import Callable
 from models.jobs import JobKind
 
 
-def _finetune(spec, session, runtime, job_id, on_progress) -> dict:
+def _finetune(spec, session, runtime, lease, on_progress) -> dict:
     from worker.jobs.finetune import train_adapter
 
-    return train_adapter(spec, session, runtime.cache, runtime.settings.home, job_id=job_id,
+    return train_adapter(spec, session, runtime.cache, runtime.settings.home, job_id=lease.job_id, lease=lease,
                          on_progress=on_progress, faults=runtime.faults())
 
 
-def _generate(spec, session, runtime, job_id, on_progress) -> dict:
+def _generate(spec, session, runtime, lease, on_progress) -> dict:
     from worker.jobs.generate import generate_summaries
 
-    return generate_summaries(spec, session, runtime.cache, runtime.settings.home, job_id=job_id,
+    return generate_summaries(spec, session, runtime.cache, runtime.settings.home, job_id=lease.job_id, lease=lease,
                               on_progress=on_progress, faults=runtime.faults())
 
 
-def _score(spec, session, runtime, job_id, on_progress) -> dict:
+def _score(spec, session, runtime, lease, on_progress) -> dict:
     from worker.jobs.score import score_rows
 
-    return score_rows(spec, session, job_id=job_id, on_progress=on_progress, faults=runtime.faults())
+    return score_rows(spec, session, job_id=lease.job_id, lease=lease, on_progress=on_progress,
+                      faults=runtime.faults())
 
 
 JOBS: dict[JobKind, Callable[..., dict]] = {JobKind.finetune: _finetune, JobKind.generate: _generate,

@@ -13,26 +13,30 @@ a whole model folder there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from models.errors import JobCancelled, JobTimeLimit
+from models.errors import JobCancelled, JobFailed, JobTimeLimit
+from models.jobs import Job, Lease
 from models.results import Adapter, LossPoint
 from models.specs import FinetuneSpec
 from worker.data.examples import examples_for
 from worker.faults import Faults
 from worker.jobs import ProgressFn
-from worker.jobs.checkpoint import TrainState, checkpoint_dir, load_checkpoint, save_checkpoint, trainable_state
+from worker.jobs.checkpoint import (TrainState, checkpoint_dir, load_checkpoint, save_checkpoint, spec_hash,
+                                    trainable_state, writing)
 from worker.ml.features import cached_encode, collate, label_tokens
 from worker.ml.kinds import resolve_model_kind
 from worker.ml.methods import (base_for, check_method_supported, classification_labels, parameter_counts, save_output,
@@ -78,6 +82,7 @@ class Run:
     state: TrainState
     counts: tuple[int, int]  # trainable and total parameters
     checkpoints: Optional[Path]
+    guard: Callable[[], ContextManager]  # fences a write: it happens only while this attempt holds the job
     faults: Faults
     on_progress: Optional[ProgressFn]
     started: float
@@ -90,8 +95,9 @@ class Run:
 
 def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home: Path, *,
                   job_id: Optional[int] = None, on_progress: Optional[ProgressFn] = None,
-                  faults: Optional[Faults] = None) -> dict:
-    """Fine-tune `spec.model` with `spec.method` and record the adapter (or full model) row; returns a summary."""
+                  faults: Optional[Faults] = None, lease: Optional[Lease] = None) -> dict:
+    """Fine-tune `spec.model` with `spec.method` and record the adapter (or full model) row; returns a summary.
+    With a `lease` (a worker's attempt), every write (checkpoints, the adapter folder, the rows) is fenced by it."""
     import torch
 
     started = time.monotonic()
@@ -100,17 +106,24 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
     check_method_supported(spec, cache.device)
     spec = resolve_model_kind(spec)
     prepared = prepare(spec, cache, home)
+    guard = (lambda: lease.held(session)) if lease else contextlib.nullcontext
     if job_id is not None:
-        session.execute(delete(LossPoint).where(LossPoint.job_id == job_id))  # a re-run draws its curve anew
+        with guard():
+            session.execute(delete(LossPoint).where(LossPoint.job_id == job_id))  # a re-run draws its curve anew
         session.commit()
-    checkpoints = checkpoint_dir(home, job_id)
+    checkpoints = checkpoint_dir(home, session.get(Job, job_id).uid if job_id is not None else None)
     with trainable_model(spec, cache, prepared.loaded, spec.model_kind) as model:
-        run = start_run(spec, prepared, model, checkpoints, faults or Faults(), on_progress, started)
+        run = start_run(spec, prepared, model, checkpoints, guard, faults or Faults(), on_progress, started)
         train_loop(run)
-        out_dir = save(run, home)
-    if checkpoints is not None:
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is saved; the checkpoint has served
-    return record(run, session, home, out_dir, job_id=job_id, base_loads=cache.loads)
+        staging = save(run, home)
+    try:
+        with guard():  # from here to the commit only the attempt holding the job publishes its adapter
+            out_dir = publish(staging, home / "adapters" / spec.name)
+            result = record(run, session, home, out_dir, job_id=job_id, base_loads=cache.loads)
+        session.commit()
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def prepare(spec: FinetuneSpec, cache: ModelCache, home: Path) -> Prepared:
@@ -139,7 +152,7 @@ def held_out_features(spec: FinetuneSpec, home: Path, tokenizer, encoding: dict)
     return cached_encode(home, spec.model_kind, tokenizer, held_out, **encoding)[0] or None
 
 
-def start_run(spec: FinetuneSpec, prepared: Prepared, model, checkpoints: Optional[Path], faults: Faults,
+def start_run(spec: FinetuneSpec, prepared: Prepared, model, checkpoints: Optional[Path], guard, faults: Faults,
               on_progress: Optional[ProgressFn], started: float) -> Run:
     """Optimizer, scheduler and the first epoch's batches, restored from a checkpoint when there is one; a fresh
     run measures the untrained eval loss, so "evaluation improved" has a number to beat."""
@@ -150,9 +163,9 @@ def start_run(spec: FinetuneSpec, prepared: Prepared, model, checkpoints: Option
     rng = random.Random(spec.seed)
     state = TrainState(batches=epoch_batches(spec, prepared, rng))
     run = Run(spec=spec, prepared=prepared, model=model, params=params, optimizer=optimizer, scheduler=scheduler,
-              rng=rng, state=state, counts=counts, checkpoints=checkpoints, faults=faults, on_progress=on_progress,
-              started=started)
-    run.resumed_from = load_checkpoint(checkpoints, model, optimizer, scheduler, rng, state)
+              rng=rng, state=state, counts=counts, checkpoints=checkpoints, guard=guard, faults=faults,
+              on_progress=on_progress, started=started)
+    run.resumed_from = load_checkpoint(checkpoints, model, optimizer, scheduler, rng, state, spec_hash(spec))
     if prepared.evaluation and not run.resumed_from:
         run.initial_eval = eval_loss(model, prepared.evaluation, prepared.pad_id, prepared.loaded.device,
                                      spec.per_device_train_batch_size)
@@ -178,14 +191,17 @@ def epoch_batches(spec: FinetuneSpec, prepared: Prepared, rng: random.Random) ->
 
 
 def train_loop(run: Run) -> None:
-    """Train to `total_steps` or until early stopping; raises JobCancelled or JobTimeLimit (checkpoint kept)."""
+    """Train to `total_steps` or until early stopping; raises JobCancelled, JobTimeLimit (checkpoint kept) or
+    JobFailed when the loss stops being a number."""
     state = run.state
     while state.step < run.prepared.total_steps and not state.stopped_early:
         if state.position >= len(state.batches):  # next epoch
             state.batches, state.position = epoch_batches(run.spec, run.prepared, run.rng), 0
         loss = train_step(run, state.batches[state.position])
         run.recent.append(loss.detach())
+        check_finite(run)
         run.faults.maybe_crash(state.step)
+        run.faults.maybe_poison(state.step, run.params)
         evaluate(run)
         report(run)
         checkpoint_if_due(run)
@@ -261,7 +277,7 @@ def evaluate(run: Run) -> None:
 
 def report(run: Run) -> None:
     """Every LOG_EVERY steps, at the last and on early stopping: the mean recent loss into the curve and to
-    `on_progress`; when that asks for a cancel, checkpoint and raise JobCancelled."""
+    `on_progress`; when that asks for a cancel, raise JobCancelled (the runner removes the job's checkpoint)."""
     import torch
 
     state, step = run.state, run.state.step
@@ -276,9 +292,7 @@ def report(run: Run) -> None:
     if run.resumed_from:
         progress["resumed_from_step"] = run.resumed_from
     if run.on_progress and run.on_progress(progress):
-        if run.checkpoints:
-            write_checkpoint(run, "cancelled")
-        raise JobCancelled(f"cancelled at step {step}" + (" (checkpoint kept)" if run.checkpoints else ""))
+        raise JobCancelled(f"cancelled at step {step}")
 
 
 def checkpoint_if_due(run: Run) -> None:
@@ -303,20 +317,40 @@ def stop_at_time_limit(run: Run) -> None:
 
 
 def write_checkpoint(run: Run, reason: str) -> None:
-    save_checkpoint(run.checkpoints, run.model, run.optimizer, run.scheduler, run.rng, run.state)
+    with run.guard():
+        save_checkpoint(run.checkpoints, run.model, run.optimizer, run.scheduler, run.rng, run.state,
+                        spec_hash(run.spec))
     log.info("checkpoint at step %s (%s)", run.state.step, reason)
 
 
+def check_finite(run: Run) -> None:
+    """Every LOG_EVERY steps (when the losses are read anyway): a loss that is NaN or infinite fails the run for
+    good; no retry trains it back, and no adapter is saved."""
+    import torch
+
+    if run.state.step % LOG_EVERY and run.state.step != run.prepared.total_steps:
+        return
+    recent = torch.stack(run.recent[-LOG_EVERY:])
+    if not bool(torch.isfinite(recent).all()):
+        raise JobFailed(f"the training loss became {float(recent[~torch.isfinite(recent)][0])} at or before step "
+                        f"{run.state.step}: lower the learning rate (or lora_alpha), or check the data")
+
+
 def save(run: Run, home: Path) -> Path:
-    """Write the adapter (or full model) to `adapters/NAME` through a staging folder renamed at the end, so a crash
-    never leaves a half-written folder under that name; returns the folder."""
+    """Write the adapter (or full model) into a staging folder of its own beside `adapters/NAME`, so that a crash
+    (or a full disk) never leaves a half-written folder under that name; returns the staging folder."""
     if run.best_weights is not None:  # early stopping keeps the best evaluated weights
         run.model.load_state_dict(run.best_weights, strict=False)
     run.model.eval()
-    out_dir = home / "adapters" / run.spec.name
-    staging = home / "adapters" / f".{run.spec.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_output(run.spec, run.model, run.prepared.loaded, staging)
+    staging = home / "adapters" / f".{run.spec.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with writing(staging):
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        save_output(run.spec, run.model, run.prepared.loaded, staging)
+    return staging
+
+
+def publish(staging: Path, out_dir: Path) -> Path:
+    """Put the staged folder under its name, replacing the one there (a re-run, or --replace)."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
@@ -341,7 +375,7 @@ def record(run: Run, session: Session, home: Path, out_dir: Path, *, job_id: Opt
     if job_id is not None:
         session.add_all([LossPoint(job_id=job_id, step=s, train_loss=point.get("train_loss"),
                                    eval_loss=point.get("eval_loss")) for s, point in sorted(state.curve.items())])
-    session.commit()
+    session.flush()  # the caller's guard commits
     return summary(run, adapter, final_loss, duration, base_loads)
 
 

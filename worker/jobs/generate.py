@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.errors import JobCancelled, NotFound
+from models.jobs import Lease
 from models.results import Adapter, Generation
 from models.specs import GenerateSpec
 from worker.data.examples import examples_for
@@ -137,7 +138,10 @@ def _run_batch(model, loaded: LoadedModel, model_kind: str, spec: GenerateSpec, 
 
 
 def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, home: Path, *,
-                       job_id: int, on_progress: Optional[ProgressFn] = None, faults: Optional[Faults] = None) -> dict:
+                       job_id: int, on_progress: Optional[ProgressFn] = None, faults: Optional[Faults] = None,
+                       lease: Optional[Lease] = None) -> dict:
+    """Generate (or classify) every example of the split for every variant; rows are committed batch by batch,
+    each batch fenced by `lease` when a worker runs the job."""
     import torch
 
     started = time.monotonic()
@@ -182,6 +186,8 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
+                if lease is not None:
+                    lease.hold(session)
                 session.add_all([
                     Generation(job_id=job_id, variant=items[i][0], adapter_id=items[i][1].id if items[i][1] else None,
                                split=spec.split, example_id=items[i][2]["id"], source=items[i][2]["text"],

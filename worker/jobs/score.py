@@ -17,7 +17,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from models.errors import JobFailed
-from models.jobs import Job
+from models.jobs import Job, Lease
 from models.results import METRIC_FAMILIES, Adapter, ExampleScore, Generation, Metric, metric_family
 from models.specs import ScoreSpec, parse_spec
 from worker.faults import Faults
@@ -65,7 +65,8 @@ def rouge_scores(predictions: list[str], references: list[str], use_stemmer: boo
 
 
 def score_rows(spec: ScoreSpec, session: Session, *, job_id: int, on_progress: Optional[ProgressFn] = None,
-               faults: Optional[Faults] = None) -> dict:
+               faults: Optional[Faults] = None, lease: Optional[Lease] = None) -> dict:
+    """Score the generate job's rows and replace this job's metric rows in one transaction (fenced by `lease`)."""
     generate_job = session.get(Job, spec.generate_job_id)
     generate_spec = parse_spec(generate_job.spec)
     if generate_spec.model_kind is None:  # a job stored before the kind was resolved at enqueue
@@ -82,6 +83,8 @@ def score_rows(spec: ScoreSpec, session: Session, *, job_id: int, on_progress: O
         per_example = [{"accuracy": float(r.prediction == r.reference)} for r in rows]
     if faults:
         faults.maybe_delay_scoring()
+    if lease is not None:
+        lease.hold(session)
     session.execute(delete(ExampleScore).where(ExampleScore.job_id == job_id))
     session.execute(delete(Metric).where(Metric.job_id == job_id))
     session.add_all([ExampleScore(job_id=job_id, generation_id=row.id, name=name, value=value)
