@@ -26,7 +26,8 @@ from models.results import expand_metrics
 from models.specs import FinetuneSpec, GenerateSpec
 
 
-def run_demo(ctx: AppContext, learning_rates: list[float], epochs: float, echo: Callable[[str], None]) -> None:
+def run_demo(ctx: AppContext, learning_rates: list[float], epochs: float, echo: Callable[..., None]) -> None:
+    """`echo(text, err=False)` prints a line (click.echo)."""
     started = time.monotonic()
     settings = ctx.settings
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def run_demo(ctx: AppContext, learning_rates: list[float], epochs: float, echo: 
         finished = [session.get(Job, job_id) for job_id in job_ids]
         bad = [job for job in finished if job.status != JobStatus.succeeded]
         if bad:
-            echo(log_path.read_text()[-3000:])
+            echo(log_path.read_text()[-3000:], err=True)
             raise JobFailed("; ".join(f"job {j.id} {j.kind.value} {j.status.value}: {j.error or ''}" for j in bad))
         metrics = expand_metrics(["rouge"])
         rows = comparison(session, metrics, "test", variants=["base", *names])

@@ -23,6 +23,7 @@ from models.base import utcnow
 from models.errors import InputError, NotFound, Unavailable
 from models.jobs import Job, JobKind, JobStatus, JobWait, readiness
 from models.specs import Submission, parse_spec
+from worker.broker import MAX_PRIORITY
 from worker.lifecycle import publish, settle_children, skip
 
 
@@ -53,6 +54,8 @@ def stage(session: Session, spec, parent: Job | None = None, *, waits_for: list[
     """Add the job's rows to the session's transaction (flushed, so it has an id; nothing committed)."""
     if parent is not None and waits_for:
         raise ValueError("a job has one parent or a join of jobs it waits for, not both")
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be between 0 and {MAX_PRIORITY}")
     job = Job(kind=JobKind(spec.kind), status=JobStatus.queued, spec=spec.model_dump(mode="json"),
               parent_id=parent.id if parent else None, attempts=0, cancel_requested=False, priority=priority,
               sweep_id=sweep_id, max_attempts=max_attempts, output_name=getattr(spec, "name", None))

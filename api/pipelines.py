@@ -44,7 +44,7 @@ def validate_pipeline(session: Session, home: Path, generate_spec: GenerateSpec,
     finetune_spec = validate_finetune(finetune_spec, session)
     # the adapter does not exist yet: check the rest of the generate spec against the fine-tune's base model
     checked = validate_generate(generate_spec.model_copy(update={"adapter": None, "adapters": []}), session, home)
-    return generate_spec.model_copy(update={"model_kind": checked.model_kind}), finetune_spec
+    return generate_spec.with_model_kind(checked.model_kind), finetune_spec
 
 
 def validate_sweep(session: Session, home: Path, plan: SweepPlan) -> SweepPlan:

@@ -6,8 +6,8 @@ import logging
 
 from alembic import context
 
-from models import Base
-from models.base import make_engine
+from models import jobs, results, sweeps  # noqa: F401 (every table registers itself on Base.metadata)
+from models.base import Base, make_engine
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,4 +1,5 @@
-"""Result tables: trained adapters, generated summaries, aggregated metrics and per-example scores.
+"""Result tables: trained adapters, generated summaries, aggregated metrics and per-example scores. The metric
+names each score job writes, and which fit each model kind, are in models/metrics.py beside this module.
 
 Every result row has a natural unique key (job, variant, example) or (job, variant, split, metric), where the
 variant is "base" or the adapter's name, so that a job that runs twice replaces its rows instead of duplicating them.
@@ -13,38 +14,9 @@ from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, S
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, utcnow
-from models.errors import InputError
+from models.metrics import FAMILY_FOR_MODEL_KIND, METRIC_FAMILIES, expand_metrics, metric_family  # noqa: F401
 
 BASE_VARIANT = "base"
-
-# Metric families a score job computes, with the metric names each writes; the family that fits each model kind.
-METRIC_FAMILIES = {
-    "rouge": ("rouge1", "rouge2", "rougeL", "rougeLsum"),
-    "classification": ("accuracy", "f1", "precision", "recall", "f1_macro", "precision_macro", "recall_macro"),
-}
-FAMILY_FOR_MODEL_KIND = {"seq2seq": "rouge", "causal": "rouge", "classification": "classification"}
-
-
-def metric_family(asked: list[str] | None, model_kind: str, generate_job_id: int) -> str:
-    """The family to score a generate job of `model_kind` with (`asked`, or the kind's own); InputError if it does
-    not fit."""
-    fitting = FAMILY_FOR_MODEL_KIND[model_kind]
-    for family in asked or []:
-        if family != fitting:
-            raise InputError(f"generate job {generate_job_id} is a {model_kind} job: score it with --metric "
-                             f"{fitting}, not {family}")
-    return fitting
-
-
-def expand_metrics(names: list[str]) -> list[str]:
-    """Family names ('rouge') replaced by their metric names, order kept, duplicates dropped."""
-    out: list[str] = []
-    for name in names:
-        for metric in METRIC_FAMILIES.get(name, (name,)):
-            if metric not in out:
-                out.append(metric)
-    return out
-
 
 class Adapter(Base):
     __tablename__ = "adapters"

@@ -15,6 +15,7 @@ from tests.conftest import REPO
 
 LAYERS = {"manage": 3, "api": 2, "worker": 1, "models": 0}
 HEAVY = {"torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate"}
+LIBRARIES = {"sqlalchemy", "celery", "kombu", "redis"}
 
 
 def project_files() -> list[Path]:
@@ -121,3 +122,11 @@ def test_fast_commands_never_load_the_ml_stack(env, args):
                            text=True, capture_output=True, timeout=120)
     loaded = json.loads(probe.stdout.rsplit("LOADED=", 1)[1])
     assert loaded == [], f"manage.py {' '.join(args)} loaded {loaded}"
+
+
+def test_help_loads_neither_the_database_nor_the_broker_libraries(env):
+    """`--help` builds its options from the specs alone: no SQLAlchemy, Celery, kombu or redis at start-up."""
+    probe = subprocess.run([sys.executable, "-c", PROBE.replace("import api.adapters, api.jobs, api.report, "
+                                                                  "api.sweeps, api.validate", "pass") % (LIBRARIES,),
+                            json.dumps(["--help"])], env=env, cwd=REPO, text=True, capture_output=True, timeout=120)
+    assert json.loads(probe.stdout.rsplit("LOADED=", 1)[1]) == []
