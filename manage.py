@@ -17,12 +17,14 @@ import click
 
 from api.context import AppContext
 from models.errors import TunequeueError
-from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, Submission
+from models.specs import MAX_ID, FinetuneSpec, GenerateSpec, ScoreSpec, Submission
 
 
 class CliError(click.ClickException):
     def __init__(self, error: TunequeueError):
-        super().__init__(str(error))
+        # one line whatever the message holds (a name that ends in a newline is shown as \n, not as a second line)
+        text = str(error).strip() or type(error).__name__
+        super().__init__(text.replace("\r", "\\r").replace("\n", "\\n"))
         self.exit_code = getattr(error, "exit_code", 1)
 
 
@@ -37,6 +39,26 @@ class Root(click.Group):
 
 
 pass_ctx = click.make_pass_decorator(AppContext, ensure=True)
+
+# Ids and counts are 64-bit in every database: a bigger number is refused by Click (one line, exit 2) before any
+# query could overflow.
+JOB_ID = click.IntRange(1, MAX_ID)
+COUNT = click.IntRange(1, MAX_ID)
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds above 0 and at most a week (Click's FLOAT also takes inf and nan)."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{str(value)[:60]!r} is not a number of seconds", param, ctx)
+        if not (0 < number <= 7 * 24 * 3600):  # False for nan too
+            self.fail(f"{value} is not a number of seconds above 0 and at most a week", param, ctx)
+        return number
 
 
 def echo_json(data) -> None:
@@ -241,7 +263,7 @@ def generate(ctx: AppContext, wait, as_json, priority, max_attempts, prompt_temp
 
 
 @cli.command()
-@click.argument("generate_job_id", type=int)
+@click.argument("generate_job_id", type=JOB_ID)
 @spec_options(ScoreSpec, "metrics")
 @submit_options
 @pass_ctx
@@ -259,7 +281,7 @@ def jobs():
 
 @jobs.command("list")
 @click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled", "skipped"]))
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=COUNT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def jobs_list(ctx: AppContext, status, limit, as_json):
@@ -285,7 +307,7 @@ def jobs_list(ctx: AppContext, status, limit, as_json):
 
 
 @jobs.command("show")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def jobs_show(ctx: AppContext, job_id, as_json):
@@ -308,7 +330,7 @@ def show_fields(data: dict, width: int) -> None:
 
 
 @jobs.command("cancel")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @pass_ctx
 def jobs_cancel(ctx: AppContext, job_id):
     """Cancel a queued job, or ask a running one to stop at its next step."""
@@ -320,13 +342,18 @@ def jobs_cancel(ctx: AppContext, job_id):
 
 
 @jobs.command("reconcile")
-@click.option("--stale-after", type=float, default=None, help="Seconds without heartbeat before a running job "
+@click.option("--stale-after", type=Seconds(), default=None, help="Seconds without heartbeat before a running job "
               "counts as lost [default: TUNEQUEUE_STALE_SECONDS or 60].")
 @pass_ctx
 def jobs_reconcile(ctx: AppContext, stale_after):
     """Put back lost work: running jobs whose worker died, queued jobs whose message the broker lost."""
     from api.jobs import reconcile
+    from models.errors import InputError
 
+    if stale_after is not None and stale_after <= ctx.settings.heartbeat_seconds:
+        raise InputError(f"--stale-after {stale_after:g} is not more than the heartbeat interval "
+                         f"({ctx.settings.heartbeat_seconds:g}s, TUNEQUEUE_HEARTBEAT_SECONDS): every running job "
+                         "would look lost")
     outcome = reconcile(ctx, stale_after)
     lost = outcome["requeued_or_failed"]
     click.echo(f"{len(lost)} running jobs had lost their worker"
@@ -336,7 +363,7 @@ def jobs_reconcile(ctx: AppContext, stale_after):
 
 
 @jobs.command("watch")
-@click.argument("job_id", type=int, required=False)
+@click.argument("job_id", type=JOB_ID, required=False)
 @click.option("--sweep", default=None, help="Watch every job of this sweep.")
 @pass_ctx
 def jobs_watch(ctx: AppContext, job_id, sweep):
@@ -602,10 +629,13 @@ def workers(ctx: AppContext, as_json):
     """Running workers of this queue: CUDA, loaded base models, current job (from their Redis records)."""
     from models.settings import mask_url
 
+    url = mask_url(ctx.settings.redis_url)  # a bad setting is its own one-line error, not a registry failure
     try:
         found = ctx.broker.live_workers()
+    except TunequeueError:
+        raise
     except Exception as exc:
-        raise click.ClickException(f"cannot read the worker registry at {mask_url(ctx.settings.redis_url)}: {exc}")
+        raise click.ClickException(f"cannot read the worker registry at {url}: {exc}")
     if as_json:
         echo_json(found)
         return
@@ -619,7 +649,7 @@ def workers(ctx: AppContext, as_json):
 
 
 @cli.command()
-@click.option("--port", default=5555, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5555, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True)
 @pass_ctx
 def flower(ctx: AppContext, port, address):
@@ -635,7 +665,7 @@ def flower(ctx: AppContext, port, address):
 @click.option("--sweep", default=None, help="Only the base row and adapters of this sweep.")
 @click.option("--split", default="test", show_default=True)
 @click.option("--sort", default=None, help="Sort rows by this metric, best first.")
-@click.option("--top", type=int, default=None, help="Keep the base row and the N best adapters.")
+@click.option("--top", type=COUNT, default=None, help="Keep the base row and the N best adapters.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
@@ -644,14 +674,18 @@ def flower(ctx: AppContext, port, address):
               help="Write the runs' training / eval loss curves to this PNG.")
 @click.option("--compare", nargs=2, default=None, metavar="A B",
               help="Show the examples where variants A and B differ most (use 'base' for the base model).")
-@click.option("--limit", type=int, default=5, show_default=True, help="Examples shown by --compare.")
+@click.option("--limit", type=COUNT, default=5, show_default=True, help="Examples shown by --compare.")
 @pass_ctx
 def report(ctx: AppContext, metric_names, sweep, split, sort, top, fmt, plot_path, plot_loss_path, compare, limit):
     """Compare base and adapters: one row per run with each metric's mean, 95% bootstrap interval and delta vs the
     base row, examples scored, training time and the hyperparameters that vary; the best row is marked."""
     from api.render import render_comparison, render_report
-    from api.report import ReportQuery, differing_examples, report_rows, write_box_plot, write_loss_plot
+    from api.report import (ReportQuery, check_plot_path, differing_examples, report_rows, write_box_plot,
+                            write_loss_plot)
 
+    for path, option in ((plot_path, "--plot"), (plot_loss_path, "--plot-loss")):
+        if path:
+            check_plot_path(path, option)  # before anything is queried, printed or drawn
     query = ReportQuery(list(metric_names), split, sweep, sort, top)
     with ctx.session() as session:
         if compare:
@@ -680,8 +714,18 @@ def demo(ctx: AppContext, epochs, learning_rates):
     synthetic-dialogsum, generate + score each, all executed by a burst worker subprocess.
     """
     from api.demo import run_demo
+    from models.errors import InputError
+    from models.specs import build
 
-    rates = [float(x) for x in learning_rates.split(",") if x.strip()]
+    try:
+        rates = [float(x) for x in learning_rates.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--learning-rates {learning_rates[:60]!r}: write numbers separated by commas, "
+                         "e.g. 1e-3,3e-3") from None
+    if not rates:
+        raise InputError("--learning-rates: give at least one learning rate")
+    for rate in rates:  # the spec's own ranges, before anything is started
+        build(FinetuneSpec, {"name": "demo", "learning_rate": rate, "num_train_epochs": epochs})
     run_demo(ctx, rates, epochs, echo=click.echo)
 
 

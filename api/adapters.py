@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind, JobStatus
 from models.results import Adapter
+from models.specs import brief
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -37,9 +38,9 @@ def get_adapter(session: Session, name: str) -> Adapter:
     adapter = session.scalar(select(Adapter).where(Adapter.name == name))
     if adapter is None:
         names = list(session.scalars(select(Adapter.name)))
-        close = difflib.get_close_matches(name, names, n=1)
+        close = difflib.get_close_matches(name[:100], names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else " (see 'adapters list')"
-        raise NotFound(f"adapter {name!r} does not exist{hint}")
+        raise NotFound(f"adapter {brief(name)} does not exist{hint}")
     return adapter
 
 
@@ -63,32 +64,60 @@ def _folder(adapter: Adapter, home: Path) -> Path:
     return folder
 
 
-def _check_target(target: Path) -> None:
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_destination(home: Path, directory) -> Path:
+    """`directory` as an absolute path with symlinks resolved, if a folder can be written there: outside
+    TUNEQUEUE_HOME (whatever is inside belongs to the store: 'adapters delete' or a later fine-tune would remove it),
+    new or empty, and under a folder that exists or can be made. InputError otherwise; nothing is created."""
+    try:
+        target = Path(directory).expanduser().resolve()
+        store = Path(home).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+        raise InputError(f"cannot use {str(directory)[:60]!r} as a destination: {exc}") from None
+    if _is_within(target, store):
+        raise InputError(f"{target} is inside TUNEQUEUE_HOME ({store}), which tunequeue manages; choose a folder "
+                         "outside it")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InputError(f"{target} already exists and is not an empty folder; choose a new directory")
+    parent = target.parent
+    while not parent.exists():  # the nearest folder that exists must be a folder we may write in
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot create {target}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create {target}: {parent} is not writable")
+    return target
 
 
 def _write_folder(target: Path, what: str, write) -> Path:
     """Have `write(staging)` fill a staging folder beside `target`, then move it to `target` (absent or an empty
-    folder): a failed write leaves nothing behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    folder): a failed write leaves nothing behind. A write the system refuses (a read-only or full disk) is one
+    InputError line."""
     staging = target.parent / f".{target.name}.{what}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        write(staging)
-        if target.exists():
-            target.rmdir()
-        os.replace(staging, target)
-    finally:
+        target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
+        try:
+            write(staging)
+            if target.exists():
+                target.rmdir()
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except (OSError, shutil.Error) as exc:
+        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        where = getattr(exc, "filename", None)
+        raise InputError(f"could not write {target}: {reason}" + (f" ({where})" if where else "")) from None
     return target
 
 
 def export_adapter(session: Session, home: Path, name: str, target: Path) -> Path:
     """Copy the adapter's folder (PEFT adapter, or whole model for method full) to `target`."""
     folder = _folder(get_adapter(session, name), home)
-    target = Path(target).expanduser().resolve()
-    _check_target(target)
+    target = check_destination(home, target)
     return _write_folder(target, "export", lambda staging: shutil.copytree(folder, staging))
 
 
@@ -110,8 +139,7 @@ def merge_adapter(session: Session, home: Path, name: str, target: Path, dtype: 
     adapter = get_adapter(session, name)
     check_mergeable(adapter, dtype)
     folder = _folder(adapter, home)
-    target = Path(target).expanduser().resolve()
-    _check_target(target)
+    target = check_destination(home, target)
 
     from worker.ml.merge import merge_into
 

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import os
 
 
 def _columns(rows: list[dict], metrics: list[str]) -> list[str]:
@@ -92,8 +93,7 @@ def box_plot(scores: dict[str, list[float]], metric: str, path: str, title: str 
     ax.set_title(title or f"{metric} per example, {len(labels)} runs")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return len(drawn["boxes"])
 
 
@@ -119,8 +119,23 @@ def loss_plot(curves: dict[str, list[tuple]], path: str, title: str = "") -> Non
     ax.set_title(title or "loss curves")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    """Write the figure to `path` whole or not at all: into a hidden file beside it, then renamed over it; the figure
+    is closed either way. The format is the suffix's (none: PNG)."""
+    import matplotlib.pyplot as plt
+
+    folder, name = os.path.split(os.path.abspath(path))
+    partial = os.path.join(folder, f".{name}.{os.getpid()}.partial")
+    try:
+        fig.savefig(partial, dpi=110, format=os.path.splitext(name)[1].lstrip(".").lower() or "png")
+        os.replace(partial, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(partial):
+            os.unlink(partial)
 
 
 def render_comparison(pairs: list[dict], variants, metric: str, fmt: str) -> str:

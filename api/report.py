@@ -4,6 +4,7 @@ examples where two runs differ most, and the plots; rendering lives in api/rende
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from sqlalchemy.orm import Session
@@ -13,6 +14,46 @@ from models.errors import InputError, NotFound
 from models.report import (compare_variants, comparison, known_metric_names, loss_curves, per_example_scores,
                            sweep_by_name, sweep_jobs)
 from models.results import expand_metrics
+
+
+# what matplotlib's savefig writes, by file suffix (no suffix: PNG)
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "tif", "tiff", "webp", "eps", "ps", "pgf", "raw", "rgba")
+
+
+def check_plot_path(path: str, option: str = "--plot") -> Path:
+    """The plot destination as an absolute path, if a file can be written there: a suffix matplotlib knows, in a
+    folder that exists, not a folder itself, and writable. Checked before anything is queried or drawn; nothing is
+    left behind."""
+    try:
+        target = Path(path).expanduser().absolute()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{option} {str(path)[:60]!r}: {exc}") from None
+    suffix = target.suffix.lower().lstrip(".")
+    if suffix and suffix not in PLOT_FORMATS:
+        raise InputError(f"{option} {target}: cannot write a .{suffix} image (use one of "
+                         f"{', '.join('.' + f for f in PLOT_FORMATS[:4])} ...)")
+    if target.is_dir():
+        raise InputError(f"{option} {target} is a folder; give a file name such as {target / 'plot.png'}")
+    if not target.parent.is_dir():
+        what = "is not a folder" if target.parent.exists() else "does not exist"
+        raise InputError(f"{option} {target}: the folder {target.parent} {what}")
+    existed = target.exists()
+    try:  # the one sure test of "can be written here" (os.access says yes to root on a read-only mount)
+        with open(target, "ab"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{option} {target}: cannot write there: {exc.strerror or exc}") from None
+    if not existed:
+        target.unlink(missing_ok=True)
+    return target
+
+
+def _saved(path: str, option: str, draw):
+    """`draw()` (which writes the image to `path`); a write the system refuses is one InputError line."""
+    try:
+        return draw()
+    except OSError as exc:
+        raise InputError(f"{option} {path}: could not write the image: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)
@@ -61,14 +102,17 @@ def write_box_plot(session: Session, query: ReportQuery, rows: list[dict], path:
     metric = query.sort or query.metric_names[0]
     scores = per_example_scores(session, rows, metric, query.split, query.sweep)
     title = f"{metric} per example" + (f", sweep {query.sweep}" if query.sweep else "")
-    return box_plot(scores, metric, path, title=title)
+    target = str(check_plot_path(path, "--plot"))
+    return _saved(target, "--plot", lambda: box_plot(scores, metric, target, title=title))
 
 
 def write_loss_plot(session: Session, query: ReportQuery, rows: list[dict], path: str) -> None:
     curves = loss_curves(session, [r["variant"] for r in rows if r["variant"] != "base"])
     if not any(curves.values()):
         raise NotFound("no loss curves recorded for these runs")
-    loss_plot(curves, path, title="loss curves" + (f", sweep {query.sweep}" if query.sweep else ""))
+    target = str(check_plot_path(path, "--plot-loss"))
+    title = "loss curves" + (f", sweep {query.sweep}" if query.sweep else "")
+    _saved(target, "--plot-loss", lambda: loss_plot(curves, target, title=title))
 
 
 def sweep_job_ids(session: Session, name: str) -> list[int]:

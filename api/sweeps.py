@@ -9,6 +9,11 @@ random: {n: 4, seed: 0, lora_dropout: {low: 0.0, high: 0.2}, learning_rate: {low
 eval:   {split: test, limit: 200}
 ```
 Keys are `FinetuneSpec` fields (Hugging Face `TrainingArguments` names where one exists).
+
+A sweep file is small, so everything about it is bounded before it can cost anything: the file's size, how deep it
+nests and how many nodes its YAML aliases expand to (a 400-byte "billion laughs" file is refused while it is read),
+and the number of points, counted from the lengths of the grid lists and `random.n` before any point is built.
+Error messages echo at most a short piece of any value.
 """
 
 from __future__ import annotations
@@ -23,11 +28,111 @@ from pathlib import Path
 import yaml
 
 from models.errors import InputError
-from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, one_line, validate_name
+from models.specs import ECHO_CHARS, FinetuneSpec, GenerateSpec, ScoreSpec, brief, one_line, validate_name
 
 SWEEP_KEYS = {"name", "base", "grid", "random", "eval"}
 EVAL_KEYS = {"split", "limit", "batch_size", "max_new_tokens", "no_repeat_ngram_size", "metrics"}
 POINT_KEYS = set(FinetuneSpec.model_fields) - {"kind", "name"}
+RULE_KEYS = {"low", "high", "log", "int", "choices"}
+MAX_POINTS = 1000  # more points than this is surely a mistake
+MAX_FILE_BYTES = 256 * 1024  # a sweep file is a few lines
+MAX_YAML_NODES = 100_000  # nodes of a sweep file (or override) with its aliases expanded
+MAX_YAML_DEPTH = 50  # nesting of a sweep file
+
+
+def _cut(text: str, limit: int = ECHO_CHARS) -> str:
+    text = str(text).replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class SweepLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses, while composing and before constructing anything, a document nested deeper than
+    MAX_YAML_DEPTH, one whose aliases expand to more than MAX_YAML_NODES nodes (a few hundred bytes of nested
+    aliases can stand for billions of nodes) and one whose alias refers to itself."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise InputError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expanded_size(node)
+        return node
+
+
+def _children(node: yaml.Node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """The node count of `root` with every alias expanded, computed once per distinct node (aliases share nodes, so
+    this costs the size of the file, not of the expansion); InputError past MAX_YAML_NODES or on a cycle."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the nodes on the path from the root to the node in hand
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[key] > MAX_YAML_NODES:
+                raise InputError(f"its aliases expand to more than {MAX_YAML_NODES:,} values; write the values out")
+        elif key not in sizes:
+            if key in open_nodes:
+                raise InputError("an alias refers to the block that contains it")
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+
+
+def load_yaml(text: str, what: str):
+    """`text` parsed by SweepLoader; InputError naming `what` (and the line) on anything it cannot take."""
+    try:
+        return yaml.load(text, Loader=SweepLoader)  # noqa: S506 - SweepLoader is a SafeLoader
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+        raise InputError(f"{what} is not valid YAML{where}: {_cut(problem, 120)}") from None
+    except (ValueError, RecursionError) as exc:  # an integer of 5000 digits, ...
+        raise InputError(f"{what} holds a value that cannot be read: {_cut(exc, 120)}") from None
+
+
+def _check_plain(data) -> None:
+    """Every value is JSON: None, a bool, a whole number, a finite float, a string, a list or a mapping with string
+    keys, so the sweep can be stored as it was given (YAML also makes dates, sets and bytes; JSON has no NaN)."""
+    stack, seen = [("", data)], 0
+    while stack:
+        path, value = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise InputError(f"the sweep holds more than {MAX_YAML_NODES:,} values")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise InputError(f"{_cut(path or 'sweep')}: key {brief(key)} must be a string")
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{_cut(path)}: must be a finite number (got {value})")
+        elif value is not None and not isinstance(value, (bool, int, float, str)):
+            raise InputError(f"{_cut(path)}: a {type(value).__name__} is not allowed here (got {brief(value)}); "
+                             "quote it to make it a string")
 
 
 @dataclass
@@ -81,23 +186,27 @@ def _did_you_mean(key: str, choices) -> str:
 def _check_keys(block: str, data: dict, allowed: set) -> None:
     for key in data:
         if key not in allowed:
-            raise InputError(f"{block}.{key}: unknown key{_did_you_mean(str(key), allowed)}")
+            raise InputError(f"{block}.{_cut(key)}: unknown key{_did_you_mean(str(key)[:100], allowed)}")
 
 
 def load_sweep_file(path: str) -> dict:
+    shown = brief(str(path))
     file = Path(path).expanduser()
     if not file.is_file():
-        raise InputError(f"sweep file {path!r} does not exist")
+        raise InputError(f"sweep file {shown} does not exist or is not a file")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        with file.open("rb") as handle:
+            raw = handle.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise InputError(f"sweep file {shown} is larger than {MAX_FILE_BYTES // 1024} KiB; a sweep file is a "
+                             "few lines")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read sweep file {path!r}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise InputError(f"sweep file {path!r} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise InputError(f"cannot read sweep file {shown}: {_cut(getattr(exc, 'strerror', None) or exc, 120)}") \
+            from None
+    data = load_yaml(text, f"sweep file {shown}")
     if not isinstance(data, dict):
-        raise InputError(f"sweep file {path!r} must be a mapping with base/grid/random/eval blocks")
+        raise InputError(f"sweep file {shown} must be a mapping with base/grid/random/eval blocks")
     return data
 
 
@@ -105,20 +214,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """`key=value` (into base; replaces a grid list of that key) or `block.key=value`; values are YAML."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for item in overrides:
+        shown = brief(item)
         if "=" not in item:
-            raise InputError(f"override {item!r} must look like key=value")
+            raise InputError(f"override {shown} must look like key=value")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise InputError(f"override {item!r}: value is not valid YAML") from None
+        value = load_yaml(raw, f"override {shown}")
         block, _, field = key.rpartition(".")
         if key == "name":
             data["name"] = value
             continue
         block = block or "base"
         if block not in ("base", "grid", "random", "eval"):
-            raise InputError(f"override {item!r}: unknown block {block!r}{_did_you_mean(block, SWEEP_KEYS)}")
+            raise InputError(f"override {shown}: unknown block {brief(block)}{_did_you_mean(block, SWEEP_KEYS)}")
+        if not isinstance(data.get(block) or {}, dict):
+            raise InputError(f"{block}: must be a mapping of keys to values")
         data.setdefault(block, {})
         data[block] = dict(data[block] or {})
         data[block][field] = value
@@ -127,22 +236,42 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _check_rule(key: str, rule) -> None:
+    """A random rule is a non-empty list of choices, {choices: [...]} or {low, high[, log][, int]} with finite low
+    <= high; InputError otherwise, before anything is sampled."""
+    if isinstance(rule, list):
+        if not rule:
+            raise InputError(f"random.{key}: the list of choices is empty")
+        return
+    if not isinstance(rule, dict):
+        raise InputError(f"random.{key}: must be a list of choices or {{low, high[, log]}} (got {brief(rule)})")
+    _check_keys(f"random.{key}", rule, RULE_KEYS)
+    for flag in ("log", "int"):
+        if not isinstance(rule.get(flag, False), bool):
+            raise InputError(f"random.{key}.{flag}: must be true or false (got {brief(rule[flag])})")
+    if "choices" in rule:
+        if not isinstance(rule["choices"], list) or not rule["choices"]:
+            raise InputError(f"random.{key}.choices: must be a non-empty list (got {brief(rule['choices'])})")
+        return
+    try:
+        low, high = float(rule["low"]), float(rule["high"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise InputError(f"random.{key}: needs numeric low and high (or choices)") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise InputError(f"random.{key}: low and high must be finite numbers")
+    if low > high:
+        raise InputError(f"random.{key}: low {low} is above high {high}")
+    if rule.get("log") and low <= 0:
+        raise InputError(f"random.{key}: log sampling needs low > 0")
+
+
 def _sample(rng: random.Random, key: str, rule) -> object:
     if isinstance(rule, list):
         return rng.choice(rule)
-    if not isinstance(rule, dict):
-        raise InputError(f"random.{key}: must be a list of choices or {{low, high[, log]}}")
     if "choices" in rule:
         return rng.choice(rule["choices"])
-    try:
-        low, high = float(rule["low"]), float(rule["high"])
-    except (KeyError, TypeError, ValueError):
-        raise InputError(f"random.{key}: needs numeric low and high (or choices)") from None
-    if low > high:
-        raise InputError(f"random.{key}: low {low} is above high {high}")
+    low, high = float(rule["low"]), float(rule["high"])
     if rule.get("log"):
-        if low <= 0:
-            raise InputError(f"random.{key}: log sampling needs low > 0")
         value = math.exp(rng.uniform(math.log(low), math.log(high)))
     else:
         value = rng.uniform(low, high)
@@ -151,14 +280,19 @@ def _sample(rng: random.Random, key: str, rule) -> object:
 
 def expand(data: dict, name: str | None = None) -> SweepPlan:
     """Validate the whole file and expand it into points; raise InputError naming the point and the field."""
+    if not isinstance(data, dict):
+        raise InputError("a sweep is a mapping with base/grid/random/eval blocks")
     _check_keys("sweep", data, SWEEP_KEYS)
+    _check_plain(data)
     sweep_name = name or data.get("name")
     if not sweep_name:
         raise InputError("the sweep needs a name: a top-level 'name:' in the file or --name")
+    if not isinstance(sweep_name, (str, int)) or isinstance(sweep_name, bool):
+        raise InputError(f"sweep name {brief(sweep_name)}: must be a string")
     try:
         validate_name(str(sweep_name))
     except ValueError as exc:
-        raise InputError(f"sweep name {sweep_name!r}: {exc}") from None
+        raise InputError(f"sweep name {brief(str(sweep_name))}: {exc}") from None
     blocks = {}
     for block in ("base", "grid", "random", "eval"):
         value = data.get(block) or {}
@@ -173,19 +307,32 @@ def expand(data: dict, name: str | None = None) -> SweepPlan:
         if not isinstance(values, list) or not values:
             raise InputError(f"grid.{key}: must be a non-empty list of values")
 
+    random_rules = {k: v for k, v in blocks["random"].items() if k not in ("n", "seed")}
+    for key, rule in random_rules.items():
+        _check_rule(key, rule)
+    n_random = blocks["random"].get("n", 1 if random_rules else 0)
+    if not isinstance(n_random, int) or isinstance(n_random, bool) or n_random < 0:
+        raise InputError(f"random.n: must be a non-negative whole number (got {brief(n_random)})")
+    seed = blocks["random"].get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InputError(f"random.seed: must be a whole number (got {brief(seed)})")
+    # count the points before building any: the product of the grid lists' lengths, times n random draws
+    count = max(n_random, 1) if random_rules else 1
+    for values in blocks["grid"].values():
+        count *= len(values)
+        if count > 10**18:
+            break
+    if count > MAX_POINTS:
+        shown = str(count) if count <= 10**18 else "more than 10**18"
+        raise InputError(f"the sweep expands to {shown} points; more than {MAX_POINTS} is surely a mistake")
+
     grid_keys = list(blocks["grid"])
     combos = [dict(zip(grid_keys, values)) for values in itertools.product(*blocks["grid"].values())]
-    random_rules = {k: v for k, v in blocks["random"].items() if k not in ("n", "seed")}
-    n_random = blocks["random"].get("n", 1 if random_rules else 0)
-    if not isinstance(n_random, int) or n_random < 0:
-        raise InputError(f"random.n: must be a non-negative whole number (got {n_random!r})")
-    rng = random.Random(blocks["random"].get("seed", 0))
+    rng = random.Random(seed)
     varied_points = []
     for combo in combos:
         for _ in range(max(n_random, 1) if random_rules else 1):
             varied_points.append({**combo, **{k: _sample(rng, k, rule) for k, rule in random_rules.items()}})
-    if len(varied_points) > 1000:
-        raise InputError(f"the sweep expands to {len(varied_points)} points; more than 1000 is surely a mistake")
 
     evaluation = blocks["eval"]
     metrics = evaluation.get("metrics")  # None: chosen from the model's kind when scoring
@@ -193,7 +340,7 @@ def expand(data: dict, name: str | None = None) -> SweepPlan:
     points = []
     for index, varied in enumerate(varied_points, start=1):
         fields = {**blocks["base"], **varied, "name": f"{sweep_name}-{index:02d}"}
-        label = ", ".join(f"{k}={v}" for k, v in varied.items())
+        label = _cut(", ".join(f"{k}={_cut(v, 30)}" for k, v in varied.items()), 200)
         where = f"point {index}" + (f" ({label})" if label else "")
         try:
             finetune = FinetuneSpec.model_validate(fields)

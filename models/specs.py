@@ -9,6 +9,7 @@ exists (`learning_rate`, `num_train_epochs`, `per_device_train_batch_size`).
 from __future__ import annotations
 
 import re
+import reprlib
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,10 +17,20 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from models.builtins import (BUILTIN_DATASETS, DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_PROMPT_TEMPLATE,
                              builtin_datasets_help, builtin_models_help)
 from models.errors import InputError
-from models.results import METRIC_FAMILIES
+from models.metrics import METRIC_FAMILIES
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# fullmatch, never match + `$`: `$` also matches before a trailing newline, so "name\n" would pass
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESERVED_NAMES = {"base"}
+
+# Upper bounds of the numeric fields (every numeric field has one, and floats must be finite: see _Spec). Ids are
+# 64-bit signed integers in every database we run on.
+MAX_ID = 2**63 - 1
+MAX_SEED = 2**32 - 1  # what numpy and torch accept as a seed
+MAX_STEPS = 10_000_000
+MAX_EXAMPLES = 100_000_000
+MAX_SECONDS = 366 * 24 * 3600  # a year
+ECHO_CHARS = 60  # at most this much of a user's value is echoed back in an error message
 
 ModelKind = Literal["seq2seq", "causal", "classification"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
@@ -40,7 +51,8 @@ def option(default: Any, help: str, *flags: str, shown: Optional[str] = None, **
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # allow_inf_nan=False: no float field takes inf or nan, whatever its range (a NaN compares false with every bound)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class _DataFields(_Spec):
@@ -69,13 +81,14 @@ class _DataFields(_Spec):
         "alpaca also {instruction} and {input}.", shown="'Summarize the following conversation.' prompt; the "
         "standard Alpaca prompt for --format alpaca; the bare text for classification")
     seed: int = option(42, "Seeds the 80/10/10 split of a single file or Dataset folder, the --train-limit subset "
-                           "and training.")
+                           "and training.", ge=0, le=MAX_SEED)
 
     @model_validator(mode="before")
     @classmethod
     def _dataset_column_defaults(cls, data):
         if isinstance(data, dict):
-            builtin = BUILTIN_DATASETS.get(data.get("dataset", DEFAULT_DATASET))
+            dataset = data.get("dataset", DEFAULT_DATASET)
+            builtin = BUILTIN_DATASETS.get(dataset) if isinstance(dataset, str) else None  # a list: its own error
             defaults = builtin.columns if builtin else {}
             data = {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
             data = {k: v for k, v in data.items() if v is not None or k not in DEFAULT_COLUMNS}
@@ -114,7 +127,8 @@ class FinetuneSpec(_DataFields):
     replace: bool = option(False, "Re-use the name of an existing adapter: it is replaced when this job succeeds.")
     train_split: str = option("train", "Split to train on.")
     lora_r: int = option(16, "LoRA rank.", "--lora-r", "--r", gt=0, le=1024)
-    lora_alpha: float = option(32, "LoRA scaling numerator (scale = alpha / r).", "--lora-alpha", "--alpha", gt=0)
+    lora_alpha: float = option(32, "LoRA scaling numerator (scale = alpha / r).", "--lora-alpha", "--alpha",
+                               gt=0, le=10_000)
     lora_dropout: float = option(0.0, "Dropout on the LoRA path.", "--lora-dropout", "--dropout", ge=0, lt=1)
     target_modules: Union[Literal["all-linear"], list[str]] = option(
         "all-linear", "'all-linear' or a comma-separated list such as q,v.")
@@ -124,35 +138,41 @@ class FinetuneSpec(_DataFields):
     learning_rate: float = option(3e-3, "Peak learning rate.", "--learning-rate", "--lr", gt=0, le=1,
                                   shown=", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LEARNING_RATES.items()))
     num_train_epochs: float = option(3, "Passes over the training split.", "--epochs", gt=0, le=1000)
-    max_steps: Optional[int] = option(None, "Stop after this many steps (overrides --epochs).", gt=0)
+    max_steps: Optional[int] = option(None, "Stop after this many steps (overrides --epochs).", gt=0, le=MAX_STEPS)
     per_device_train_batch_size: int = option(16, "Examples per optimizer step.", "--batch-size", gt=0, le=4096)
     max_tokens_per_batch: Optional[int] = option(
-        None, "Also cap each batch at this many padded input tokens (length-bucketed batches).", gt=0)
+        None, "Also cap each batch at this many padded input tokens (length-bucketed batches).", gt=0,
+        le=4096 * 32768)
     max_source_length: int = option(256, "Input tokens kept per example.", gt=0, le=32768)
     max_target_length: int = option(64, "Target tokens kept per example.", gt=0, le=32768)
-    warmup_steps: int = option(30, "Linear warm-up steps (at most a tenth of the run).", ge=0)
-    max_grad_norm: float = option(1.0, "Gradient clipping norm.", gt=0)
+    warmup_steps: int = option(30, "Linear warm-up steps (at most a tenth of the run).", ge=0, le=MAX_STEPS)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.", gt=0, le=10_000)
     train_limit: Optional[int] = option(
         None, "Train on N examples of the split, a random subset chosen by --seed (the same seed, the same subset).",
-        gt=0)
+        gt=0, le=MAX_EXAMPLES)
     eval_split: Optional[str] = option(
         "validation", "Split for the eval loss (loss curves, early stopping); none: no evaluation.")
-    eval_limit: Optional[int] = option(200, "Evaluate on the first N examples.", gt=0)
-    eval_steps: Optional[int] = option(None, "Evaluate every N steps.", gt=0, shown="once per epoch")
+    eval_limit: Optional[int] = option(200, "Evaluate on the first N examples.", gt=0, le=MAX_EXAMPLES)
+    eval_steps: Optional[int] = option(None, "Evaluate every N steps.", gt=0, le=MAX_STEPS,
+                                       shown="once per epoch")
     early_stopping_patience: Optional[int] = option(
-        None, "Stop after this many evaluations without improvement, keeping the best weights.", gt=0)
+        None, "Stop after this many evaluations without improvement, keeping the best weights.", gt=0,
+        le=10_000)
     checkpoint_every_steps: Optional[int] = option(
         100, "Save a resumable checkpoint every N steps; a re-run after a crash resumes from it.",
-        "--checkpoint-every", gt=0)
-    checkpoint_every_minutes: Optional[float] = option(None, "Also save a checkpoint every N minutes.", gt=0)
+        "--checkpoint-every", gt=0, le=MAX_STEPS)
+    checkpoint_every_minutes: Optional[float] = option(None, "Also save a checkpoint every N minutes.", gt=0,
+                                                       le=MAX_SECONDS / 60)
     time_limit_s: Optional[float] = option(
-        None, "Soft limit in seconds: checkpoint, then fail with the reason.", "--time-limit", gt=0)
+        None, "Soft limit in seconds: checkpoint, then fail with the reason.", "--time-limit", gt=0, le=MAX_SECONDS)
 
     @model_validator(mode="before")
     @classmethod
     def _method_learning_rate(cls, data):
         if isinstance(data, dict) and data.get("learning_rate") is None:
-            data = {**data, "learning_rate": DEFAULT_LEARNING_RATES.get(data.get("method", "lora"), 3e-3)}
+            method = data.get("method", "lora")
+            data = {**data, "learning_rate": DEFAULT_LEARNING_RATES.get(method, 3e-3) if isinstance(method, str)
+                    else 3e-3}
         return data
 
     @field_validator("name")
@@ -180,7 +200,7 @@ class GenerateSpec(_DataFields):
         "example); 'base' in the list adds the base model's own rows.")
     split: str = option("test", "Split to generate for: train/validation/test of a built-in or carved file, or any "
                                 "split of a folder or hub dataset.", "--split", "--test-split")
-    limit: Optional[int] = option(None, "Only the first N examples of the split.", gt=0)
+    limit: Optional[int] = option(None, "Only the first N examples of the split.", gt=0, le=MAX_EXAMPLES)
     batch_size: int = option(64, "Examples per generation batch.", gt=0, le=4096)
     max_new_tokens: int = option(64, "Tokens generated at most per example.", gt=0, le=4096)
     max_source_length: int = option(512, "Input tokens kept per example.", gt=0, le=32768)
@@ -200,7 +220,7 @@ class GenerateSpec(_DataFields):
 
 class ScoreSpec(_Spec):
     kind: Literal["score"] = "score"
-    generate_job_id: int = Field(gt=0)
+    generate_job_id: int = Field(gt=0, le=MAX_ID)
     metrics: Optional[list[MetricFamily]] = option(
         None, "rouge: ROUGE-1/2/L/Lsum F-measure with stemming (rouge_score, offline); classification: accuracy, "
         "precision, recall, F1 (binary and macro).", "--metric", shown="from the generate job's model kind")
@@ -219,7 +239,7 @@ SPEC_TYPES = {"finetune": FinetuneSpec, "generate": GenerateSpec, "score": Score
 
 
 def validate_name(value: str) -> str:
-    if not NAME_PATTERN.match(value) or value in RESERVED_NAMES:
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or value in RESERVED_NAMES:
         raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', start with a letter or digit, "
                          f"and not be {', '.join(sorted(RESERVED_NAMES))}")
     return value
@@ -243,11 +263,27 @@ def build(model: type[BaseModel], data: dict):
 def one_line(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"])
+        field = ".".join(str(p) for p in err["loc"]).replace("\n", "\\n")
+        field = field if len(field) <= ECHO_CHARS else field[:ECHO_CHARS - 3] + "..."
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         got = err.get("input")
-        suffix = f" (got {got!r})" if err["type"] != "missing" and not isinstance(got, dict) else ""
+        suffix = f" (got {brief(got)})" if err["type"] != "missing" and not isinstance(got, dict) else ""
         parts.append(f"{field}: {message}{suffix}" if field else f"{message}{suffix}")
-    return "; ".join(parts)
+    more = f"; and {len(parts) - 5} more" if len(parts) > 5 else ""
+    return "; ".join(parts[:5]) + more
+
+
+def brief(value, limit: int = ECHO_CHARS) -> str:
+    """`repr(value)` cut to at most `limit` characters, for echoing a user's value in a one-line error: a value can be
+    a megabyte string, a list of a million items or a self-referencing YAML alias, so it is never formatted whole."""
+    short = reprlib.Repr()  # attributes, not keywords: Python 3.11 has no keywords for them
+    short.maxlevel, short.maxstring, short.maxlong, short.maxother = 3, limit, limit, limit
+    short.maxtuple = short.maxlist = short.maxdict = short.maxset = short.maxfrozenset = 8
+    try:
+        text = short.repr(value)
+    except Exception:  # noqa: BLE001 - a value whose own repr fails is shown by its type
+        text = f"<{type(value).__name__}>"
+    text = text.replace("\n", "\\n")  # one line, always
+    return text if len(text) <= limit else text[:limit - 3] + "..."
