@@ -84,10 +84,8 @@ def _unwrap(annotation):
 
 
 def _comma_list(_ctx, _param, value):
-    """'a,b' → ['a', 'b']; a single literal such as 'all-linear' stays as it is."""
-    if value is None or "," not in value and not value.strip().startswith("["):
-        return value if value is None or value == "all-linear" else [value.strip()]
-    return [part.strip() for part in value.strip("[]").split(",") if part.strip()]
+    """'a,b' → ['a', 'b'] (the spec decides what a one-word list such as ['all-linear'] means)."""
+    return None if value is None else [part.strip() for part in value.strip("[]").split(",") if part.strip()]
 
 
 def spec_option(spec_type, name: str):
@@ -104,7 +102,7 @@ def spec_option(spec_type, name: str):
     kwargs: dict = {"help": (field.description or "") + (f"  [default: {shown}]" if shown is not None else "")}
     if base is bool:
         kwargs.update(is_flag=True, default=None)
-    elif typing.get_origin(base) is typing.Literal and is_list and name == "metrics":
+    elif typing.get_origin(base) is typing.Literal and is_list:
         kwargs.update(type=click.Choice(typing.get_args(base)), multiple=True, default=None)
     elif typing.get_origin(base) is typing.Literal:
         kwargs.update(type=click.Choice(typing.get_args(base)), default=None)
@@ -154,18 +152,29 @@ def read_template_file(fields: dict, path: str | None) -> dict:
     return {**fields, "prompt_template": text.removesuffix("\n")}
 
 
-def submit_and_show(ctx: AppContext, data: dict, *, wait: bool, as_json: bool, priority, max_attempts,
-                    model_given: bool = True) -> None:
-    from api.jobs import job_dict, submit
+def submission_of(priority, max_attempts) -> Submission:
     from models.specs import build
 
-    submission = build(Submission, {k: v for k, v in {"priority": priority, "max_attempts": max_attempts}.items()
-                                    if v is not None})
-    job = submit(ctx, data, submission, model_given=model_given)
+    return build(Submission, given({"priority": priority, "max_attempts": max_attempts}))
+
+
+def given(options: dict) -> dict:
+    """The options the user gave: an option left out is None here, and the spec's default applies."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def submit_and_show(ctx: AppContext, data: dict, *, wait: bool, as_json: bool, priority, max_attempts,
+                    model_given: bool = True, warning=None) -> None:
+    """Submit, print the job (or its JSON), then `warning()`'s text if it has one, then wait if asked."""
+    from api.jobs import job_dict, submit
+
+    job = submit(ctx, given(data), submission_of(priority, max_attempts), model_given=model_given)
     if as_json and not wait:
         echo_json(job_dict(job))
     elif not as_json:
         click.echo(f"job {job.id} queued ({job.kind.value})")
+    if warning and (text := warning()):
+        click.echo(text, err=True)
     if wait:
         wait_and_show(ctx, job.id, as_json)
 
@@ -240,10 +249,10 @@ def finetune(ctx: AppContext, wait, as_json, priority, max_attempts, prompt_temp
     """
     from api.jobs import cuda_worker_warning
 
-    if fields.get("method") == "qlora" and (warning := cuda_worker_warning(ctx)):
-        click.echo(warning, err=True)
     data = {"kind": "finetune", **read_template_file(fields, prompt_template_file)}
-    submit_and_show(ctx, data, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
+    qlora = fields.get("method") == "qlora"
+    submit_and_show(ctx, data, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts,
+                    warning=(lambda: cuda_worker_warning(ctx)) if qlora else None)
 
 
 @cli.command()
@@ -397,11 +406,9 @@ def sweep(ctx: AppContext, file, overrides, name, dry_run, as_json, priority, ma
     """
     from api.pipelines import enqueue_sweep, validate_sweep
     from api.sweeps import apply_overrides, expand, load_sweep_file
-    from models.specs import build
 
     plan = expand(apply_overrides(load_sweep_file(file), list(overrides)), name)
-    submission = build(Submission, {k: v for k, v in {"priority": priority, "max_attempts": max_attempts}.items()
-                                    if v is not None})
+    submission = submission_of(priority, max_attempts)
     with ctx.session() as session:
         plan = validate_sweep(session, ctx.settings.home, plan)
         if dry_run:

@@ -22,7 +22,7 @@ from api.validate import validate
 from models.base import utcnow
 from models.errors import InputError, NotFound, Unavailable
 from models.jobs import Job, JobKind, JobStatus, JobWait, readiness
-from models.specs import Submission, parse_spec
+from models.specs import MAX_ID, Submission, parse_spec
 from worker.broker import MAX_PRIORITY
 from worker.lifecycle import publish, settle_children, skip
 
@@ -104,6 +104,8 @@ def release(session: Session, broker, jobs: list[Job], *, what: str) -> None:
 
 
 def get_job(session: Session, job_id: int) -> Job:
+    if not 0 < job_id <= MAX_ID:  # the database's ids are 64-bit: anything else names no job
+        raise NotFound(f"job {job_id} does not exist")
     job = session.get(Job, job_id)
     if job is None:
         raise NotFound(f"job {job_id} does not exist")

@@ -58,14 +58,15 @@ def validate_sweep(session: Session, home: Path, plan: SweepPlan) -> SweepPlan:
         except InputError as exc:
             raise InputError(f"point {point.index}: {exc}") from None
         points.append(replace(point, generate=generate, finetune=finetune))
-    return replace(plan, points=points)
+    return replace(plan, points=points, checked=True)
 
 
 def enqueue_sweep(session: Session, broker, home: Path, plan: SweepPlan,
                   submission: Submission = Submission()) -> tuple[Sweep, list[Job]]:
     """The sweep row and all its jobs in one transaction, then the fine-tunes published: a broker that dies part
     way leaves a whole sweep that `jobs reconcile` finishes publishing, never half of one."""
-    plan = validate_sweep(session, home, plan)
+    if not plan.checked:
+        plan = validate_sweep(session, home, plan)
     sweep = Sweep(name=plan.name, spec=plan.spec, priority=submission.priority, points=len(plan.points))
     session.add(sweep)
     session.flush()

@@ -32,7 +32,7 @@ from models.specs import ECHO_CHARS, FinetuneSpec, GenerateSpec, ScoreSpec, brie
 
 SWEEP_KEYS = {"name", "base", "grid", "random", "eval"}
 EVAL_KEYS = {"split", "limit", "batch_size", "max_new_tokens", "no_repeat_ngram_size", "metrics"}
-POINT_KEYS = set(FinetuneSpec.model_fields) - {"kind", "name"}
+POINT_KEYS = set(FinetuneSpec.model_fields) - {"kind", "name"} | {"task"}  # `task`: model_kind's older name
 RULE_KEYS = {"low", "high", "log", "int", "choices"}
 MAX_POINTS = 1000  # more points than this is surely a mistake
 MAX_FILE_BYTES = 256 * 1024  # a sweep file is a few lines
@@ -157,6 +157,7 @@ class SweepPlan:
     spec: dict
     points: list[SweepPoint]
     metrics: list[str]
+    checked: bool = False  # validated against the world (api/pipelines.validate_sweep), specs completed
 
     @property
     def evaluations(self) -> list[Evaluation]:

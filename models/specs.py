@@ -175,6 +175,20 @@ class FinetuneSpec(_DataFields):
                     else 3e-3}
         return data
 
+    @field_validator("eval_split", mode="before")
+    @classmethod
+    def _no_evaluation(cls, value):
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _modules(cls, value):
+        if isinstance(value, list) and value == ["all-linear"]:
+            return "all-linear"
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module, or 'all-linear'")
+        return value
+
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
@@ -246,11 +260,12 @@ def validate_name(value: str) -> str:
 
 
 def parse_spec(data: dict) -> FinetuneSpec | GenerateSpec | ScoreSpec:
-    """Build a spec from plain data (None meaning "the default"); pydantic's report becomes one InputError line."""
+    """Build a spec from plain data (a stored row, an API body: None is a value, e.g. eval_split None means no
+    evaluation; a door whose None means "not given" drops it first); pydantic's report becomes one InputError line."""
     kind = data.get("kind")
     if kind not in SPEC_TYPES:
         raise InputError(f"unknown job kind {kind!r} (expected one of {', '.join(SPEC_TYPES)})")
-    return build(SPEC_TYPES[kind], {k: v for k, v in data.items() if v is not None})
+    return build(SPEC_TYPES[kind], data)
 
 
 def build(model: type[BaseModel], data: dict):

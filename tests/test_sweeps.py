@@ -9,7 +9,7 @@ import json
 
 import pytest
 import yaml
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from models.jobs import Job, JobStatus
 from models.results import LossPoint
@@ -206,7 +206,7 @@ def test_failing_point_is_left_out_of_the_evaluation(make_env, tmp_path):
 
 def test_evaluation_waits_for_every_fine_tune_and_is_skipped_when_none_succeeded(make_env, tmp_path):
     from api.pipelines import enqueue_sweep
-    from models.jobs import finish, readiness
+    from models.jobs import claim, finish, readiness
     from worker.lifecycle import settle_children
 
     env = make_env("sqlite")
@@ -217,8 +217,8 @@ def test_evaluation_waits_for_every_fine_tune_and_is_skipped_when_none_succeeded
         assert queue_length(env) == 3  # the fine-tunes only; the evaluation waits in the database
 
         def end(job, status):
-            session.execute(update(Job).where(Job.id == job.id).values(status=JobStatus.running))
-            finish(session, job.id, status, error=status.value)
+            lease = claim(session, job.id, None, "test-worker")  # as a worker would take it
+            finish(session, lease, status, error=status.value)
             settle_children(session, broker, job.id)
 
         end(finetunes[0], JobStatus.failed)

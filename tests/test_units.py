@@ -172,3 +172,40 @@ def test_tokenization_cache_keys_on_tokenizer_text_and_lengths(tmp_path, builtin
     assert not cached_encode(tmp_path, "seq2seq", tokenizer, examples, **{**options, "max_source_length": 8})[1]
     assert not cached_encode(tmp_path, "causal", tokenizer, examples, **options)[1]
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.pkl"))) == 4
+
+
+def test_sweep_files_may_still_name_the_model_kind_task():
+    from api.sweeps import expand
+
+    plan = expand({"name": "old-keys", "base": {"model": "tiny-llama", "task": "causal", "max_steps": 2},
+                   "grid": {"task": ["causal"]}})
+    assert plan.points[0].finetune.model_kind == "causal"
+
+
+def test_no_evaluation_survives_storage():
+    """`--eval-split none` and `eval_split: null` mean no evaluation, in the stored row as much as in the spec."""
+    from api.sweeps import expand
+
+    spec = parse_spec({"kind": "finetune", "name": "x", "eval_split": "none"})
+    assert spec.eval_split is None
+    assert parse_spec(spec.model_dump(mode="json")).eval_split is None  # what the worker reads back
+    point = expand({"name": "quiet", "base": {"eval_split": None, "checkpoint_every_steps": None}}).points[0]
+    stored = parse_spec(point.finetune.model_dump(mode="json"))
+    assert stored.eval_split is None and stored.checkpoint_every_steps is None
+    assert parse_spec({"kind": "finetune", "name": "x", "target_modules": ["all-linear"]}).target_modules == "all-linear"
+    with pytest.raises(InputError, match="target_modules: name at least one module"):
+        parse_spec({"kind": "finetune", "name": "x", "target_modules": []})
+
+
+def test_an_empty_adapter_list_means_the_base_and_qlora_warns_only_after_validation(sqlite_env):
+    from click.testing import CliRunner
+
+    from manage import cli
+
+    result = CliRunner().invoke(cli, ["finetune", "--name", "bad name", "--method", "qlora"])
+    assert result.exit_code == 2 and "warning" not in result.output and result.output.startswith("Error: name:")
+    result = CliRunner().invoke(cli, ["generate", "--adapters", "", "--limit", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    with session_of(sqlite_env) as session:
+        spec = session.get(Job, json.loads(result.output)["id"]).spec
+    assert spec["adapters"] == [] and spec["adapter"] is None  # the base model alone, as before
