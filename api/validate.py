@@ -15,6 +15,7 @@ from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind, JobStatus
 from models.results import Adapter, metric_family
 from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, parse_spec
+from worker.data.examples import rules_for
 from worker.data.refs import check_dataset, check_model, required_columns
 from worker.ml.kinds import resolve_model_kind
 
@@ -80,9 +81,12 @@ def validate_generate(spec: GenerateSpec, session: Session, home: Path, *, model
 
 
 def _check_data(spec, target: str | None, splits: list[str]) -> None:
-    """The dataset exists, has `splits` and the columns the job reads (its target column when it trains)."""
+    """The dataset exists, has `splits` and the columns the job reads (its target column when it trains), and every
+    row of a local dataset holds what the worker will read from it (worker/data/examples.py: a fine-tune's text and
+    target in every row; a generate job's text, its optional reference and ids it can store)."""
     columns = required_columns(spec.data_format, spec.text_column, target)
-    check_dataset(spec.dataset, columns, splits, dataset_config=spec.dataset_config, data_format=spec.data_format)
+    check_dataset(spec.dataset, columns, splits, dataset_config=spec.dataset_config, data_format=spec.data_format,
+                  rules=rules_for(spec, spec.target_column))
 
 
 def _existing_adapter(session: Session, home: Path, name: str) -> Adapter:

@@ -42,7 +42,8 @@ def model_kind_from_config(config: dict) -> str:
 
 
 def read_config(ref: str) -> Optional[dict]:
-    """config.json of a local folder or of a hub id in the local cache; None when it is not at hand."""
+    """config.json of a local folder or of a hub id in the local cache; None when it is not at hand. InputError when
+    it is not a JSON object."""
     path = Path(ref).expanduser()
     if path.is_dir():
         file = path / "config.json"
@@ -54,9 +55,14 @@ def read_config(ref: str) -> Optional[dict]:
             return None
         file = Path(cached)
     try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read the config of model {ref!r}: {exc}") from None
+    if not isinstance(config, dict):
+        held = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(config), "a number")
+        raise InputError(f"the config.json of model {ref!r} is not a JSON object (it holds {held}); save the model "
+                         "with save_pretrained")
+    return config
 
 
 def detect_model_kind(ref: str) -> str:

@@ -15,12 +15,13 @@ import contextlib
 import re
 from typing import Any, Iterator
 
-from models.errors import JobFailed
+from models.errors import InputError, JobFailed
 from models.specs import FinetuneSpec
 from worker.ml.kinds import PEFT_TASK_TYPES
 from worker.ml.model_cache import LoadedModel, ModelCache
 
 CLASSIFIER_HEADS = ["pre_classifier", "classifier", "score"]
+LORA_LAYERS = "Linear, Embedding, Conv1d/2d/3d, Conv1D or MultiheadAttention"  # what PEFT's LoRA can wrap
 
 
 def check_method_supported(spec: FinetuneSpec, device: str) -> None:
@@ -92,6 +93,7 @@ def trainable_model(spec: FinetuneSpec, cache: ModelCache, loaded: LoadedModel, 
         finally:
             del model
         return
+    check_target_modules(spec, loaded.model, model_kind)
     if spec.method == "qlora" and not loaded.extra.get("prepared_for_kbit"):
         from peft import prepare_model_for_kbit_training
 
@@ -99,6 +101,55 @@ def trainable_model(spec: FinetuneSpec, cache: ModelCache, loaded: LoadedModel, 
         loaded.extra["prepared_for_kbit"] = True
     with cache.training_adapter(loaded, peft_config(spec, model_kind, loaded)) as model:
         yield model
+
+
+def _lora_layer_types() -> tuple:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    nn = torch.nn
+    return nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D
+
+
+def check_target_modules(spec: FinetuneSpec, model, model_kind: str) -> None:
+    """A LoRA job's `target_modules` list names layers of `model` LoRA can wrap, matched as PEFT matches a list (the
+    module's full name, or its name ending in `.NAME`). InputError naming the ones that match no layer, match
+    something else (a block, a norm) or only a classifier's head (PEFT trains it whole and never wraps it), with the
+    model's own layer names; checked before PEFT touches the resident base, so such a job fails at once as a data
+    error instead of crashing on each attempt."""
+    if spec.method not in ("lora", "qlora") or isinstance(spec.target_modules, str):
+        return
+    layer_types = _lora_layer_types()
+    # PEFT's sequence-classification models train their heads whole (modules_to_save: every module whose name ends
+    # in classifier or score, pre_classifier too) and wrap nothing inside them
+    heads = re.compile(r"(classifier|score)($|\.)") if model_kind == "classification" else None
+    every = list(model.named_modules())
+    modules = [(name, module) for name, module in every if not (heads and heads.search(name))]
+    layer_names = sorted({name.rpartition(".")[2] for name, module in modules
+                          if name and isinstance(module, layer_types) and not list(module.children())})
+    shown = ", ".join(layer_names[:16]) + (", ..." if len(layer_names) > 16 else "")
+    hint = f"; the {model_kind} model {spec.model!r} has layers named {shown}"
+    missing, wrong, in_heads = [], [], []
+
+    def named(target: str, candidates) -> list:
+        return [(name, module) for name, module in candidates if name == target or name.endswith(f".{target}")]
+
+    for target in spec.target_modules:
+        matched = named(target, modules)
+        if not matched:
+            missing.append(target)
+            if heads and named(target, every):
+                in_heads.append(target)
+        elif not all(isinstance(module, layer_types) for _, module in matched):
+            name, module = next((n, m) for n, m in matched if not isinstance(m, layer_types))
+            wrong.append(f"{target} ({name} is a {type(module).__name__})")
+    if missing:
+        head = f" ({', '.join(in_heads)}: the classification head is trained whole, not wrapped)" if in_heads else ""
+        raise InputError(f"target modules {', '.join(missing)} match no layer of the model{head} (--target-modules "
+                         f"takes layer names such as q,v, or all-linear){hint}")
+    if wrong:
+        raise InputError(f"target modules {', '.join(wrong)} match modules that are not layers LoRA can wrap "
+                         f"({LORA_LAYERS}){hint}")
 
 
 def parameter_counts(model) -> tuple[int, int]:
