@@ -368,3 +368,34 @@ def test_csv_fields_keep_unicode_line_separators(tmp_path):
     examples = examples_for(GenerateSpec(dataset=str(path)), "train", target_column="summary")
     assert len(examples) == 16
     assert all(e["text"] == rows[int(e["id"])]["dialogue"] for e in examples)
+
+
+def test_a_file_the_system_cannot_read_is_retried_and_bad_content_is_not(tmp_path, monkeypatch):
+    """The worker retries what may pass (an OS read error, a hub that did not answer) and fails bad content at once."""
+    import datasets
+
+    from models.errors import Unavailable
+    from worker.data import files
+    from worker.data.examples import split_rows
+
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"dialogue": "a", "summary": "b"}\n')
+
+    def unreadable(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(files, "open", unreadable, raising=False)  # the data module's own open() only
+    with pytest.raises(Unavailable, match="cannot read dataset .*Permission denied"):
+        split_rows(str(folder), "train", 0)
+    monkeypatch.undo()
+    (folder / "train.jsonl").write_text("{not json\n")
+    with pytest.raises(InputError, match="line 1 is not valid JSON"):
+        split_rows(str(folder), "train", 0)
+
+    def offline(*_args, **_kwargs):
+        raise ConnectionError("the hub did not answer")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(Unavailable, match="the hub did not answer"):
+        split_rows("someone/dialogs", "train", 0)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from models.builtins import BUILTIN_DATASETS, DEFAULT_PROMPT_TEMPLATE
-from models.errors import InputError, first_line
+from models.errors import InputError, Unavailable, first_line
 from models.results import Generation
 from worker.data import files as datafiles
 from worker.data import synthetic, synthetic_sentiment
@@ -190,9 +190,11 @@ def _hub_rows(dataset: str, split: str, config: str | None) -> SplitRows:
     named = f"{dataset!r}" + (f" (config {config!r})" if config else "")
     try:
         hub = datasets.load_dataset(dataset, config, split=split)
-    except Exception as exc:
-        raise InputError(f"cannot load hub dataset {named} split {split!r}: {first_line(exc)} "
-                         "(needs the network or the local Hugging Face cache)") from None
+    except Exception as exc:  # the hub was checked at enqueue: a network failure now may pass, so it is retried
+        passing = isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("httpx", "requests", "urllib3")
+        raise (Unavailable if passing else InputError)(
+            f"cannot load hub dataset {named} split {split!r}: {first_line(exc)} "
+            "(needs the network or the local Hugging Face cache)") from None
     return SplitRows(f"hub dataset {named} split {split!r}",
                      [(i, f"row {i + 1}", row) for i, row in enumerate(datafiles.dataset_rows(hub))])
 

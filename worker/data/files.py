@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from models.errors import InputError, first_line
+from models.errors import InputError, TunequeueError, Unavailable, first_line
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SPLITS = ("train", "validation", "test")  # of a carved dataset (80/10/10 by seed)
@@ -82,11 +82,19 @@ def _carved(what: str, split: str) -> bool:
     return True
 
 
+def read_error(path: Path, exc: Exception) -> TunequeueError:
+    """What reading `path` failing means: the operating system failing to read it (permissions, a network file
+    system, a disk error) may pass, so a worker retries; anything about the content is the user's to fix."""
+    if isinstance(exc, OSError):
+        return Unavailable(f"cannot read dataset {path}: {first_line(exc)}")
+    return InputError(f"cannot read dataset {path}: {first_line(exc)}")
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+        raise read_error(path, exc) from None
     if not isinstance(data, dict):
         raise InputError(f"cannot read {path}: not a JSON object")
     return data
@@ -107,7 +115,7 @@ def columns(source: Source) -> list[str]:
     except InputError:
         raise
     except Exception as exc:  # pyarrow's ArrowInvalid, OSError, a broken state.json
-        raise InputError(f"cannot read dataset {path}: {first_line(exc)}") from None
+        raise read_error(path, exc) from None
     first = next(iter_rows(source), None)
     return list(first[1]) if first else []
 
@@ -137,7 +145,7 @@ def _open(path: Path, newline: str):
     try:
         return open(path, encoding="utf-8-sig", newline=newline)
     except OSError as exc:
-        raise InputError(f"cannot read dataset {path}: {first_line(exc)}") from None
+        raise read_error(path, exc) from None
 
 
 def _json_lines(path: Path) -> Iterator[tuple[str, dict]]:
@@ -165,7 +173,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read dataset {path}: {first_line(exc)}") from None
+        raise read_error(path, exc) from None
     try:
         data = _JSON.decode(text.strip(" \t\r\n")) if text.strip() else []
     except json.JSONDecodeError as exc:
@@ -259,7 +267,7 @@ def _columnar_rows(path: Path, only: Optional[Iterable[str]]) -> Iterator[tuple[
         except InputError:
             raise
         except Exception as exc:  # pyarrow's ArrowInvalid, OSError, a broken state.json
-            raise InputError(f"cannot read dataset {path}: {first_line(exc)}") from None
+            raise read_error(path, exc) from None
         if batch is None:
             return
         for row in batch.to_pylist():
