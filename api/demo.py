@@ -22,7 +22,7 @@ from models.errors import JobFailed
 from models.jobs import Job, JobStatus
 from models.migrate import upgrade
 from models.report import comparison
-from models.results import expand_metrics
+from models.metrics import expand_metrics
 from models.specs import FinetuneSpec, GenerateSpec
 
 

@@ -13,7 +13,7 @@ from api.render import box_plot, loss_plot
 from models.errors import InputError, NotFound
 from models.report import (compare_variants, comparison, known_metric_names, loss_curves, per_example_scores,
                            sweep_by_name, sweep_jobs)
-from models.results import expand_metrics
+from models.metrics import expand_metrics
 
 
 # what matplotlib's savefig writes, by file suffix (no suffix: PNG)

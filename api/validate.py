@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 
 from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind, JobStatus
-from models.results import Adapter, metric_family
+from models.metrics import metric_family
+from models.results import Adapter
 from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, parse_spec
 from worker.data.examples import rules_for
 from worker.data.refs import check_dataset, check_model, required_columns

@@ -14,7 +14,6 @@ from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, S
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, utcnow
-from models.metrics import FAMILY_FOR_MODEL_KIND, METRIC_FAMILIES, expand_metrics, metric_family  # noqa: F401
 
 BASE_VARIANT = "base"
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import manage
 from models.builtins import BUILTIN_DATASETS, BUILTIN_MODELS
 from models.errors import InputError, NotFound, TunequeueError, Unavailable
-from models.results import FAMILY_FOR_MODEL_KIND, METRIC_FAMILIES, expand_metrics, metric_family
+from models.metrics import FAMILY_FOR_MODEL_KIND, METRIC_FAMILIES, expand_metrics, metric_family
 from models.specs import MODEL_KINDS, FinetuneSpec, GenerateSpec, ScoreSpec, option
 
 

@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 
 from models.errors import JobFailed
 from models.jobs import Job, Lease
-from models.results import METRIC_FAMILIES, Adapter, ExampleScore, Generation, Metric, metric_family
+from models.metrics import METRIC_FAMILIES, metric_family
+from models.results import Adapter, ExampleScore, Generation, Metric
 from models.specs import ScoreSpec, parse_spec
 from worker.faults import Faults
 from worker.jobs import ProgressFn
