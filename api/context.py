@@ -34,13 +34,25 @@ class AppContext:
         """A new session on a database that has the tunequeue tables (one-line errors otherwise)."""
         from sqlalchemy.exc import OperationalError, ProgrammingError
 
+        from models.base import database_timeout
         from models.migrate import current_revision
 
         url = mask_url(self.settings.database_url)
         try:
             revision = current_revision(self.settings.database_url)
         except (OperationalError, ProgrammingError) as exc:
+            if _is_timeout(exc.orig):
+                seconds = database_timeout(self.settings.database_url)
+                within = f" within {seconds:g}s" if seconds else ""
+                raise Unavailable(f"the database at {url} did not answer{within}") from None
             raise Unavailable(f"cannot open database {url}: {str(exc.orig).strip().splitlines()[0]}") from None
         if revision is None:
             raise InputError(f"database {url} has no tunequeue tables; run 'python manage.py db upgrade' first")
         return self.sessions()
+
+
+def _is_timeout(error: BaseException | None) -> bool:
+    """Whether a driver error says the server did not answer in time (psycopg's ConnectionTimeout: it accepted the
+    connection, or the packets vanished, and no answer came within connect_timeout)."""
+    return error is not None and (type(error).__name__ == "ConnectionTimeout" or isinstance(error, TimeoutError)
+                                  or "timeout expired" in str(error))

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional
 from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
+from models import sweeps  # noqa: F401 (jobs.sweep_id points at its table, which must be loaded)
 from models.base import Base, utcnow
 from models.errors import LeaseLost
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from models import jobs  # noqa: F401 (every result row points at the jobs table, which must be loaded)
 from models.base import Base, utcnow
 
 BASE_VARIANT = "base"

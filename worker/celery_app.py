@@ -13,11 +13,18 @@ heartbeats.
 
 from __future__ import annotations
 
+import functools
+
 from celery import Celery
 
 from models.settings import Settings
 
 TWELVE_HOURS = 12 * 3600
+# How long any one Redis call (connect, or a command's reply) may take, for the CLI and the workers alike: a broker
+# that accepts connections but never answers makes the call raise instead of hanging (kombu's and the result
+# backend's own defaults wait forever or 120 s). A worker's loops log the error and try again next round; its
+# consumer reconnects. Blocking reads (BRPOP, pub/sub) use their own shorter timeouts, so this never cuts one short.
+BROKER_TIMEOUT_S = 5
 
 
 def make_app(settings: Settings) -> Celery:
@@ -38,7 +45,17 @@ def make_app(settings: Settings) -> Celery:
         worker_send_task_events=True,  # so Flower sees jobs start and finish
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=BROKER_TIMEOUT_S,
+        # the result backend (PROGRESS mirrors): bounded waits, and few retries, so a hung broker stalls a job's
+        # progress report for seconds, not minutes (its default is 20 retries of 120 s each)
+        redis_socket_timeout=BROKER_TIMEOUT_S,
+        redis_socket_connect_timeout=BROKER_TIMEOUT_S,
+        result_backend_transport_options={
+            "retry_policy": {"max_retries": 3, "interval_start": 0, "interval_step": 1, "interval_max": 1},
+        },
         broker_transport_options={
+            "socket_timeout": BROKER_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_TIMEOUT_S,
             "visibility_timeout": TWELVE_HOURS,  # longer than any job
             # --priority 0..9: one Redis list per level, served highest first (Redis counts 0 as the highest)
             "priority_steps": list(range(10)),
@@ -52,7 +69,16 @@ def make_app(settings: Settings) -> Celery:
     return app
 
 
+@functools.cache
+def operator_app() -> Celery:
+    """The app of Celery's own command line (`celery -A worker.celery_app:app inspect|worker ...`), from the
+    environment. A worker started that way imports worker/standalone.py, which registers the job tasks."""
+    app = make_app(Settings.from_env())
+    app.conf.include = ["worker.standalone"]
+    return app
+
+
 def __getattr__(name: str):
-    if name == "app":  # `celery -A worker.celery_app:app ...`: built on first access, never at import
-        return make_app(Settings.from_env())
+    if name == "app":  # built on first access, never at import
+        return operator_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -61,8 +61,8 @@ class WorkerRecord(threading.Thread):
             return
         with self.lock:
             record = {**self.state, "queues": self.consumed(), "updated_at": _now()}
-        try:
-            with self.broker.redis.pipeline() as pipe:
+        try:  # waits at most BROKER_TIMEOUT_S (worker/celery_app.py) for a hung broker, then the next round tries again
+            with self.broker.reaching(), self.broker.redis.pipeline() as pipe:
                 pipe.set(self.key, json.dumps(record), ex=int(self.ttl + 0.999))
                 pipe.sadd(self.broker.key("workers"), self.hostname)
                 pipe.execute()
@@ -87,11 +87,13 @@ class WorkerRecord(threading.Thread):
 
     def stop(self) -> None:
         self.stopped.set()
-        try:
-            self.broker.redis.delete(self.key)
-            self.broker.redis.srem(self.broker.key("workers"), self.hostname)
-        except Exception:
-            pass
+        try:  # one round trip: a hung broker delays the shutdown by BROKER_TIMEOUT_S at most
+            with self.broker.reaching(), self.broker.redis.pipeline() as pipe:
+                pipe.delete(self.key)
+                pipe.srem(self.broker.key("workers"), self.hostname)
+                pipe.execute()
+        except Exception as exc:  # the record expires by itself
+            log.warning("could not delete the worker record: %s", exc)
 
 
 def _now() -> str:
