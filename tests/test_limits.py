@@ -92,6 +92,10 @@ def fill(args: list[str], shared: dict) -> list[str]:
 # ------------------------------------------------------------- class 12: one line and exit 2, never a traceback
 BIG = "99999999999999999999"  # past 2**63
 REFUSED = [
+    # references too long for a path or a hub id, and hub ids matched whole
+    (["finetune", "--name", "a", "--dataset", "x" * 5000], "is 5000 characters long; at most 1024"),
+    (["finetune", "--name", "a", "--dataset", "x" * 300], "is not a valid Hugging Face hub id"),
+    (["finetune", "--name", "a", "--model", "org/name\n"], "unknown model"),
     # ids and counts past 2**63 (an OverflowError in the driver before)
     (["jobs", "show", BIG], "not in the range 1<=x<=9223372036854775807"),
     (["jobs", "cancel", BIG], "not in the range"),

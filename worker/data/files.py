@@ -30,7 +30,12 @@ _JSON = json.JSONDecoder(strict=False)
 
 
 def looks_like_path(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists() or ref.endswith(LOCAL_SUFFIXES)
+    if ref.startswith((".", "/", "~")) or ref.endswith(LOCAL_SUFFIXES):
+        return True
+    try:
+        return Path(ref).expanduser().exists()
+    except (OSError, ValueError):  # a name too long for a path, or one holding a NUL, names no file
+        return False
 
 
 @dataclass(frozen=True)

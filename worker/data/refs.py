@@ -16,18 +16,27 @@ from typing import Optional
 
 from models.builtins import BUILTIN_DATASETS, BUILTIN_MODELS
 from models.errors import InputError
+from models.specs import brief
 from worker.data import files as datafiles
 from worker.data.examples import RowRules, carved_size
 from worker.data.files import looks_like_path
 from worker.ml.kinds import read_config
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")  # matched whole (fullmatch)
+HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_REF = 1024  # characters of a model or dataset reference
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what from_pretrained loads (model.safetensors, pytorch_model.bin, shards)
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
+def check_length(what: str, ref: str) -> None:
+    if len(ref) > MAX_REF:
+        raise InputError(f"{what} reference {brief(ref)} is {len(ref)} characters long; at most {MAX_REF}")
+
+
 def check_model(ref: str) -> str:
     """Return the kind of reference ('builtin', 'local', 'hub'), or raise InputError."""
+    check_length("model", ref)
     if ref in BUILTIN_MODELS:
         return "builtin"
     if looks_like_path(ref):
@@ -39,7 +48,7 @@ def check_model(ref: str) -> str:
         read_config(ref)  # a JSON object, else InputError
         _check_weights(ref, path)
         return "local"
-    if HUB_ID.match(ref):
+    if HUB_ID.fullmatch(ref):
         _check_hub(ref, "model")
         return "hub"
     raise InputError(f"unknown model {ref!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), "
@@ -70,8 +79,15 @@ def _check_hub(ref: str, repo_type: str) -> None:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError
 
+    from huggingface_hub.errors import HFValidationError
+
     filename = "config.json" if repo_type == "model" else "README.md"
-    if isinstance(try_to_load_from_cache(ref, filename, repo_type=repo_type), str):
+    try:
+        cached = try_to_load_from_cache(ref, filename, repo_type=repo_type)
+    except HFValidationError as exc:  # e.g. longer than the hub allows
+        raise InputError(f"{repo_type} {brief(ref)} is not a valid Hugging Face hub id: "
+                         f"{str(exc).split(':')[0]}") from None
+    if isinstance(cached, str):
         return
     from huggingface_hub import HfApi
 
@@ -105,6 +121,7 @@ def check_dataset(ref: str, columns: list[str], splits: list[str], *, dataset_co
     """Return the dataset kind ('builtin', 'local', 'hub'), or raise InputError naming what is wrong. A local
     dataset is read whole against `rules` (default: every one of `columns` holds a value in every row), and a carved
     split must not come out empty."""
+    check_length("dataset", ref)
     if dataset_config and (ref in BUILTIN_DATASETS or looks_like_path(ref)):
         raise InputError(f"--dataset-config is for hub datasets; {ref!r} is not one")
     if ref in BUILTIN_DATASETS:
@@ -132,7 +149,7 @@ def check_dataset(ref: str, columns: list[str], splits: list[str], *, dataset_co
                 raise InputError(f"{source.what} has {rows} rows: split {split!r} of its 80/10/10 carving is empty; "
                                  "use more rows, or a folder of per-split files (train.jsonl, validation.jsonl, ...)")
         return "local"
-    if HUB_ID.match(ref) or re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", ref):
+    if HUB_ID.fullmatch(ref) or HUB_NAME.fullmatch(ref):
         _check_hub(ref, "dataset")
         return "hub"
     raise InputError(f"unknown dataset {ref!r}")
