@@ -285,15 +285,32 @@ def expand(data: dict, name: str | None = None) -> SweepPlan:
         raise InputError("a sweep is a mapping with base/grid/random/eval blocks")
     _check_keys("sweep", data, SWEEP_KEYS)
     _check_plain(data)
-    sweep_name = name or data.get("name")
-    if not sweep_name:
+    sweep_name = _sweep_name(name or data.get("name"))
+    blocks = _blocks(data)
+    metrics = blocks["eval"].get("metrics")  # None: chosen from the model's kind when scoring
+    points = [_point(index, varied, sweep_name, blocks, metrics)
+              for index, varied in enumerate(_varied_points(blocks), start=1)]
+    if not points:
+        raise InputError("the sweep has no points")
+    if any(p.finetune.model != points[0].finetune.model for p in points):
+        raise InputError("every point of a sweep must use the same base model (one base row per sweep)")
+    return SweepPlan(sweep_name, {**data, "name": sweep_name}, points, metrics)
+
+
+def _sweep_name(value) -> str:
+    if not value:
         raise InputError("the sweep needs a name: a top-level 'name:' in the file or --name")
-    if not isinstance(sweep_name, (str, int)) or isinstance(sweep_name, bool):
-        raise InputError(f"sweep name {brief(sweep_name)}: must be a string")
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise InputError(f"sweep name {brief(value)}: must be a string")
     try:
-        validate_name(str(sweep_name))
+        return validate_name(str(value))
     except ValueError as exc:
-        raise InputError(f"sweep name {brief(str(sweep_name))}: {exc}") from None
+        raise InputError(f"sweep name {brief(str(value))}: {exc}") from None
+
+
+def _blocks(data: dict) -> dict[str, dict]:
+    """The base, grid, random and eval blocks, each a mapping with known keys; grid values non-empty lists, random
+    rules checked before anything is drawn."""
     blocks = {}
     for block in ("base", "grid", "random", "eval"):
         value = data.get(block) or {}
@@ -307,18 +324,26 @@ def expand(data: dict, name: str | None = None) -> SweepPlan:
     for key, values in blocks["grid"].items():
         if not isinstance(values, list) or not values:
             raise InputError(f"grid.{key}: must be a non-empty list of values")
-
-    random_rules = {k: v for k, v in blocks["random"].items() if k not in ("n", "seed")}
-    for key, rule in random_rules.items():
+    for key, rule in _random_rules(blocks).items():
         _check_rule(key, rule)
-    n_random = blocks["random"].get("n", 1 if random_rules else 0)
+    return blocks
+
+
+def _random_rules(blocks: dict) -> dict:
+    return {k: v for k, v in blocks["random"].items() if k not in ("n", "seed")}
+
+
+def _varied_points(blocks: dict) -> list[dict]:
+    """Every grid combination, times `n` random draws when there are random rules; counted before any is built."""
+    rules = _random_rules(blocks)
+    n_random = blocks["random"].get("n", 1 if rules else 0)
     if not isinstance(n_random, int) or isinstance(n_random, bool) or n_random < 0:
         raise InputError(f"random.n: must be a non-negative whole number (got {brief(n_random)})")
     seed = blocks["random"].get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError(f"random.seed: must be a whole number (got {brief(seed)})")
-    # count the points before building any: the product of the grid lists' lengths, times n random draws
-    count = max(n_random, 1) if random_rules else 1
+    draws = max(n_random, 1) if rules else 1
+    count = draws
     for values in blocks["grid"].values():
         count *= len(values)
         if count > 10**18:
@@ -326,39 +351,27 @@ def expand(data: dict, name: str | None = None) -> SweepPlan:
     if count > MAX_POINTS:
         shown = str(count) if count <= 10**18 else "more than 10**18"
         raise InputError(f"the sweep expands to {shown} points; more than {MAX_POINTS} is surely a mistake")
-
-    grid_keys = list(blocks["grid"])
-    combos = [dict(zip(grid_keys, values)) for values in itertools.product(*blocks["grid"].values())]
     rng = random.Random(seed)
-    varied_points = []
-    for combo in combos:
-        for _ in range(max(n_random, 1) if random_rules else 1):
-            varied_points.append({**combo, **{k: _sample(rng, k, rule) for k, rule in random_rules.items()}})
+    grid_keys = list(blocks["grid"])
+    return [{**dict(zip(grid_keys, values)), **{k: _sample(rng, k, rule) for k, rule in rules.items()}}
+            for values in itertools.product(*blocks["grid"].values()) for _ in range(draws)]
 
-    evaluation = blocks["eval"]
-    metrics = evaluation.get("metrics")  # None: chosen from the model's kind when scoring
-    eval_fields = {k: v for k, v in evaluation.items() if k != "metrics"}
-    points = []
-    for index, varied in enumerate(varied_points, start=1):
-        fields = {**blocks["base"], **varied, "name": f"{sweep_name}-{index:02d}"}
-        label = _cut(", ".join(f"{k}={_cut(v, 30)}" for k, v in varied.items()), 200)
-        where = f"point {index}" + (f" ({label})" if label else "")
-        try:
-            finetune = FinetuneSpec.model_validate(fields)
-            generate = GenerateSpec.model_validate({
-                "adapter": finetune.name, "model": finetune.model, "dataset": finetune.dataset,
-                "text_column": finetune.text_column, "summary_column": finetune.summary_column,
-                "label_column": finetune.label_column, "dataset_config": finetune.dataset_config,
-                "data_format": finetune.data_format, "model_kind": finetune.model_kind,
-                "prompt_template": finetune.prompt_template, "seed": finetune.seed, **eval_fields})
-            ScoreSpec.model_validate({"generate_job_id": 1, "metrics": metrics})
-        except ValueError as exc:
-            message = one_line(exc) if hasattr(exc, "errors") else str(exc)
-            raise InputError(f"{where}: {message}") from None
-        points.append(SweepPoint(index, varied, finetune, generate))
-    if not points:
-        raise InputError("the sweep has no points")
-    first = points[0].finetune
-    if any(p.finetune.model != first.model for p in points):
-        raise InputError("every point of a sweep must use the same base model (one base row per sweep)")
-    return SweepPlan(str(sweep_name), {**data, "name": str(sweep_name)}, points, metrics)
+
+def _point(index: int, varied: dict, sweep_name: str, blocks: dict, metrics) -> SweepPoint:
+    """One point's fine-tune and its evaluation's generate spec, each validated; InputError names the point."""
+    fields = {**blocks["base"], **varied, "name": f"{sweep_name}-{index:02d}"}
+    eval_fields = {k: v for k, v in blocks["eval"].items() if k != "metrics"}
+    label = _cut(", ".join(f"{k}={_cut(v, 30)}" for k, v in varied.items()), 200)
+    try:
+        finetune = FinetuneSpec.model_validate(fields)
+        generate = GenerateSpec.model_validate({
+            "adapter": finetune.name, "model": finetune.model, "dataset": finetune.dataset,
+            "text_column": finetune.text_column, "summary_column": finetune.summary_column,
+            "label_column": finetune.label_column, "dataset_config": finetune.dataset_config,
+            "data_format": finetune.data_format, "model_kind": finetune.model_kind,
+            "prompt_template": finetune.prompt_template, "seed": finetune.seed, **eval_fields})
+        ScoreSpec.model_validate({"generate_job_id": 1, "metrics": metrics})
+    except ValueError as exc:
+        message = one_line(exc) if hasattr(exc, "errors") else str(exc)
+        raise InputError(f"point {index}" + (f" ({label})" if label else "") + f": {message}") from None
+    return SweepPoint(index, varied, finetune, generate)
