@@ -1,7 +1,10 @@
 """Generation throughput, side by side in one run: one summary at a time (the seed recipe) vs tunequeue's
 length-sorted batches, and N adapters swapped between passes (PEFT `set_adapter`, all adapters already loaded) vs
-one mixed pass (tunequeue's gather-matmul hooks, worker/multi_lora.py; PEFT's own `adapter_names` mixing is printed
-too, for reference); and one adapter as PEFT layers vs merged into copies of the layers it targets.
+one mixed pass (tunequeue's gather-matmul hooks, worker/ml/multi_lora.py; PEFT's own `adapter_names` mixing is printed
+too, for reference); and one adapter as PEFT layers vs merged into copies of the layers it targets. In each of the
+three comparisons the sides take turns `--pairs` times after a warm-up; figures are medians over the pairs with
+their min–max, ratios the median of the per-pair ratios. One-at-a-time generation is too slow to run every example
+in every pair: it runs a fixed subset (`--slow-examples`, the first 32) each time; rates are per summary.
 
     python bench/generate.py --tiny          # tiny-t5 on CPU, seconds
     python bench/generate.py                 # FLAN-T5-base architecture (random weights), for a GPU
@@ -16,10 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import copy  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench._common import emit, examples, load_model, median_seconds  # noqa: E402
+from bench._common import (add_bench_args, emit, emit_machine, examples, interleave, load_model,  # noqa: E402
+                           paired_ratio, rate, rates, setup)
 
 
 def generate(model, tokenizer, sources: list[str], batch_size: int, new_tokens: int, device: str, **extra) -> int:
@@ -48,19 +53,23 @@ def generate(model, tokenizer, sources: list[str], batch_size: int, new_tokens: 
 
 def main() -> None:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from worker.ml.multi_lora import MixedLora, merged_copy
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--examples", type=int, default=None)
+    parser.add_argument("--slow-examples", type=int, default=32,
+                        help="the fixed subset that one-at-a-time generation runs in each pair")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="batch of the adapter figures and the first batched figure [64 tiny, 128 full]")
     parser.add_argument("--large-batch-size", type=int, default=None,
                         help="a second batched figure [256 tiny; none in full mode]")
     parser.add_argument("--adapters", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="each figure is the median of this many runs")
+    add_bench_args(parser)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = setup(args)
     batch_size = args.batch_size or (64 if args.tiny else 128)
     sizes = [batch_size] + [b for b in [args.large_batch_size or (256 if args.tiny else None)] if b]
     n = args.examples or 2 * max(sizes + [256])  # two batches of the largest size: lengths sort into tight batches
@@ -69,26 +78,28 @@ def main() -> None:
     if device == "cuda" and not args.tiny:
         model = model.to(torch.bfloat16)
     sources = [e["source"] for e in examples("test", n)]
-    one_at_a_time = sources[:32]  # the slow side runs on fewer examples; rates are per summary
-    repeats = args.repeats
-    for size in (1, 4):  # warm-up: first calls allocate and pick kernels, on neither side's clock
-        generate(model, tokenizer, sources[:4], size, new_tokens, device)
+    one_at_a_time = sources[: args.slow_examples]  # too slow to run all n five times; rates are per summary
 
-    slow = median_seconds(lambda: generate(model, tokenizer, one_at_a_time, 1, new_tokens, device), device, repeats)
-    slow_rate = len(one_at_a_time) / slow
-    emit(figure="one_at_a_time", device=device, summaries=len(one_at_a_time), summaries_per_s=round(slow_rate, 2))
+    def batched(size: int):
+        return lambda: generate(model, tokenizer, sources, size, new_tokens, device)
+
+    # one_at_a_time sits between the batched sides, so that each ratio divides two adjacent runs
+    sides = {f"batched {sizes[0]}": batched(sizes[0]),
+             "one_at_a_time": lambda: generate(model, tokenizer, one_at_a_time, 1, new_tokens, device),
+             **{f"batched {size}": batched(size) for size in sizes[1:]}}
+    seconds = interleave(sides, args.pairs, device)
+    slow = rates(len(one_at_a_time), seconds["one_at_a_time"])
+    emit(figure="one_at_a_time", device=device, summaries=len(one_at_a_time),
+         subset=f"the first {len(one_at_a_time)} of the {n} examples, in every pair", **rate("summaries_per_s", slow))
     for size in sizes:
-        fast_rate = n / median_seconds(lambda: generate(model, tokenizer, sources, size, new_tokens, device), device,
-                                       repeats)
-        emit(figure="batched", device=device, summaries=n, batch_size=size, summaries_per_s=round(fast_rate, 2))
-        emit(ratio=f"batched ({size}) / one_at_a_time", value=round(fast_rate / slow_rate, 1),
-             target=30 if args.tiny else 150)
-
-    from worker.ml.multi_lora import MixedLora
+        fast = rates(n, seconds[f"batched {size}"])
+        emit(figure="batched", device=device, summaries=n, batch_size=size, **rate("summaries_per_s", fast))
+        emit(ratio=f"batched ({size}) / one_at_a_time", **paired_ratio(fast, slow), target=30 if args.tiny else 150)
 
     names = [f"a{i}" for i in range(args.adapters)]
     config = LoraConfig(r=16, lora_alpha=32, target_modules=["q", "v"], init_lora_weights=False)
-    peft_model = get_peft_model(model, config, adapter_name=names[0])
+    # PEFT's sides get their own copy of the base, so that tunequeue's hooks can sit on `model` at the same time
+    peft_model = get_peft_model(copy.deepcopy(model), config, adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, config)
     peft_model.eval()
@@ -97,45 +108,47 @@ def main() -> None:
     folders = [folder / name for name in names]
     per_adapter = max(batch_size // args.adapters, 1) * 2
     mixed_sources = (sources * (args.adapters * per_adapter // len(sources) + 1))[: args.adapters * per_adapter]
+    rows = [i // per_adapter for i in range(len(mixed_sources))]
+    mixer = MixedLora(model, folders)
+
     def swap():
         for i, name in enumerate(names):
             peft_model.set_adapter(name)
             generate(peft_model, tokenizer, mixed_sources[i * per_adapter:(i + 1) * per_adapter], batch_size,
                      new_tokens, device)
 
-    rows = [i // per_adapter for i in range(len(mixed_sources))]
-    swapped = median_seconds(swap, device, repeats)
-    peft_mixed = median_seconds(lambda: generate(peft_model, tokenizer, mixed_sources, batch_size, new_tokens, device,
-                                                 adapter_names=[names[r] for r in rows]), device, repeats)
-    base = peft_model.unload()
-    mixer = MixedLora(base, folders)
-    mixed = median_seconds(lambda: generate(base, tokenizer, mixed_sources, batch_size, new_tokens, device,
-                                            mixer=mixer, slots=rows), device, repeats)
+    row_names = [names[r] for r in rows]
+    seconds = interleave({
+        "adapters_mixed_peft_adapter_names": lambda: generate(peft_model, tokenizer, mixed_sources, batch_size,
+                                                              new_tokens, device, adapter_names=row_names),
+        "adapters_swapped": swap,
+        "adapters_mixed_batch": lambda: generate(model, tokenizer, mixed_sources, batch_size, new_tokens, device,
+                                                 mixer=mixer, slots=rows),
+    }, args.pairs, device)
     dense = bool(mixer.dense)
     mixer.remove()
     total = len(mixed_sources)
-    emit(figure="adapters_swapped", adapters=args.adapters, summaries=total, summaries_per_s=round(total / swapped, 2))
+    swapped, peft_mixed, mixed = (rates(total, seconds[k]) for k in
+                                  ("adapters_swapped", "adapters_mixed_peft_adapter_names", "adapters_mixed_batch"))
+    emit(figure="adapters_swapped", adapters=args.adapters, summaries=total, **rate("summaries_per_s", swapped))
     emit(figure="adapters_mixed_peft_adapter_names", adapters=args.adapters, summaries=total,
-         summaries_per_s=round(total / peft_mixed, 2))
-    emit(figure="adapters_mixed_batch", adapters=args.adapters, summaries=total, path="worker/multi_lora.py hooks",
-         dense=dense, summaries_per_s=round(total / mixed, 2))
-    emit(ratio="mixed / swapped", value=round(swapped / mixed, 2), target=2)
+         **rate("summaries_per_s", peft_mixed))
+    emit(figure="adapters_mixed_batch", adapters=args.adapters, summaries=total, path="worker/ml/multi_lora.py hooks",
+         dense=dense, **rate("summaries_per_s", mixed))
+    emit(ratio="mixed / swapped", **paired_ratio(mixed, swapped), target=2)
+    emit(ratio="peft adapter_names / swapped", **paired_ratio(peft_mixed, swapped))
 
     # one adapter: PEFT's LoRA layers (two extra matmuls per layer and step) vs merged into copies of its layers
-    from peft import PeftModel
-
-    from worker.ml.multi_lora import merged_copy
-
-    single = PeftModel.from_pretrained(base, str(folders[0])).eval()
-    with_layers = median_seconds(lambda: generate(single, tokenizer, sources, batch_size, new_tokens, device), device,
-                                 repeats)
-    base = single.unload()
-    with merged_copy(base, folders[0]):
-        merged = median_seconds(lambda: generate(base, tokenizer, sources, batch_size, new_tokens, device), device,
-                                repeats)
-    emit(figure="one_adapter_peft_layers", summaries=n, summaries_per_s=round(n / with_layers, 2))
-    emit(figure="one_adapter_merged_copy", summaries=n, summaries_per_s=round(n / merged, 2))
-    emit(ratio="merged copy / peft layers", value=round(with_layers / merged, 2))
+    single = PeftModel.from_pretrained(copy.deepcopy(model), str(folders[0])).eval()
+    with merged_copy(model, folders[0]):
+        seconds = interleave({"peft": lambda: generate(single, tokenizer, sources, batch_size, new_tokens, device),
+                              "merged": lambda: generate(model, tokenizer, sources, batch_size, new_tokens, device)},
+                             args.pairs, device)
+    with_layers, merged = rates(n, seconds["peft"]), rates(n, seconds["merged"])
+    emit(figure="one_adapter_peft_layers", summaries=n, **rate("summaries_per_s", with_layers))
+    emit(figure="one_adapter_merged_copy", summaries=n, **rate("summaries_per_s", merged))
+    emit(ratio="merged copy / peft layers", **paired_ratio(merged, with_layers))
+    emit_machine()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Training throughput, side by side in one run on the same model, data and number of steps: the seed recipe
-(every sequence padded to 512 tokens, batch 8, plain loop) vs tunequeue's path (length-bucketed batches with dynamic
-padding, labels padded with -100, one loss sync per logging interval).
+"""Training throughput, side by side in one run on the same model and data: the seed recipe (every sequence padded
+to 512 tokens, batch 8, plain loop) vs tunequeue's path (length-bucketed batches with dynamic padding, labels padded
+with -100, one loss sync per logging interval). Each side trains its own LoRA adapter on the shared base; after a
+first pass of each that counts the FLOPs (and warms up), the sides take turns `--pairs` times and every figure is
+the median over the pairs, with its min–max. The seed recipe is too slow to run all samples in every pair: it runs
+a fixed subset (the first eighth of the batches) each time; rates are per sample.
 
     python bench/train.py --tiny          # tiny-t5 on CPU
     python bench/train.py                 # FLAN-T5-base architecture (random weights), for a GPU
@@ -17,7 +20,8 @@ import argparse  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
 
-from bench._common import Timer, emit, examples, load_model  # noqa: E402
+from bench._common import (Timer, add_bench_args, emit, emit_machine, examples, interleave, load_model,  # noqa: E402
+                           paired_ratio, rate, rates, setup, sig)
 
 
 def peak_memory_mb(device: str) -> float:
@@ -40,72 +44,63 @@ def matmul_peak(device: str) -> float:
     return 10 * 2 * 2048**3 / timer.seconds / 1e9
 
 
-def run(model, tokenizer, batches, device: str, lr: float, pad_to: int | None) -> dict:
-    """Train a fresh LoRA adapter over `batches` (lists of (source ids, target ids)); returns the figures. An untimed
-    first pass over the same batches counts the FLOPs (torch's FlopCounterMode) and warms the kernels up."""
-    from torch.utils.flop_counter import FlopCounterMode
+class Side:
+    """One way of training: its own LoRA adapter (r=32 on q, v) and optimizer, its batches (lists of (source ids,
+    target ids)) and padding. Calling it makes one pass over the batches; the token counts are kept."""
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        _train(model, tokenizer, batches, device, lr, pad_to)
-    figures = _train(model, tokenizer, batches, device, lr, pad_to)
-    flops = counter.get_total_flops()
-    return {**figures, "seconds": round(figures["seconds"], 2), "gflop_per_sample": round(flops / figures["samples"] / 1e9, 3),
-            "achieved_gflop_per_s": round(flops / figures["seconds"] / 1e9, 1)}
+    def __init__(self, peft_model, name: str, tokenizer, batches, device: str, lr: float, pad_to: int | None):
+        import torch
 
+        self.model, self.name, self.batches, self.device, self.pad_to = peft_model, name, batches, device, pad_to
+        self.pad_id = tokenizer.pad_token_id
+        params = [p for n, p in peft_model.named_parameters() if f".{name}." in n]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, **({"fused": True} if device == "cuda" else {}))
+        self.samples = sum(len(b) for b in batches)
+        self.real = self.computed = 0
+        self.loss = float("nan")
 
-def _train(model, tokenizer, batches, device: str, lr: float, pad_to: int | None) -> dict:
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model
+    def __call__(self) -> None:
+        import torch
 
-    from worker.ml.features import pad
+        from worker.ml.features import pad
 
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=32, lora_alpha=64,
-                                                  target_modules=["q", "v"]))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    fused = {"fused": True} if device == "cuda" else {}
-    optimizer = torch.optim.AdamW(params, lr=lr, **fused)
-    peft_model.train()
-    pad_id = tokenizer.pad_token_id
-    real = computed = samples = 0
-    losses = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu",
-                                                                                                   enabled=False)
-    with Timer(device) as timer:
-        for step, batch in enumerate(batches, start=1):
+        self.model.set_adapter(self.name)
+        self.model.train()
+        pad_id, pad_to = self.pad_id, self.pad_to
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device == "cuda"
+                    else torch.autocast("cpu", enabled=False))
+        real = computed = 0
+        for step, batch in enumerate(self.batches, start=1):
             sources = [s if pad_to is None else s + [pad_id] * (pad_to - len(s)) for s, _ in batch]
             targets = [t if pad_to is None else t + [-100] * (pad_to // 4 - len(t)) for _, t in batch]
-            input_ids = pad(sources, pad_id).to(device, non_blocking=True)
-            labels = pad(targets, -100).to(device, non_blocking=True)
+            input_ids = pad(sources, pad_id).to(self.device, non_blocking=True)
+            labels = pad(targets, -100).to(self.device, non_blocking=True)
             with autocast:
-                loss = peft_model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long(),
-                                  labels=labels).loss
+                loss = self.model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long(), labels=labels).loss
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
             real += sum(len(s) for s, _ in batch) + sum(len(t) for _, t in batch)
             computed += input_ids.numel() + labels.numel()
-            samples += len(batch)
-            if step % 10 == 0 or step == len(batches):
-                losses.append(float(loss.detach()))  # one host sync per logging interval
-    peft_model.unload()
-    return {"samples_per_s": round(samples / timer.seconds, 1), "tokens_per_s": round(real / timer.seconds, 1),
-            "real_token_fraction": round(real / computed, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
-            "final_loss": round(losses[-1], 4), "samples": samples, "seconds": timer.seconds}
+            if step % 10 == 0 or step == len(self.batches):
+                self.loss = float(loss.detach())  # one host sync per logging interval
+        self.real, self.computed = real, computed
 
 
 def main() -> None:
     import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
 
     from worker.jobs.finetune import length_bucketed_batches
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--samples", type=int, default=None, help="training examples each side sees")
+    parser.add_argument("--samples", type=int, default=None, help="training examples tunequeue's side sees per pair")
     parser.add_argument("--batch-size", type=int, default=None, help="tunequeue's batch size")
+    add_bench_args(parser)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = setup(args)
     n = args.samples or (512 if args.tiny else 8192)
     batch_size = args.batch_size or (64 if args.tiny else 128)
     model, tokenizer = load_model(args.tiny, device)
@@ -114,20 +109,48 @@ def main() -> None:
     targets = tokenizer([e["target"] for e in data], truncation=True, max_length=128)["input_ids"]
     pairs = list(zip(sources, targets))
     seed_batches = [pairs[i:i + 8] for i in range(0, n, 8)]
-    seed_steps = seed_batches[: max(4, len(seed_batches) // 8)]  # the slow side sees fewer samples; rates compare
+    seed_steps = seed_batches[: max(4, len(seed_batches) // 8)]
     tq_batches = [[pairs[i] for i in b] for b in length_bucketed_batches([len(s) for s in sources], batch_size,
                                                                        random.Random(0))]
-    seed = run(model, tokenizer, seed_steps, device, 3e-3, pad_to=512)
-    emit(figure="seed_recipe", device=device, batch_size=8, padded_to=512, **seed)
-    fast = run(model, tokenizer, tq_batches, device, 3e-3, pad_to=None)
-    emit(figure="tunequeue", device=device, batch_size=batch_size, padded_to="longest in bucket", **fast)
-    emit(figure="matmul_peak", device=device, gflop_per_s=round(matmul_peak(device), 1),
+    torch.manual_seed(0)
+    config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=32, lora_alpha=64, target_modules=["q", "v"])
+    peft_model = get_peft_model(model, config, adapter_name="seed_recipe")
+    peft_model.add_adapter("tunequeue", config)
+    sides = {"seed_recipe": Side(peft_model, "seed_recipe", tokenizer, seed_steps, device, 3e-3, pad_to=512),
+             "tunequeue": Side(peft_model, "tunequeue", tokenizer, tq_batches, device, 3e-3, pad_to=None)}
+    flops = {}
+    for name, side in sides.items():  # the warm-up pass counts the FLOPs (torch's FlopCounterMode)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            side()
+        flops[name] = counter.get_total_flops()
+    seconds = interleave(sides, args.pairs, device, warmup=False)
+    peak = [matmul_peak(device) for _ in range(args.pairs)]
+
+    figures = {}
+    for name, side in sides.items():
+        samples_per_s = rates(side.samples, seconds[name])
+        gflop_per_s = rates(flops[name] / 1e9, seconds[name])
+        figures[name] = (samples_per_s, gflop_per_s)
+        emit(figure=name, device=device, batch_size=8 if name == "seed_recipe" else batch_size,
+             padded_to=512 if name == "seed_recipe" else "longest in bucket", samples=side.samples,
+             **({"subset": f"the first {side.samples} of the {n} samples, in every pair"} if name == "seed_recipe"
+                else {}),
+             **rate("samples_per_s", samples_per_s), **rate("tokens_per_s", rates(side.real, seconds[name])),
+             real_token_fraction=round(side.real / side.computed, 3),
+             gflop_per_sample=sig(flops[name] / side.samples / 1e9),
+             **rate("achieved_gflop_per_s", gflop_per_s), final_loss=round(side.loss, 4),
+             peak_memory_mb=round(peak_memory_mb(device), 1))
+    emit(figure="matmul_peak", device=device, **rate("gflop_per_s", peak),
          note="one large fp32 (CPU) / bf16 (CUDA) matmul: the most a training step can reach")
-    emit(ratio="tunequeue / seed_recipe samples_per_s", value=round(fast["samples_per_s"] / seed["samples_per_s"], 1),
+    (seed_rate, seed_gflops), (tq_rate, tq_gflops) = figures["seed_recipe"], figures["tunequeue"]
+    emit(ratio="tunequeue / seed_recipe samples_per_s", **paired_ratio(tq_rate, seed_rate),
          target=30 if args.tiny else 10,
          # the ratio splits into FLOPs saved (padding never computed) times how much faster the FLOPs that remain run
-         flops_saved=round(seed["gflop_per_sample"] / fast["gflop_per_sample"], 1),
-         flop_rate_gain=round(fast["achieved_gflop_per_s"] / seed["achieved_gflop_per_s"], 2))
+         flops_saved=sig(flops["seed_recipe"] / sides["seed_recipe"].samples
+                         / (flops["tunequeue"] / sides["tunequeue"].samples), 2),
+         flop_rate_gain=paired_ratio(tq_gflops, seed_gflops)["value"])
+    emit_machine()
 
 
 if __name__ == "__main__":

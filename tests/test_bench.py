@@ -1,5 +1,6 @@
-"""Smoke runs of the benchmark scripts in their --tiny mode: they run and print their figures and ratios (the
-figures are measurements, not asserted as timings; the ROUGE equality they check is)."""
+"""Smoke runs of the benchmark scripts on small inputs: they run and print their figures and ratios, every ratio
+from at least 5 interleaved pairs with its min ≤ median ≤ max, every figure's median inside its range (the figures
+are measurements, not asserted as timings; the ROUGE equality they check is)."""
 
 from __future__ import annotations
 
@@ -13,34 +14,45 @@ from tests.conftest import REPO
 def run_bench(*args: str) -> list[dict]:
     result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    ratios = [line for line in lines if "ratio" in line]
+    assert ratios
+    for line in ratios:
+        assert line["pairs"] >= 5 and line["min"] <= line["value"] <= line["max"], line
+        assert line["value"] > 0
+    for line in lines:
+        for key, (low, high) in ((k, v) for k, v in line.items() if k.endswith("_range")):
+            assert low <= line[key.removesuffix("_range")] <= high, line
+    return lines
 
 
-def test_bench_score_tiny():
-    lines = run_bench("bench/score.py", "--tiny")
+def test_bench_score_small():
+    lines = run_bench("bench/score.py", "--rouge-pairs", "500")
     ratio = [line for line in lines if "ratio" in line][0]
-    assert ratio["max_abs_difference"] <= 1e-9 and ratio["value"] > 0
+    assert ratio["max_abs_difference"] <= 1e-9
     assert {line.get("figure") for line in lines} >= {"rouge_score_loop", "tunequeue_scorer"}
 
 
-def test_bench_generate_tiny():
-    lines = run_bench("bench/generate.py", "--tiny", "--examples", "16", "--adapters", "2", "--batch-size", "8",
-                      "--large-batch-size", "16", "--repeats", "1")
+def test_bench_generate_small():
+    lines = run_bench("bench/generate.py", "--tiny", "--examples", "16", "--slow-examples", "4", "--adapters", "2",
+                      "--batch-size", "8", "--large-batch-size", "16")
     figures = {line.get("figure") for line in lines}
-    assert figures >= {"one_at_a_time", "batched", "adapters_swapped", "adapters_mixed_batch"}
-    assert all(line["value"] > 0 for line in lines if "ratio" in line)
+    assert figures >= {"one_at_a_time", "batched", "adapters_swapped", "adapters_mixed_batch",
+                       "one_adapter_merged_copy"}
     assert len([line for line in lines if line.get("figure") == "batched"]) == 2
+    assert "4 of the 16" in [line for line in lines if line.get("figure") == "one_at_a_time"][0]["subset"]
+    assert len([line for line in lines if "ratio" in line]) == 5
 
 
-def test_bench_train_tiny():
+def test_bench_train_small():
     lines = run_bench("bench/train.py", "--tiny", "--samples", "128")
     seed, ours = [line for line in lines if line.get("figure") in ("seed_recipe", "tunequeue")]
     assert seed["real_token_fraction"] < 0.5 < ours["real_token_fraction"]  # padding to 512 wastes most compute
     assert seed["gflop_per_sample"] > 3 * ours["gflop_per_sample"] > 0
-    assert [line for line in lines if "ratio" in line][0]["value"] > 0
+    assert seed["samples"] < ours["samples"] and "subset" in seed
 
 
-def test_bench_queue_tiny(tmp_path):
+def test_bench_queue_small():
     lines = run_bench("bench/queue_latency.py", "--jobs", "10")
     queue = [line for line in lines if line.get("figure") == "queue"][0]
-    assert queue["succeeded"] == 10 and queue["base_loads"] == 1
+    assert queue["rounds"] == 5 and queue["succeeded"] == 50 and queue["base_loads"] == 1
