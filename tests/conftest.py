@@ -213,3 +213,27 @@ def check_rejected(env: dict, args: list[str], expected: str, exit_code: int = 2
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert job_count(env) == before, "a job row was written"
     assert queue_length(env) == 0, "a message was published"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_redis(port: int) -> subprocess.Popen:
+    """A private redis-server on `port` (no persistence), for tests that kill or starve their broker."""
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    wait_until(lambda: pings(client), 20, "the private redis-server")
+    return server
+
+
+def pings(client) -> bool:
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False

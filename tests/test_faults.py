@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import func, select
 
 from models.jobs import Job, JobStatus
 from models.results import Adapter, Generation, LossPoint
-from tests.conftest import cli, queue_length, session_of, start_worker, wait_until
+from tests.conftest import cli, free_port, queue_length, session_of, start_redis, start_worker, wait_until
 
 FAST_REAPER = {"TUNEQUEUE_HEARTBEAT_SECONDS": "0.5", "TUNEQUEUE_STALE_SECONDS": "4", "TUNEQUEUE_REAP_SECONDS": "1"}
 
@@ -129,34 +126,17 @@ def test_soft_time_limit_checkpoints_resumes_and_fails_clearly(make_env, tmp_pat
     assert not (Path(env["TUNEQUEUE_HOME"]) / "checkpoints" / job.uid).exists()
 
 
-def _pings(client) -> bool:
-    try:
-        return client.ping()
-    except redis.ConnectionError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to start a private broker")
 def test_broker_restart_without_persistence(make_env, tmp_path):
-    port = _free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    port = free_port()
     env = {**make_env("sqlite"), "REDIS_URL": f"redis://127.0.0.1:{port}/0"}
-    broker = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    broker = start_redis(port)
     try:
-        client = redis.Redis(port=port)
-        wait_until(lambda: _pings(client), 20, "the private Redis")
         ids = [enqueue_id(cli(env, "generate", "--limit", "3")) for _ in range(3)]
         assert queue_length(env) == 3
         broker.send_signal(signal.SIGKILL)
         broker.wait(timeout=10)
-        broker = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        wait_until(lambda: _pings(client), 20, "Redis to come back")
+        broker = start_redis(port)  # back, empty
         assert queue_length(env) == 0  # the messages died with the broker; the rows did not
         with session_of(env) as session:
             assert set(session.scalars(select(Job.status))) == {JobStatus.queued}
@@ -172,8 +152,7 @@ def test_broker_restart_without_persistence(make_env, tmp_path):
             broker.send_signal(signal.SIGKILL)
             broker.wait(timeout=10)
             time.sleep(2)
-            broker = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-            wait_until(lambda: _pings(client), 20, "Redis to come back again")
+            broker = start_redis(port)  # back again
             later = [enqueue_id(cli(env, "generate", "--limit", "3")) for _ in range(2)]
             wait_until(lambda: all(job_row(env, i).status.finished for i in later), 120, "jobs after reconnecting")
             assert worker.poll() is None  # the same worker process did them

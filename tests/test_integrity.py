@@ -5,7 +5,6 @@ databases and file systems throughout."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,8 @@ from models.jobs import Job, JobKind, JobStatus
 from models.results import Adapter, LossPoint
 from models.specs import FinetuneSpec
 from models.sweeps import Sweep
-from tests.conftest import REPO, broker_of, cli, new_job, ok_json, session_of, sqlite_home, start_worker, wait_until
+from tests.conftest import (REPO, broker_of, cli, free_port, new_job, ok_json, session_of, sqlite_home, start_redis,
+                            start_worker, wait_until)
 
 FAST_REAPER = {"TUNEQUEUE_HEARTBEAT_SECONDS": "0.5", "TUNEQUEUE_STALE_SECONDS": "4", "TUNEQUEUE_REAP_SECONDS": "1"}
 
@@ -110,27 +110,6 @@ def test_a_second_database_sharing_the_home_never_resumes_another_run(tmp_path_f
             train_adapter(changed, session, cache, home, job_id=job_a.id, faults=Faults(crash_at_step=5))
         assert "belongs to another spec; starting over" in caplog.text
         assert train_adapter(spec, session, cache, home, job_id=job_a.id)["resumed_from_step"] == 10
-
-
-def start_redis(port: int) -> subprocess.Popen:
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    wait_until(lambda: _pings(client), 20, "the private redis-server")
-    return server
-
-
-def _pings(client) -> bool:
-    try:
-        return client.ping()
-    except redis.ConnectionError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sweep_file(tmp_path: Path, name: str, points: int) -> Path:
