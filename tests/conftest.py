@@ -237,3 +237,19 @@ def pings(client) -> bool:
         return client.ping()
     except redis.ConnectionError:
         return False
+
+
+def enqueued_spec(env: dict, args: list[str]) -> dict:
+    """The CLI accepts `args` and enqueues exactly one job; its stored spec. (The counterpart of check_rejected.)"""
+    from click.testing import CliRunner
+    from sqlalchemy import select
+
+    from manage import cli as manage_cli
+    from models.jobs import Job
+
+    before = job_count(env)
+    result = CliRunner().invoke(manage_cli, args)
+    assert result.exit_code == 0, result.output
+    assert job_count(env) == before + 1
+    with session_of(env) as session:
+        return session.scalars(select(Job).order_by(Job.id.desc())).first().spec

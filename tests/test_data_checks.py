@@ -9,13 +9,11 @@ import shutil
 import time
 
 import pytest
-from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from manage import cli as manage_cli
 from models.errors import InputError
 from models.specs import FinetuneSpec, GenerateSpec
-from tests.conftest import check_rejected, job_count, session_of
+from tests.conftest import check_rejected, enqueued_spec
 from worker.data.examples import examples_for
 from worker.data.refs import check_dataset
 
@@ -33,18 +31,6 @@ def chats(n: int, **overrides) -> list[dict]:
 def jsonl(path, rows, newline="\n"):
     path.write_bytes((newline.join(json.dumps(r, ensure_ascii=False) for r in rows) + newline).encode())
     return path
-
-
-def accepted(env, args) -> dict:
-    """The CLI enqueues `args`; the job's stored spec."""
-    from models.jobs import Job
-
-    before = job_count(env)
-    result = CliRunner().invoke(manage_cli, args)
-    assert result.exit_code == 0, result.output
-    assert job_count(env) == before + 1
-    with session_of(env) as session:
-        return session.scalars(select(Job).order_by(Job.id.desc())).first().spec
 
 
 NAMES = iter(range(10**6))
@@ -119,13 +105,13 @@ def test_numbers_and_booleans_are_text_nulls_are_not_a_generate_reference(sqlite
     jsonl(folder / "train.jsonl", chats(6, **{"3": {"summary": None}}))
     check_rejected(sqlite_env, finetune(folder, "--eval-split", "test"),
                    "train.jsonl: line 4: column 'summary' is null")
-    accepted(sqlite_env, generate(folder))
+    enqueued_spec(sqlite_env, generate(folder))
     targets = [e["target"] for e in examples_for(GenerateSpec(dataset=str(folder)), "test", target_column="summary")]
     assert targets[3:5] == [None, "7.5"]
 
     rows = [{"text": f"review {i}", "label": [1, 0, True][i % 3]} for i in range(30)]
     path = jsonl(tmp_path / "labels.jsonl", rows)
-    spec = accepted(sqlite_env, finetune(path, "--model", "tiny-bert", "--text-column", "text"))
+    spec = enqueued_spec(sqlite_env, finetune(path, "--model", "tiny-bert", "--text-column", "text"))
     assert (spec["model_kind"], spec["label_column"]) == ("classification", "label")
     examples = examples_for(FinetuneSpec(**spec), "train", target_column="label")
     assert {e["target"] for e in examples} == {"1", "0", "True"}
@@ -178,9 +164,9 @@ def test_ids_a_job_does_not_store_are_not_checked(sqlite_env, tmp_path):
     """A fine-tune stores no example ids; and a carved file's ids are row positions, whatever its id column holds."""
     folder = split_folder(tmp_path, with_ids(["a", "a", "z" * 300]), split="train")
     jsonl(folder / "validation.jsonl", with_ids(["v", "v"]))
-    accepted(sqlite_env, finetune(folder))
+    enqueued_spec(sqlite_env, finetune(folder))
     carved = jsonl(tmp_path / "carved.jsonl", with_ids(["same"] * 30))
-    accepted(sqlite_env, generate(carved))
+    enqueued_spec(sqlite_env, generate(carved))
     ids = [e["id"] for s in ("train", "validation", "test")
            for e in examples_for(GenerateSpec(dataset=str(carved)), s, target_column="summary")]
     assert sorted(ids, key=int) == [str(i) for i in range(30)]
@@ -195,9 +181,9 @@ def test_split_empty_after_carving_is_refused(sqlite_env, tmp_path):
     three = jsonl(tmp_path / "three.jsonl", chats(3))  # train 2, validation 0, test 1
     check_rejected(sqlite_env, finetune(three), "has 3 rows: split 'validation' of its 80/10/10 carving is empty")
     assert len(examples_for(GenerateSpec(dataset=str(tiny)), "test", target_column="summary")) == 1
-    accepted(sqlite_env, generate(tiny, "--split", "test"))
-    accepted(sqlite_env, finetune(three, "--eval-split", "test"))
-    accepted(sqlite_env, finetune(jsonl(tmp_path / "ten.jsonl", chats(10))))  # 8/1/1
+    enqueued_spec(sqlite_env, generate(tiny, "--split", "test"))
+    enqueued_spec(sqlite_env, finetune(three, "--eval-split", "test"))
+    enqueued_spec(sqlite_env, finetune(jsonl(tmp_path / "ten.jsonl", chats(10))))  # 8/1/1
 
 
 def test_empty_file_in_a_split_folder(sqlite_env, tmp_path):
@@ -234,7 +220,7 @@ def test_model_folder_with_config_but_no_weights(sqlite_env, tmp_path):
 
 def test_a_whole_model_folder_is_accepted(sqlite_env, tmp_path):
     folder = model_copy(sqlite_env, tmp_path)
-    assert accepted(sqlite_env, ["generate", "--model", str(folder), "--limit", "2"])["model_kind"] == "seq2seq"
+    assert enqueued_spec(sqlite_env, ["generate", "--model", str(folder), "--limit", "2"])["model_kind"] == "seq2seq"
 
 
 @pytest.mark.parametrize("config, held", [("[1, 2]", "an array"), ('"seq2seq"', "a string"), ("null", "null")])
@@ -340,7 +326,7 @@ def test_json_lines_with_unicode_line_separators_inside_strings(sqlite_env, tmp_
     for example in examples:
         row = rows[int(example["id"])]
         assert (example["text"], example["target"]) == (row["dialogue"], row["summary"])
-    accepted(sqlite_env, finetune(path))
+    enqueued_spec(sqlite_env, finetune(path))
 
 
 def test_line_numbers_count_newlines_only(sqlite_env, tmp_path):

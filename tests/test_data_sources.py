@@ -7,16 +7,12 @@ import csv
 import json
 
 import pytest
-from click.testing import CliRunner
-from sqlalchemy import select
 
-from manage import cli
-from models.jobs import Job
-from tests.conftest import check_rejected, job_count, session_of
-from worker.data.examples import ALPACA_PROMPT_TEMPLATE, ALPACA_PROMPT_TEMPLATE_NO_INPUT, examples_for
 from models.errors import InputError, Unavailable
-from worker.data.refs import check_dataset
 from models.specs import FinetuneSpec, GenerateSpec
+from tests.conftest import check_rejected, enqueued_spec
+from worker.data.examples import ALPACA_PROMPT_TEMPLATE, ALPACA_PROMPT_TEMPLATE_NO_INPUT, examples_for
+from worker.data.refs import check_dataset
 
 ROWS = [{"conversation": f"A: hello {i}, ok?\nB: bye {i}", "gist": f"A greets B ({i}).",
          "sentiment": "positive" if i % 3 else "negative"} for i in range(50)]
@@ -215,15 +211,6 @@ def test_builtin_datasets_come_from_one_registry():
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
-def enqueued_spec(env, args) -> dict:
-    before = job_count(env)
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    assert job_count(env) == before + 1
-    with session_of(env) as session:
-        return session.scalars(select(Job).order_by(Job.id.desc())).first().spec
-
-
 def test_cli_accepts_a_parquet_file_with_its_column_names(sqlite_env, tmp_path):
     path = write(tmp_path / "chats.parquet", ROWS)
     check_rejected(sqlite_env, ["finetune", "--name", "pq", "--dataset", str(path), "--text-column",
