@@ -76,6 +76,7 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     attempt_errors: Mapped[Optional[list]] = mapped_column(JSON)  # one entry per failed or lost attempt
     error: Mapped[Optional[str]] = mapped_column(Text)
+    traceback: Mapped[Optional[str]] = mapped_column(Text)  # the last lines of the latest failed attempt's traceback
     progress: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     result: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     cancel_requested: Mapped[bool] = mapped_column(default=False)

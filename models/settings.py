@@ -123,6 +123,22 @@ def check_database_url(url: str, variable: str = "DATABASE_URL") -> str:
     return url
 
 
+def check_notify_url(url: str, variable: str = "TUNEQUEUE_NOTIFY_URL") -> str:
+    """An http(s) URL with a host (or '' for none): notifications are JSON POSTs to it."""
+    from urllib.parse import urlsplit
+
+    url = url.strip()
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise _bad(variable, url, "not an http:// or https:// URL with a host")
+    return url
+
+
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 MAX_BYTES = 2**60  # an exbibyte: more than any machine holds, far below anything that overflows
@@ -165,6 +181,7 @@ class Settings:
     reap_seconds: float = 30.0  # how often each worker runs the reaper
     model_cache_bytes: int | None = None  # None: half the free device memory, on CPU at most 8 GiB
     faults: str = ""  # fault injection for tests and chaos runs (worker/faults.py); empty in normal operation
+    notify_url: str = ""  # TUNEQUEUE_NOTIFY_URL: a webhook told when a sweep finishes or a job fails for good
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -195,11 +212,17 @@ class Settings:
             reap_seconds=_seconds(env, "TUNEQUEUE_REAP_SECONDS", 30.0, high=24 * 3600),
             model_cache_bytes=model_cache_bytes,
             faults=env.get("TUNEQUEUE_FAULTS", ""),
+            notify_url=check_notify_url(env.get("TUNEQUEUE_NOTIFY_URL") or ""),
         )
 
     @property
     def adapters_dir(self) -> Path:
         return self.home / "adapters"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Each worker's rotating log, and one log per job under jobs/."""
+        return self.home / "logs"
 
     @property
     def builtin_dir(self) -> Path:

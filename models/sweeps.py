@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Optional
 
 from sqlalchemy import JSON, DateTime, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
@@ -20,3 +20,5 @@ class Sweep(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     points: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    notify_url: Mapped[Optional[str]] = mapped_column(String(2048))  # --notify URL, else TUNEQUEUE_NOTIFY_URL
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))  # its last job ended (set once)
