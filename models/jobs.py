@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator, Optional
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text, select, text, update
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text, select, text, true, update
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from models import sweeps  # noqa: F401 (jobs.sweep_id points at its table, which must be loaded)
@@ -139,12 +139,14 @@ class Lease:
 
 
 def claim(session: Session, job_id: int, task_id: str | None, host: str) -> Lease | None:
-    """Move a queued job to running as a new attempt; None when another delivery already took it or it was
-    cancelled."""
+    """Move a queued job to running as a new attempt; None when another delivery already took it, it was cancelled,
+    or the message is not the job's latest publish (`task_id` differs: an older message, or one left for a deleted
+    job whose id a new job took)."""
     now = utcnow()
+    latest = (Job.celery_task_id.is_(None) | (Job.celery_task_id == task_id)) if task_id else true()
     attempt = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .where(Job.id == job_id, Job.status == JobStatus.queued, latest)
         .values(status=JobStatus.running, started_at=now, heartbeat_at=now, celery_task_id=task_id,
                 worker_host=host, attempts=Job.attempts + 1, error=None)
         .returning(Job.attempts)
@@ -154,18 +156,20 @@ def claim(session: Session, job_id: int, task_id: str | None, host: str) -> Leas
 
 
 def finish(session: Session, lease: Lease, status: JobStatus, *, error: str | None = None,
-           result: dict | None = None) -> bool:
+           result: dict | None = None, traceback: str | None = None) -> bool:
     """Record the outcome of the attempt `lease` holds (guarded: only that running attempt can finish the job)."""
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
     if result is not None:
         values["result"] = result
+    if traceback is not None:
+        values["traceback"] = traceback
     updated = session.execute(update(Job).where(*lease._mine()).values(**values))
     session.commit()
     return updated.rowcount == 1
 
 
 def fail_attempt(session: Session, job_id: int, error: str, *, attempt: int | None = None,
-                 only_if_stale_before: datetime | None = None) -> JobStatus | None:
+                 only_if_stale_before: datetime | None = None, traceback: str | None = None) -> JobStatus | None:
     """Record a failed (or lost) attempt of a running job: back to queued while attempts remain, else failed.
 
     Guarded: returns None when the job is no longer running, when `attempt` is given and is not the current one, or
@@ -185,6 +189,8 @@ def fail_attempt(session: Session, job_id: int, error: str, *, attempt: int | No
     job.status = JobStatus.queued if retry else JobStatus.failed
     job.error = error if not retry else None
     job.finished_at = None if retry else utcnow()
+    if traceback is not None:
+        job.traceback = traceback
     session.commit()
     return job.status
 

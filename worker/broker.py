@@ -87,13 +87,24 @@ class Broker:
         except Exception as exc:
             raise self.unavailable(exc) from None
 
-    def send(self, kind, job_id: int, *, queue: str, priority: int, task_id: str) -> None:
-        """Publish job `job_id` of `kind` to `queue`; tunequeue's priority grows with urgency, Redis serves 0 first."""
+    def send(self, kind, job_id: int, *, queue: str, priority: int, task_id: str, title: str | None = None,
+             retries: int = 0) -> None:
+        """Publish job `job_id` of `kind` to `queue`; tunequeue's priority grows with urgency, Redis serves 0 first.
+        `title` is the name monitors show (Celery's shadow name), `retries` the attempts made before this one."""
         from worker.tasks import TASK_NAMES
 
         with self.reaching():
             self.app.send_task(TASK_NAMES[kind], args=[job_id], queue=queue, priority=MAX_PRIORITY - priority,
-                               task_id=task_id)
+                               task_id=task_id, shadow=title, retries=retries)
+
+    def revoke(self, task_id: str) -> None:
+        """Ask live workers to drop a queued task's message when it arrives (Celery reports it REVOKED); best effort:
+        a broker that does not answer only loses the early notice."""
+        try:
+            with self.reaching():
+                self.app.control.revoke(task_id)
+        except Unavailable as exc:
+            log.warning("could not broadcast the revocation of task %s: %s", task_id, exc)
 
     # ------------------------------------------------------------------------------------------ queue registry
     def known_queues(self) -> list[str]:

@@ -13,18 +13,25 @@ from sqlalchemy.orm import Session
 
 from models.base import utcnow
 from models.jobs import Job, JobStatus, children, readiness
+from models.sweeps import Sweep
 from worker.broker import Broker
 from worker.routing import route
+from worker.tasks import task_title
 
 
 def publish(session: Session, broker: Broker, job: Job) -> None:
-    """Send the job's id to the queue of its base model (worker/routing.py); every (re)publish goes through here."""
+    """Send the job's id to the queue of its base model (worker/routing.py); every (re)publish goes through here.
+    The message carries a readable task name for Flower (`worker.tasks.task_title`) and, for a retry, the number of
+    attempts made so far."""
     from celery.utils import uuid
 
     job.queue, job.queued_at, job.celery_task_id = route(broker.queue, job.spec), utcnow(), uuid()
     session.commit()  # the row is complete before a worker can see the message
+    sweep = session.get(Sweep, job.sweep_id).name if job.sweep_id else None
+    title = task_title(job.kind, job.id, job.spec, sweep=sweep, attempt=job.attempts + 1)
     broker.register_queue(job.queue)
-    broker.send(job.kind, job.id, queue=job.queue, priority=job.priority, task_id=job.celery_task_id)
+    broker.send(job.kind, job.id, queue=job.queue, priority=job.priority, task_id=job.celery_task_id,
+                title=title, retries=job.attempts)
 
 
 def skip(session: Session, job_id: int, reason: str) -> bool:

@@ -1,9 +1,12 @@
 """Runs one job inside a worker: claim the row, call the job's plain function, record the outcome, release children.
 
-Outcomes follow the error tree (models/errors.py): `JobCancelled` → cancelled; `JobFailed` or `InputError` (the
-job can never succeed: bad data, an unsupported method) → failed at once; `LeaseLost` (the attempt stalled and the
-job went to another) → nothing at all is written; anything else is a failed attempt, retried while attempts remain.
-Every write goes through the attempt's `Lease` (models/jobs.py). A job's checkpoints are removed once it has ended.
+Outcomes follow the error tree (models/errors.py): `JobCancelled` → cancelled; an error no retry can help (bad
+input or data, an unsupported method: `worker.outcomes.retry_can_help`) → failed at once; `LeaseLost` (the attempt
+stalled and the job went to another) → nothing at all is written; anything else (a crash, a database or broker
+hiccup) is a failed attempt, retried while attempts remain. Every write goes through the attempt's `Lease`
+(models/jobs.py). A job's checkpoints are removed once it has ended; its log lines go to its own file
+(worker/joblog.py) and a failed attempt's traceback tail to its row. The task's Celery state then mirrors the
+outcome (worker/outcomes.py), so Flower shows what the database holds.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import traceback
+from dataclasses import replace
 
 from sqlalchemy.orm import sessionmaker
 
@@ -19,8 +24,11 @@ from models.errors import InputError, JobCancelled, JobFailed, LeaseLost
 from models.jobs import (Job, JobKind, JobStatus, Lease, claim, fail_attempt, finish, heartbeat, report_progress,
                          unfinished_outputs)
 from models.specs import parse_spec
+from worker import notify
 from worker.jobs.checkpoint import forget_checkpoints
+from worker.joblog import job_logging
 from worker.lifecycle import publish, settle_children
+from worker.outcomes import Outcome, end_task, retry_can_help, send_progress
 from worker.runtime import WorkerRuntime
 from worker.tasks import JOBS, TASK_NAMES
 
@@ -54,75 +62,120 @@ def register_tasks(app, runtime: WorkerRuntime) -> None:
 
 def _task(kind: JobKind, function, runtime: WorkerRuntime):
     def task(self, job_id: int) -> str:
-        return run_job(self, runtime, job_id, kind, function)
+        return end_task(self, run_job(self, runtime, job_id, kind, function))
 
     task.__name__ = task.__qualname__ = kind.value
     return task
 
 
-def run_job(task, runtime: WorkerRuntime, job_id: int, kind: JobKind, function) -> str:
+def run_job(task, runtime: WorkerRuntime, job_id: int, kind: JobKind, function) -> Outcome:
     """Run job `job_id` for Celery task `task` (bound) with `function` (the kind's plain function, worker/tasks.py);
-    returns the outcome as a word."""
+    returns what happened, which `end_task` turns into the task's state (worker/outcomes.py)."""
     if not isinstance(job_id, int) or job_id <= 0:
         raise ValueError(f"job id must be a positive integer, got {job_id!r}")
     with runtime.sessions() as session:
         job = session.get(Job, job_id)
         if job is None or job.kind != kind:
             log.error("job %s is not a %s job in the database; message dropped", job_id, kind.value)
-            return "missing"
+            return Outcome("missing", job_id, f"job {job_id} is not a {kind.value} job in the database (deleted?)")
         # the Celery node name tells apart two workers on one machine (and matches `manage.py workers`)
         lease = claim(session, job_id, task.request.id, task.request.hostname or socket.gethostname())
         if lease is None:
-            log.warning("job %s is %s, not queued; this delivery does nothing", job_id, job.status.value)
-            return "not-queued"
-        log.info("job %s (%s) started, attempt %s", job_id, kind.value, lease.attempt)
-        base, uid = job.spec.get("model"), job.uid
-        runtime.note_job(job_id, base)
-        beat = Heartbeat(runtime.sessions, lease, runtime.settings.heartbeat_seconds)
-        beat.start()
-        try:
-            with runtime.sessions() as progress_session:
-                result = _call(function, task, runtime, session, progress_session, job, lease)
-        except LeaseLost as exc:
-            session.rollback()
-            log.warning("job %s: attempt %s stopped, writing nothing: %s", job_id, lease.attempt, exc)
-            return "lease-lost"
-        except JobCancelled as exc:
-            return _end(session, runtime, lease, uid, JobStatus.cancelled, str(exc))
-        except (JobFailed, InputError) as exc:  # no retry can help
-            log.error("job %s failed: %s", job_id, exc)
-            return _end(session, runtime, lease, uid, JobStatus.failed, str(exc))
-        except Exception as exc:
-            session.rollback()
-            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            status = fail_attempt(session, job_id, f"{exc.__class__.__name__}: {exc}", attempt=lease.attempt)
-            if status == JobStatus.queued:  # attempts remain: run it again (a fine-tune resumes from its checkpoint)
-                publish(session, runtime.broker, session.get(Job, job_id))
-                return "retrying"
-            if status == JobStatus.failed:
-                forget_checkpoints(runtime.settings.home, uid)
-                settle_children(session, runtime.broker, job_id)
-            return "failed"
-        finally:
-            beat.stopped.set()
-            runtime.note_job(None, base)  # loaded bases' queues first from the next message on
-        if not finish(session, lease, JobStatus.succeeded, result=result):
-            log.warning("job %s: attempt %s lost the job before recording its outcome", job_id, lease.attempt)
-            return "lease-lost"
-        log.info("job %s (%s) succeeded: %s", job_id, kind.value, result)
-        forget_checkpoints(runtime.settings.home, uid)
-        settle_children(session, runtime.broker, job_id)
-        return "succeeded"
+            return _not_claimed(task, job)
+        with job_logging(runtime.settings, job_id, lease.attempt):
+            outcome = _attempt(task, runtime, session, job, lease, function)
+        if outcome.word in ("succeeded", "failed", "cancelled"):
+            _announce(runtime, session, job_id)
+        return outcome
+
+
+def _not_claimed(task, job: Job) -> Outcome:
+    """A delivery that found its job not queued: cancelled or skipped before it started, or a duplicate message."""
+    log.warning("job %s is %s, not queued; this delivery does nothing", job.id, job.status.value)
+    if job.status == JobStatus.cancelled:
+        return Outcome("cancelled", job.id, f"job {job.id} was cancelled before it started")
+    if job.status == JobStatus.skipped:
+        return Outcome("not-queued", job.id, f"job {job.id} was skipped: {job.error or ''}".strip())
+    if job.celery_task_id == task.request.id:  # a redelivery of the task that runs (or ran) the job
+        return Outcome("duplicate", job.id)
+    return Outcome("not-queued", job.id, f"job {job.id} is {job.status.value} under task {job.celery_task_id}; "
+                                         "this older message was dropped")
+
+
+def _attempt(task, runtime: WorkerRuntime, session, job: Job, lease: Lease, function) -> Outcome:
+    job_id, kind, uid, base = job.id, job.kind, job.uid, job.spec.get("model")
+    log.info("job %s (%s) started, attempt %s", job_id, kind.value, lease.attempt)
+    runtime.note_job(job_id, base)
+    beat = Heartbeat(runtime.sessions, lease, runtime.settings.heartbeat_seconds)
+    beat.start()
+    try:
+        with runtime.sessions() as progress_session:
+            result = _call(function, task, runtime, session, progress_session, job, lease)
+    except LeaseLost as exc:
+        session.rollback()
+        log.warning("job %s: attempt %s stopped, writing nothing: %s", job_id, lease.attempt, exc)
+        return _superseded(session, job_id, lease)
+    except JobCancelled as exc:
+        return _end(session, runtime, lease, uid, JobStatus.cancelled, str(exc))
+    except Exception as exc:
+        session.rollback()
+        trace = traceback.format_exc()
+        log.error("job %s failed:\n%s", job_id, trace)
+        error = str(exc) if isinstance(exc, (JobFailed, InputError)) else f"{exc.__class__.__name__}: {exc}"
+        if not retry_can_help(exc):  # bad input or data: no retry can help
+            return replace(_end(session, runtime, lease, uid, JobStatus.failed, error, trace), error=exc)
+        status = fail_attempt(session, job_id, error, attempt=lease.attempt, traceback=tail(trace))
+        if status == JobStatus.queued:  # attempts remain: run it again (a fine-tune resumes from its checkpoint)
+            publish(session, runtime.broker, session.get(Job, job_id))
+            return Outcome("retrying", job_id, f"job {job_id}: attempt {lease.attempt} failed, queued again as "
+                                               f"attempt {lease.attempt + 1}: {error}")
+        if status == JobStatus.failed:
+            forget_checkpoints(runtime.settings.home, uid)
+            settle_children(session, runtime.broker, job_id)
+            return Outcome("failed", job_id, f"job {job_id} failed after {lease.attempt} attempts: {error}", exc)
+        return _superseded(session, job_id, lease)
+    finally:
+        beat.stopped.set()
+        runtime.note_job(None, base)  # loaded bases' queues first from the next message on
+    if not finish(session, lease, JobStatus.succeeded, result=result):
+        log.warning("job %s: attempt %s lost the job before recording its outcome", job_id, lease.attempt)
+        return _superseded(session, job_id, lease)
+    log.info("job %s (%s) succeeded: %s", job_id, kind.value, result)
+    forget_checkpoints(runtime.settings.home, uid)
+    settle_children(session, runtime.broker, job_id)
+    return Outcome("succeeded", job_id, success_text(job_id, kind, result))
+
+
+def _superseded(session, job_id: int, lease: Lease) -> Outcome:
+    """This attempt lost the job (the reaper took it as lost): the task says what became of the job."""
+    session.expire_all()
+    job = session.get(Job, job_id)
+    status = job.status if job is not None else None
+    if status == JobStatus.failed:
+        return Outcome("failed", job_id, f"job {job_id} failed: {job.error}")
+    if status == JobStatus.cancelled:
+        return Outcome("cancelled", job_id, f"job {job_id} was cancelled")
+    return Outcome("superseded", job_id, f"job {job_id}: attempt {lease.attempt} was taken as lost; "
+                                         f"the job went on as attempt {job.attempts if job else '?'}")
+
+
+def _announce(runtime: WorkerRuntime, session, job_id: int) -> None:
+    """Tell the webhook about a job that failed for good or a sweep that has finished; never fails the job."""
+    try:
+        notify.job_ended(runtime.settings, session, job_id)
+    except Exception as exc:
+        log.warning("job %s: notification not sent: %s", job_id, exc)
 
 
 def _call(function, task, runtime: WorkerRuntime, session, progress_session, job: Job, lease: Lease) -> dict:
     """Parse the spec and run the plain function, mirroring its progress into the row and into Celery's state."""
     task_id = task.request.id
 
+    started = time.time()
+
     def on_progress(progress: dict) -> bool:
-        if task_id:  # mirrored to Celery so Flower and AsyncResult see PROGRESS with the same meta
-            task.update_state(state="PROGRESS", meta={"job_id": job.id, **progress})
-            task.send_event("task-progress", job_id=job.id, **progress)
+        if task_id:  # mirrored to Celery: AsyncResult.info has the dict, Flower the task's result line
+            send_progress(task, job.id, progress, started)
         return report_progress(progress_session, lease, progress)
 
     spec = parse_spec(job.spec)
@@ -133,11 +186,31 @@ def _call(function, task, runtime: WorkerRuntime, session, progress_session, job
     return {**result, "left_out_adapters": left_out} if left_out else result
 
 
-def _end(session, runtime: WorkerRuntime, lease: Lease, uid: str, status: JobStatus, error: str) -> str:
+def _end(session, runtime: WorkerRuntime, lease: Lease, uid: str, status: JobStatus, error: str,
+         trace: str | None = None) -> Outcome:
     session.rollback()
-    if not finish(session, lease, status, error=error):
-        return "lease-lost"
+    if not finish(session, lease, status, error=error, traceback=tail(trace) if trace else None):
+        return _superseded(session, lease.job_id, lease)
     forget_checkpoints(runtime.settings.home, uid)
     settle_children(session, runtime.broker, lease.job_id)
-    return status.value
+    word = "failed" if status == JobStatus.failed else "cancelled"
+    return Outcome(word, lease.job_id, f"job {lease.job_id} {status.value}: {error}")
+
+
+def tail(trace: str, lines: int = 40) -> str:
+    """The last `lines` lines of a traceback: where it was raised and what, which is what `jobs show` needs."""
+    return "\n".join(trace.rstrip().splitlines()[-lines:])
+
+
+def success_text(job_id: int, kind: JobKind, result: dict) -> str:
+    """One line for the task's result in Flower: the job and what it produced."""
+    if kind == JobKind.finetune:
+        losses = ", ".join(f"{k.replace('_', ' ')} {result[k]}" for k in ("train_loss", "eval_loss")
+                           if result.get(k) is not None)
+        return f"job {job_id} succeeded: adapter {result.get('adapter')} ({losses})" if losses else \
+            f"job {job_id} succeeded: adapter {result.get('adapter')}"
+    if kind == JobKind.generate:
+        return f"job {job_id} succeeded: {result.get('rows')} rows for {len(result.get('variants') or [])} variants"
+    means = ", ".join(f"{k} {v}" for k, v in result.items() if isinstance(v, float))[:200]
+    return f"job {job_id} succeeded: {result.get('examples')} examples scored ({means})"
 
