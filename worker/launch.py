@@ -46,11 +46,14 @@ class BurstWatcher(threading.Thread):
 
 
 def run_worker(settings: Settings, *, burst: bool = False, loglevel: str = "INFO", hostname: str | None = None) -> None:
+    from worker.joblog import setup_worker_logging
     from worker.reaper import ReaperThread
     from worker.registry import registry_step
     from worker.runner import register_tasks
     from worker.runtime import WorkerRuntime
 
+    node = hostname or f"tunequeue-{uuid.uuid4().hex[:6]}@%h"
+    setup_worker_logging(settings, node, loglevel)
     runtime = WorkerRuntime(settings)
     app = runtime.broker.app
     register_tasks(app, runtime)
@@ -64,7 +67,7 @@ def run_worker(settings: Settings, *, burst: bool = False, loglevel: str = "INFO
         "--concurrency=1",
         f"--queues={','.join(runtime.broker.known_queues())}",
         f"--loglevel={loglevel}",
-        f"--hostname={hostname or f'tunequeue-{uuid.uuid4().hex[:6]}@%h'}",
+        f"--hostname={node}",
         "--without-mingle",
         "--without-gossip",
     ])
