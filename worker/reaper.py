@@ -1,7 +1,8 @@
 """Putting lost work back: jobs whose worker died (heartbeat stopped) and queued jobs whose message vanished.
 
 `reconcile()` is run by every worker periodically and by `manage.py jobs reconcile`. Both repairs are safe to repeat
-and to race: a job is claimed with a guarded update, so an extra message for it does nothing.
+and to race: a job is claimed with a guarded update, so an extra message for it does nothing. A job the reaper
+fails for good or skips is announced like one the runner ends (worker/notify.py: the webhook, the sweep's end).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from models.base import utcnow
 from models.jobs import Job, JobStatus, fail_attempt, readiness, stale_running
+from worker import notify
 from worker.broker import Broker
 from worker.jobs.checkpoint import forget_checkpoints
 from worker.lifecycle import publish, settle_children, skip
@@ -37,6 +39,8 @@ def reap_lost_workers(session: Session, broker: Broker, stale_seconds: float) ->
         if status is not None:
             log.warning("job %s: %s -> %s", job.id, error, status.value)
             outcomes.append((job.id, status.value))
+        if status == JobStatus.failed:
+            notify.job_ended(broker.settings, session, job.id)
     return outcomes
 
 
@@ -52,8 +56,10 @@ def republish_lost_messages(session: Session, broker: Broker) -> list[int]:
             continue
         state, reason = readiness(session, job)
         if state == "skip":
-            skip(session, job.id, reason)
+            skipped = skip(session, job.id, reason)
             settle_children(session, broker, job.id)
+            if skipped:
+                notify.job_ended(broker.settings, session, job.id)
         if state != "ready":
             continue
         publish(session, broker, job)

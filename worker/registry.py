@@ -1,10 +1,17 @@
 """The live-worker registry: each worker keeps a short-lived Redis record of itself, so that the CLI can see who runs.
 
 A record holds the worker's Celery hostname, pid, whether CUDA is available (torch is imported lazily, in the worker
-only; `null` until known), the loaded bases, the current job and the queues consumed. It expires a few refresh
-intervals after the last refresh, so a killed worker drops out by itself. `Broker.live_workers()` reads them (the
-QLoRA enqueue warning looks at `cuda`); `manage.py workers` prints them. The same thread also makes sure the worker
-consumes every registered base queue, in case it missed an `add_consumer` broadcast while starting.
+only; `null` until known), its `CUDA_VISIBLE_DEVICES` (set by `worker --gpu N`), the loaded bases, the current job
+and the queues consumed. It expires a few refresh intervals after the last refresh, so a killed worker drops out
+by itself. `Broker.live_workers()` reads them (the QLoRA enqueue warning looks at `cuda`); `manage.py workers`
+prints them. The same thread also makes sure the worker consumes every registered base queue, in case it missed an
+`add_consumer` broadcast while starting.
+
+Node names are stable (`tunequeue@host`, `tunequeue-gpu1@host`) and never shared by two live workers: a worker
+claims its name in Redis before Celery starts (`claim_node_name`) and its record thread keeps the claim alive. The
+claim is global to the Redis database, not to one queue, because Celery's remote control (add_consumer, ping)
+reaches workers by node name across every deployment on that Redis. A claim whose process is gone (the name holds
+this machine's host name, so its pid can be checked here) is taken over, so a restarted worker gets its name back.
 """
 
 from __future__ import annotations
@@ -12,14 +19,101 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import socket
 import threading
 from datetime import datetime, timezone
 
 from celery import bootsteps
 
+from models.errors import InputError
 from worker.broker import Broker
 
 log = logging.getLogger("tunequeue.registry")
+
+NAME_CLAIM_S = 300  # a fresh claim outlives a slow start; the record thread then renews it with the record's TTL
+MAX_SAME_NAME = 99  # tunequeue@host, tunequeue-2@host ... tunequeue-99@host
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# SET the claim when it is absent or already ours (ARGV[1] is our pid), in one step; 1 when it is ours now
+_RENEW = "local v = redis.call('GET', KEYS[1]) if (not v) or v == ARGV[1] then " \
+         "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 1 end return 0"
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def node_claim_key(hostname: str) -> str:
+    return f"_tunequeue.node.{hostname}"
+
+
+def default_node_name(gpu: int | None) -> str:
+    return f"tunequeue-gpu{gpu}@%h" if gpu is not None else "tunequeue@%h"
+
+
+def check_node_name(name: str) -> str:
+    """`--name NAME` (or NAME@HOST): letters, digits, '.', '_' and '-'; '@%h' (this machine) is added when no host
+    is given. InputError otherwise."""
+    short, at, host = name.partition("@")
+    if not NODE_NAME.fullmatch(short) or (at and not re.fullmatch(r"(%h|[A-Za-z0-9][A-Za-z0-9.-]{0,252})", host)):
+        raise InputError(f"--name {name[:60]!r}: a worker name is letters, digits, '.', '_' and '-' "
+                         "(optionally NAME@HOST)")
+    return name if at else f"{name}@%h"
+
+
+def claim_node_name(broker: Broker, name: str, *, exact: bool = False) -> str:
+    """Claim `name` (with '%h' for this machine's host name) for this process and return it expanded; when a live
+    worker holds it, the first free of NAME-2@host, NAME-3@host ... (`exact`: an InputError instead). A broker that
+    cannot be reached is not an error here (Celery waits for it): the name is used unclaimed, with a warning."""
+    from celery.utils.nodenames import host_format
+
+    short, _, host = host_format(name).partition("@")
+    host = host or socket.gethostname()
+    candidates = [f"{short}@{host}"] + ([] if exact else [f"{short}-{n}@{host}" for n in range(2, MAX_SAME_NAME + 1)])
+    try:
+        for candidate in candidates:
+            holder = _claim(broker, candidate)
+            if holder is None:
+                return candidate
+            if exact:
+                raise InputError(f"a worker named {candidate} is already running (pid {holder}); choose another "
+                                 "--name or stop that one")
+    except InputError:
+        raise
+    except Exception as exc:
+        log.warning("could not claim the worker name %s (%s); using it unclaimed", candidates[0], exc)
+        return candidates[0]
+    raise InputError(f"{MAX_SAME_NAME} workers named {short}[-N]@{host} are already running; use --name")
+
+
+def _claim(broker: Broker, hostname: str) -> str | None:
+    """None when this process now holds the name; else the pid of the live process that does."""
+    from redis.exceptions import WatchError
+
+    key, me = node_claim_key(hostname), str(os.getpid())
+    with broker.reaching():
+        if broker.redis.set(key, me, nx=True, ex=NAME_CLAIM_S):
+            return None
+        with broker.redis.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                holder = (pipe.get(key) or b"").decode()
+                if holder and holder != me and _alive(holder):
+                    return holder
+                pipe.multi()
+                pipe.set(key, me, ex=NAME_CLAIM_S)
+                pipe.execute()
+                return None
+            except WatchError:  # another process claimed it between our read and our write
+                return "?"
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` of this machine exists (a process that cannot be signalled still exists)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, OverflowError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _cuda() -> tuple[bool | None, str | None]:
@@ -42,7 +136,9 @@ class WorkerRecord(threading.Thread):
         self.consumer, self.broker, self.hostname = consumer, broker, consumer.hostname
         self.interval, self.ttl = interval, max(3 * interval, 10)
         self.key = broker.key(f"worker.{self.hostname}")
-        self.state = {"hostname": self.hostname, "pid": os.getpid(), "cuda": None, "gpu": None, "loaded_bases": [],
+        self.claim_key = node_claim_key(self.hostname)
+        self.state = {"hostname": self.hostname, "pid": os.getpid(), "cuda": None, "gpu": None,
+                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "loaded_bases": [],
                       "current_job": None, "started_at": _now()}
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -65,7 +161,10 @@ class WorkerRecord(threading.Thread):
             with self.broker.reaching(), self.broker.redis.pipeline() as pipe:
                 pipe.set(self.key, json.dumps(record), ex=int(self.ttl + 0.999))
                 pipe.sadd(self.broker.key("workers"), self.hostname)
-                pipe.execute()
+                pipe.eval(_RENEW, 1, self.claim_key, str(os.getpid()), int(self.ttl + 0.999))
+                *_, renewed = pipe.execute()
+            if not renewed:
+                log.warning("the worker name %s is claimed by another process", self.hostname)
         except Exception as exc:  # the broker may be briefly away; the next round writes again
             log.warning("could not write the worker record: %s", exc)
 
@@ -91,6 +190,7 @@ class WorkerRecord(threading.Thread):
             with self.broker.reaching(), self.broker.redis.pipeline() as pipe:
                 pipe.delete(self.key)
                 pipe.srem(self.broker.key("workers"), self.hostname)
+                pipe.eval(_RELEASE, 1, self.claim_key, str(os.getpid()))
                 pipe.execute()
         except Exception as exc:  # the record expires by itself
             log.warning("could not delete the worker record: %s", exc)
