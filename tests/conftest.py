@@ -98,10 +98,7 @@ def backend(request) -> str:
 @pytest.fixture
 def env(make_env, backend, monkeypatch) -> dict:
     """Environment for the parametrized backend, also applied to this process (for in-process CLI calls)."""
-    built = make_env(backend)
-    for key in ("TUNEQUEUE_HOME", "DATABASE_URL", "REDIS_URL", "TUNEQUEUE_QUEUE"):
-        monkeypatch.setenv(key, built[key])
-    return built
+    return applied_env(make_env, monkeypatch, backend)
 
 
 def settings_of(env: dict):
@@ -140,13 +137,24 @@ def start_worker(env: dict, *extra: str, log: Path | None = None) -> subprocess.
                             stdout=out, stderr=subprocess.STDOUT)
 
 
-@pytest.fixture
-def sqlite_env(make_env, monkeypatch):
-    """A SQLite environment, also applied to this process (for in-process CLI calls)."""
-    env = make_env("sqlite")
+def applied_env(make_env, monkeypatch, backend: str) -> dict:
+    """A fresh environment for `backend`, also applied to this process (for in-process CLI calls)."""
+    env = make_env(backend)
     for key in ("TUNEQUEUE_HOME", "DATABASE_URL", "REDIS_URL", "TUNEQUEUE_QUEUE"):
         monkeypatch.setenv(key, env[key])
     return env
+
+
+@pytest.fixture
+def sqlite_env(make_env, monkeypatch):
+    """A SQLite environment, also applied to this process (for in-process CLI calls)."""
+    return applied_env(make_env, monkeypatch, "sqlite")
+
+
+@pytest.fixture
+def pg_env(make_env, monkeypatch):
+    """A PostgreSQL environment, also applied to this process."""
+    return applied_env(make_env, monkeypatch, "postgresql")
 
 
 def wait_until(predicate, timeout: float, what: str, poll: float = 0.3):
