@@ -9,6 +9,7 @@ worker), so `--help`, `jobs` and `report` start fast.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -66,9 +67,34 @@ def echo_json(data) -> None:
 
 
 def print_table(table) -> None:
+    """A rich table, fitted to the width api/render.py's `output_width` gives (COLUMNS, the terminal, or 120)."""
     from rich.console import Console
 
-    Console().print(table)
+    from api.render import output_width
+
+    Console(width=output_width()).print(table)
+
+
+def echo_table(cols, rows, *, title=None, wide=False) -> None:
+    """Columns (api/render.py's Col) and rows of strings as a table fitted to the width: names and ids whole, the
+    less important columns left out when it is too narrow; `wide`: every column at the width it needs."""
+    from api.render import render_table
+
+    click.echo(render_table(cols, rows, title=title, wide=wide), nl=False)
+
+
+def table_options(func):
+    """--wide and --format, for the commands that list things."""
+    func = click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+                        show_default=True, help="csv or json: every field, for scripts (json as --json).")(func)
+    return click.option("--wide", is_flag=True, help="Show every column at the width it needs (tables are "
+                        "otherwise fitted to COLUMNS or the terminal, 120 when piped).")(func)
+
+
+def echo_records(records: list[dict], fmt: str) -> None:
+    from api.render import render_records
+
+    click.echo(render_records(records, fmt), nl=False)
 
 
 # ------------------------------------------------------------------------------------ options from spec fields
@@ -292,27 +318,31 @@ def jobs():
 @click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled", "skipped"]))
 @click.option("--limit", type=COUNT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@table_options
 @pass_ctx
-def jobs_list(ctx: AppContext, status, limit, as_json):
-    """The newest jobs first."""
-    from api.jobs import describe, job_dict, latest_jobs
+def jobs_list(ctx: AppContext, status, limit, as_json, wide, fmt):
+    """The newest jobs first; a job still waiting for the jobs it follows shows `waiting (N jobs)`."""
+    from api.jobs import describe, job_dict, latest_jobs, status_label, waiting_counts
+    from api.render import Col
     from models.jobs import JobStatus
 
     with ctx.session() as session:
         found = latest_jobs(session, limit, JobStatus(status) if status else None)
-    if as_json:
-        echo_json([job_dict(j) for j in found])
+        waiting = waiting_counts(session, found)
+    if as_json or fmt != "table":
+        echo_records([job_dict(j) for j in found], "json" if as_json else fmt)
         return
-    from rich.table import Table
-
-    table = Table("id", "kind", "status", "what", "attempts", "queue wait", "duration", "progress")
+    cols = [Col("id", name=True, justify="right"), Col("kind", drop=1), Col("status"), Col("what", name=True),
+            Col("attempts", drop=3, justify="right"), Col("queue wait", drop=5, justify="right"),
+            Col("duration", drop=4, justify="right"), Col("progress", drop=2, justify="right")]
+    rows = []
     for job in found:
         progress = job.progress or {}
-        table.add_row(str(job.id), job.kind.value, job.status.value, describe(job), str(job.attempts),
-                      f"{job.queue_wait_s:.2f}s" if job.queue_wait_s is not None else "",
-                      f"{job.duration_s:.1f}s" if job.duration_s else "",
-                      f"{progress.get('step', '')}/{progress.get('total_steps', '')}" if progress else "")
-    print_table(table)
+        rows.append([str(job.id), job.kind.value, status_label(job, waiting), describe(job), str(job.attempts),
+                     f"{job.queue_wait_s:.2f}s" if job.queue_wait_s is not None else "",
+                     f"{job.duration_s:.1f}s" if job.duration_s else "",
+                     f"{progress.get('step', '')}/{progress.get('total_steps', '')}" if progress else ""])
+    echo_table(cols, rows, wide=wide)
 
 
 @jobs.command("show")
@@ -328,7 +358,30 @@ def jobs_show(ctx: AppContext, job_id, as_json):
     if as_json:
         echo_json(data)
         return
+    traceback = data.pop("traceback", None)
     show_fields(data, width=16)
+    if traceback and data["status"] != "succeeded":
+        click.echo(f"traceback: (latest failed attempt, last {SHOWN_TRACEBACK_LINES} lines; all: jobs logs {job_id})")
+        for line in traceback.splitlines()[-SHOWN_TRACEBACK_LINES:]:
+            click.echo(f"  {line}")
+
+
+SHOWN_TRACEBACK_LINES = 15
+
+
+@jobs.command("logs")
+@click.argument("job_id", type=JOB_ID)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job has finished.")
+@click.option("--tail", type=COUNT, default=None, help="Only the last N lines (with --follow: to start with).")
+@pass_ctx
+def jobs_logs(ctx: AppContext, job_id, follow, tail):
+    """The job's log: every attempt's lines from its worker, tracebacks included."""
+    from api.logs import follow_job_log, show_job_log
+
+    if follow:
+        follow_job_log(ctx, job_id, click.echo, tail=tail)
+    else:
+        show_job_log(ctx, job_id, click.echo, tail)
 
 
 def show_fields(data: dict, width: int) -> None:
@@ -376,7 +429,8 @@ def jobs_reconcile(ctx: AppContext, stale_after):
 @click.option("--sweep", default=None, help="Watch every job of this sweep.")
 @pass_ctx
 def jobs_watch(ctx: AppContext, job_id, sweep):
-    """Live progress bars until the job (or every job of the sweep) has finished."""
+    """Live progress bars until the job (or every job of the sweep) has finished: per job its id, kind, adapter
+    name (or the variants it evaluates), step / total, loss, eval loss and status."""
     from api.jobs import get_job, wait_for
     from api.report import sweep_job_ids
 
@@ -394,10 +448,12 @@ def jobs_watch(ctx: AppContext, job_id, sweep):
 @click.argument("overrides", nargs=-1)
 @click.option("--name", default=None, help="Sweep name [default: 'name:' in the file].")
 @click.option("--dry-run", is_flag=True, help="Print the expanded jobs and enqueue nothing.")
+@click.option("--notify", "notify_url", default=None, metavar="URL",
+              help="POST a JSON summary here when the sweep ends [default: TUNEQUEUE_NOTIFY_URL].")
 @click.option("--json", "as_json", is_flag=True)
 @spec_options(Submission)
 @pass_ctx
-def sweep(ctx: AppContext, file, overrides, name, dry_run, as_json, priority, max_attempts):
+def sweep(ctx: AppContext, file, overrides, name, dry_run, notify_url, as_json, priority, max_attempts):
     """Queue a sweep from a YAML file: one fine-tune per point, then one generate job that waits for all of them
     and evaluates every adapter and the base model in mixed batches, then one score job.
 
@@ -406,7 +462,9 @@ def sweep(ctx: AppContext, file, overrides, name, dry_run, as_json, priority, ma
     """
     from api.pipelines import enqueue_sweep, validate_sweep
     from api.sweeps import apply_overrides, expand, load_sweep_file
+    from models.settings import check_notify_url
 
+    notify_url = check_notify_url(notify_url, "--notify") if notify_url is not None else None
     plan = expand(apply_overrides(load_sweep_file(file), list(overrides)), name)
     submission = submission_of(priority, max_attempts)
     with ctx.session() as session:
@@ -415,7 +473,7 @@ def sweep(ctx: AppContext, file, overrides, name, dry_run, as_json, priority, ma
             show_sweep_plan(plan, as_json)
             return
         ctx.broker.check()
-        row, queued = enqueue_sweep(session, ctx.broker, ctx.settings.home, plan, submission)
+        row, queued = enqueue_sweep(session, ctx.broker, ctx.settings.home, plan, submission, notify_url)
     if as_json:
         echo_json({"sweep": row.name, "id": row.id, "points": row.points, "jobs": [j.id for j in queued]})
     else:
@@ -446,55 +504,58 @@ def show_sweep_plan(plan, as_json: bool) -> None:
 
 @cli.group()
 def sweeps():
-    """List, show and cancel sweeps."""
+    """List, show, cancel, retry and delete sweeps."""
 
 
 @sweeps.command("list")
 @click.option("--json", "as_json", is_flag=True)
+@table_options
 @pass_ctx
-def sweeps_list(ctx: AppContext, as_json):
+def sweeps_list(ctx: AppContext, as_json, wide, fmt):
     """Every sweep with its job counts by status."""
     from api.pipelines import sweep_summaries
+    from api.render import Col
 
     with ctx.session() as session:
         found = sweep_summaries(session)
-    if as_json:
-        echo_json(found)
+    if as_json or fmt != "table":
+        echo_records(found, "json" if as_json else fmt)
         return
-    from rich.table import Table
-
-    table = Table("name", "points", "priority", "created", "jobs")
-    for s in found:
-        table.add_row(s["name"], str(s["points"]), str(s["priority"]), f"{s['created_at']:%Y-%m-%d %H:%M}",
-                      ", ".join(f"{n} {k}" for k, n in sorted(s["jobs"].items())))
-    print_table(table)
+    cols = [Col("name", name=True), Col("points", justify="right"), Col("priority", drop=2, justify="right"),
+            Col("created", drop=1), Col("jobs")]
+    echo_table(cols, [[s["name"], str(s["points"]), str(s["priority"]), f"{s['created_at']:%Y-%m-%d %H:%M}",
+                       ", ".join(f"{n} {k}" for k, n in sorted(s["jobs"].items()))] for s in found], wide=wide)
 
 
 @sweeps.command("show")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--wide", is_flag=True, help="Show every column at the width it needs.")
 @pass_ctx
-def sweeps_show(ctx: AppContext, name, as_json):
+def sweeps_show(ctx: AppContext, name, as_json, wide):
     """The sweep's file (as parsed) and its jobs."""
-    from api.jobs import describe, job_dict
+    from api.jobs import describe, job_dict, status_label, waiting_counts
+    from api.render import Col
     from models.report import sweep_by_name, sweep_jobs
 
     with ctx.session() as session:
         row = sweep_by_name(session, name)
         found = sweep_jobs(session, row)
+        waiting = waiting_counts(session, found)
     if as_json:
         echo_json({"name": row.name, "spec": row.spec, "priority": row.priority, "jobs": [job_dict(j) for j in found]})
         return
-    from rich.table import Table
-
     click.echo(f"sweep {row.name}: {row.points} points, priority {row.priority}, "
                f"created {row.created_at:%Y-%m-%d %H:%M}")
-    table = Table("id", "kind", "status", "what", "parent", "duration", "error")
+    cols = [Col("id", name=True, justify="right"), Col("kind", drop=2), Col("status"), Col("what", name=True),
+            Col("after", drop=3), Col("duration", drop=4, justify="right"), Col("error", drop=1)]
+    rows = []
     for job in found:
         parents = [job.parent_id] if job.parent_id else job.waits_for_ids
-        table.add_row(str(job.id), job.kind.value, job.status.value, describe(job), ",".join(map(str, parents)),
-                      f"{job.duration_s:.1f}s" if job.duration_s else "", (job.error or "")[:60])
-    print_table(table)
+        rows.append([str(job.id), job.kind.value, status_label(job, waiting), describe(job),
+                     ", ".join(map(str, parents)), f"{job.duration_s:.1f}s" if job.duration_s else "",
+                     (job.error or "").strip().splitlines()[0] if (job.error or "").strip() else ""])
+    echo_table(cols, rows, wide=wide)
 
 
 @sweeps.command("cancel")
@@ -507,6 +568,65 @@ def sweeps_cancel(ctx: AppContext, name):
     with ctx.session() as session:
         outcomes = cancel_sweep(session, ctx.broker, name)
     click.echo(f"sweep {name}: " + (", ".join(f"{n} {k}" for k, n in outcomes.items()) or "nothing left to cancel"))
+
+
+@sweeps.command("retry")
+@click.argument("name")
+@click.option("--max-attempts", type=click.IntRange(1, 100), default=None,
+              help="Runs each re-queued job is allowed from now on  [default: "
+                   f"{Submission.model_fields['max_attempts'].default}]")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def sweeps_retry(ctx: AppContext, name, max_attempts, as_json):
+    """Re-queue the sweep's failed, cancelled and skipped points (a fine-tune starts over) and the evaluation that
+    must include them, keeping what succeeded; the same job ids, so its report stays one table."""
+    from api.pipelines import retry_sweep
+
+    with ctx.session() as session:
+        again = retry_sweep(session, ctx.broker, name, **given({"max_attempts": max_attempts}))
+        finetunes = [job.id for job in again if job.kind.value == "finetune"]
+        evaluation = [job.id for job in again if job.kind.value != "finetune"]
+    if as_json:
+        echo_json({"sweep": name, "finetunes": finetunes, "evaluation": evaluation})
+    elif not again:
+        click.echo(f"sweep {name}: nothing to retry (every job succeeded)")
+    else:
+        click.echo(f"sweep {name}: re-queued {len(finetunes)} fine-tune(s) and {len(evaluation)} evaluation job(s) "
+                   f"({', '.join(str(job.id) for job in again)}); watch with 'jobs watch --sweep {name}'")
+
+
+@sweeps.command("delete")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def sweeps_delete(ctx: AppContext, name, yes, as_json):
+    """Remove a sweep that has no running job, with its jobs, result rows and the adapters (rows and folders) its
+    fine-tunes made; its name (and file) can then be run again."""
+    from api.pipelines import delete_sweep, sweep_contents
+
+    with ctx.session() as session:
+        if not yes:
+            found = sweep_contents(session, name)
+            session.rollback()
+            click.echo(f"sweep {name} has {describe_contents(found)}", err=True)  # stdout stays for --json
+            if not click.confirm("delete all of it?", default=False, err=True):
+                click.echo("nothing deleted", err=True)
+                raise click.exceptions.Exit(1)
+        removed = delete_sweep(session, ctx.broker, ctx.settings, name)
+    if as_json:
+        echo_json(removed)
+    else:
+        click.echo(f"sweep {name} deleted: {describe_contents(removed)}")
+
+
+def describe_contents(found: dict) -> str:
+    jobs = sum(found["jobs"].values())
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(found["jobs"].items()))
+    adapters = found["adapters"]
+    return (f"{jobs} job(s)" + (f" ({statuses})" if statuses else "")
+            + f", {len(adapters)} adapter(s)" + (f" ({', '.join(adapters)}) with their folders" if adapters else "")
+            + f", {sum(found['rows'].values())} result row(s)")
 
 
 # ------------------------------------------------------------------------------------------------ adapters
@@ -533,26 +653,30 @@ def loss_cell(value) -> str:
 @adapters.command("list")
 @click.option("--base", "base_model", default=None, help="Only adapters trained on this base model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the adapters as JSON.")
+@table_options
 @pass_ctx
-def adapters_list(ctx: AppContext, base_model, as_json):
+def adapters_list(ctx: AppContext, base_model, as_json, wide, fmt):
     """Every adapter, oldest first: base, kind, method, parameters, size on disk, losses, training time."""
     from api.adapters import adapter_dict, list_adapters
+    from api.render import Col
 
     with ctx.session() as session:
         found = [adapter_dict(a, ctx.settings.home) for a in list_adapters(session, base_model)]
-    if as_json:
-        echo_json(found)
+    if as_json or fmt != "table":
+        echo_records(found, "json" if as_json else fmt)
         return
-    from rich.table import Table
-
-    table = Table("name", "base", "kind", "method", "trainable", "total", "% trainable", "size", "train loss",
-                  "eval loss", "best eval", "duration")
-    for a in found:
-        table.add_row(a["name"], a["base_model"], a["model_kind"], a["method"], f"{a['trainable_params']:,}",
-                      f"{a['total_params']:,}", f"{a['percent_trainable']:.2f}", human_size(a["size_bytes"]),
-                      loss_cell(a["train_loss"]), loss_cell(a["eval_loss"]), loss_cell(a["best_eval_loss"]),
-                      f"{a['duration_s']:.1f}s" if a["duration_s"] is not None else "")
-    print_table(table)
+    right = "right"
+    # left out first when too narrow: total, trainable, best eval, duration, ...; the base last
+    cols = [Col("name", name=True), Col("base", name=True, drop=1), Col("kind", drop=5), Col("method", drop=3),
+            Col("trainable", drop=10, justify=right), Col("total", drop=11, justify=right),
+            Col("% trainable", drop=4, justify=right), Col("size", drop=7, justify=right),
+            Col("train loss", drop=6, justify=right), Col("eval loss", drop=2, justify=right),
+            Col("best eval", drop=9, justify=right), Col("duration", drop=8, justify=right)]
+    rows = [[a["name"], a["base_model"], a["model_kind"], a["method"], f"{a['trainable_params']:,}",
+             f"{a['total_params']:,}", f"{a['percent_trainable']:.2f}", human_size(a["size_bytes"]),
+             loss_cell(a["train_loss"]), loss_cell(a["eval_loss"]), loss_cell(a["best_eval_loss"]),
+             f"{a['duration_s']:.1f}s" if a["duration_s"] is not None else ""] for a in found]
+    echo_table(cols, rows, wide=wide)
 
 
 @adapters.command("show")
@@ -621,12 +745,36 @@ def adapters_delete(ctx: AppContext, name, yes):
 @cli.command()
 @click.option("--burst", is_flag=True, help="Exit once its queues are empty and no job is running (like rq).")
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--gpu", type=click.IntRange(0, 1023), default=None,
+              help="Pin this worker to GPU N (CUDA_VISIBLE_DEVICES=N, nvidia-smi's numbering); its name is "
+                   "tunequeue-gpuN@host.")
+@click.option("--gpus", default=None, metavar="all|0,1,3",
+              help="Start and supervise one worker per GPU (each a `worker --gpu N`), restarting one that dies.")
+@click.option("--name", default=None, metavar="NAME[@HOST]",
+              help="This worker's node name (default tunequeue@host, or tunequeue-N@host when that one runs).")
 @pass_ctx
-def worker(ctx: AppContext, burst, loglevel):
+def worker(ctx: AppContext, burst, loglevel, gpu, gpus, name):
     """Start a Celery worker: one job at a time, base models kept loaded between jobs."""
-    from worker.launch import run_worker
+    from models.errors import InputError
+    from worker.gpus import check_gpu, pin_gpu, resolve_gpus, supervise
 
-    run_worker(ctx.settings, burst=burst, loglevel=loglevel)
+    if gpu is not None and gpus is not None:
+        raise InputError("--gpu and --gpus cannot be used together (--gpu N runs one worker, --gpus one per GPU)")
+    if gpus is not None and name is not None:
+        raise InputError("--name names one worker; with --gpus each worker is named tunequeue-gpuN@host")
+    settings = ctx.settings  # a bad setting is one line here, not one per child
+    if gpus is not None:
+        indices = resolve_gpus(gpus)
+        sys.exit(supervise(indices, ["--loglevel", loglevel] + (["--burst"] if burst else []), burst=burst))
+    if gpu is not None:
+        check_gpu(gpu)
+        pin_gpu(gpu)  # before anything imports torch (the worker imports it at its first job)
+    from worker.launch import run_worker
+    from worker.registry import check_node_name, claim_node_name, default_node_name
+
+    wanted = check_node_name(name) if name is not None else default_node_name(gpu)
+    hostname = claim_node_name(ctx.broker, wanted, exact=name is not None)
+    run_worker(settings, burst=burst, loglevel=loglevel, hostname=hostname)
 
 
 @cli.command()
@@ -658,10 +806,34 @@ def workers(ctx: AppContext, as_json):
 @cli.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=5555, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--basic-auth", "basic_auth", default=None, metavar="USER:PASSWORD",
+              help="Credentials for the web UI and its API [env FLOWER_BASIC_AUTH, which keeps them out of `ps`]; "
+                   "several pairs separated by commas.")
+@click.option("--no-auth", is_flag=True, help="Start without credentials (anyone who reaches the port can revoke "
+              "and terminate tasks).")
+@click.option("--persistent/--no-persistent", default=True, show_default=True,
+              help="Keep Flower's task history in TUNEQUEUE_HOME/flower/flower.db across restarts.")
 @pass_ctx
-def flower(ctx: AppContext, port, address):
-    """Start Flower, the Celery web monitor, against the same broker (http://ADDRESS:PORT)."""
-    sys.exit(ctx.broker.app.start(["flower", f"--port={port}", f"--address={address}"]) or 0)
+def flower(ctx: AppContext, port, address, basic_auth, no_auth, persistent):
+    """Start Flower, the Celery web monitor, against the same broker (http://ADDRESS:PORT).
+
+    Tasks are named after their jobs (`finetune lr-1e-3 · sweep lr-rank · job 12`) and end in the job's state:
+    SUCCESS, FAILURE (the job's error), RETRY (an attempt failed, the next one is queued) or REVOKED (cancelled).
+    A running task's Result shows step / total, loss and eval loss. Its API (/api/tasks, /api/task/info/ID) takes
+    the same credentials.
+    """
+    from api.monitor import flower_arguments
+
+    arguments, environment = flower_arguments(ctx.settings, port=port, address=address, basic_auth=basic_auth,
+                                              no_auth=no_auth, persistent=persistent, env=os.environ)
+    for name, value in environment.items():  # Flower reads FLOWER_* variables itself
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    click.echo(f"Flower on http://{address}:{port} ({'no auth' if no_auth else 'basic auth'}"
+               f"{', history in ' + str(ctx.settings.home / 'flower') if persistent else ''})", err=True)
+    sys.exit(ctx.broker.app.start(["flower", *arguments]) or 0)
 
 
 # -------------------------------------------------------------------------------------------------- report
@@ -674,21 +846,28 @@ def flower(ctx: AppContext, port, address):
 @click.option("--sort", default=None, help="Sort rows by this metric, best first.")
 @click.option("--top", type=COUNT, default=None, help="Keep the base row and the N best adapters.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
-              show_default=True)
+              show_default=True, help="csv, json and markdown hold every column.")
+@click.option("--wide", is_flag=True, help="Every column (each metric with its interval and Δ, rougeLsum, train "
+              "and queue times) at the width it needs; the table otherwise shows the headline metrics fitted to "
+              "COLUMNS or the terminal (120 when piped).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write box plots of per-example scores (one box per run) to this PNG.")
 @click.option("--plot-loss", "plot_loss_path", type=click.Path(dir_okay=False), default=None,
               help="Write the runs' training / eval loss curves to this PNG.")
 @click.option("--compare", nargs=2, default=None, metavar="A B",
-              help="Show the examples where variants A and B differ most (use 'base' for the base model).")
+              help="Say which of variants A and B is better on the first metric (over the examples both were "
+                   "scored on) and show the examples where they differ most (use 'base' for the base model).")
 @click.option("--limit", type=COUNT, default=5, show_default=True, help="Examples shown by --compare.")
 @pass_ctx
-def report(ctx: AppContext, metric_names, sweep, split, sort, top, fmt, plot_path, plot_loss_path, compare, limit):
+def report(ctx: AppContext, metric_names, sweep, split, sort, top, fmt, wide, plot_path, plot_loss_path, compare,
+           limit):
     """Compare base and adapters: one row per run with each metric's mean, 95% bootstrap interval and delta vs the
-    base row, examples scored, training time and the hyperparameters that vary; the best row is marked."""
-    from api.render import render_comparison, render_report
-    from api.report import (ReportQuery, check_plot_path, differing_examples, report_rows, write_box_plot,
-                            write_loss_plot)
+    base row, examples scored, training time and the hyperparameters that vary; the best row is marked.
+
+    Runs scored on different example sets are compared on the examples they all share, and a line says so.
+    """
+    from api.render import comparison_sentence, example_set_note, render_comparison, render_report
+    from api.report import ReportQuery, check_plot_path, compare_runs, report_rows, write_box_plot, write_loss_plot
 
     for path, option in ((plot_path, "--plot"), (plot_loss_path, "--plot-loss")):
         if path:
@@ -696,11 +875,15 @@ def report(ctx: AppContext, metric_names, sweep, split, sort, top, fmt, plot_pat
     query = ReportQuery(list(metric_names), split, sweep, sort, top)
     with ctx.session() as session:
         if compare:
-            pairs = differing_examples(session, query, compare[0], compare[1], limit)
-            click.echo(render_comparison(pairs, compare, query.metric_names[0], fmt), nl=False)
+            summary, pairs = compare_runs(session, query, compare[0], compare[1], limit)
+            click.echo(render_comparison(summary, pairs, fmt), nl=False)
+            if fmt in ("csv", "json"):
+                click.echo(comparison_sentence(summary), err=True)
             return
         rows = report_rows(session, query)
-        click.echo(render_report(rows, query.metric_names, fmt), nl=False)
+        click.echo(render_report(rows, query.metric_names, fmt, wide=wide), nl=False)
+        if fmt in ("csv", "json") and (note := example_set_note(rows)):
+            click.echo(note, err=True)
         if plot_path:
             boxes = write_box_plot(session, query, rows, plot_path)
             click.echo(f"box plot written to {plot_path} ({boxes} boxes)", err=True)

@@ -23,6 +23,7 @@ from models.base import utcnow
 from models.errors import InputError, NotFound, Unavailable
 from models.jobs import Job, JobKind, JobStatus, JobWait, readiness
 from models.specs import MAX_ID, Submission, parse_spec
+from worker import notify
 from worker.broker import MAX_PRIORITY
 from worker.lifecycle import publish, settle_children, skip
 
@@ -119,6 +120,27 @@ def latest_jobs(session: Session, limit: int = 50, status: JobStatus | None = No
     return list(session.scalars(query))
 
 
+def waiting_counts(session: Session, jobs: list[Job]) -> dict[int, int]:
+    """For each queued job not published yet (a child or a join whose parents run first): how many of the jobs it
+    waits for have not finished. Jobs that wait for nothing are left out."""
+    unpublished = {job.id: ([job.parent_id] if job.parent_id else job.waits_for_ids) for job in jobs
+                   if job.status == JobStatus.queued and job.queued_at is None}
+    wanted = {i for ids in unpublished.values() for i in ids}
+    if not wanted:
+        return {}
+    statuses = dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(wanted))).tuples().all())
+    counts = {job_id: sum(1 for i in ids if i in statuses and not JobStatus(statuses[i]).finished)
+              for job_id, ids in unpublished.items()}
+    return {job_id: count for job_id, count in counts.items() if count}
+
+
+def status_label(job: Job, waiting: dict[int, int]) -> str:
+    """The status for people: `waiting (3 jobs)` for a queued job still waiting for its parents (from
+    `waiting_counts`), else the status itself (machine output keeps the raw status)."""
+    count = waiting.get(job.id)
+    return f"waiting ({count} job{'s' if count != 1 else ''})" if count else job.status.value
+
+
 def cancel(session: Session, broker, job: Job) -> str:
     """Cancel a queued job at once; ask a running one to stop at its next step. Returns what happened."""
     if job.status == JobStatus.queued:
@@ -126,7 +148,10 @@ def cancel(session: Session, broker, job: Job) -> str:
                                .values(status=JobStatus.cancelled, finished_at=utcnow(), error="cancelled by user"))
         session.commit()
         if done.rowcount:
+            if job.celery_task_id:  # live workers drop its message and report the task REVOKED (best effort: a
+                broker.revoke(job.celery_task_id)  # worker that missed it finds the row cancelled and says so)
             settle_children(session, broker, job.id)  # a join may run without this job
+            notify.job_ended(broker.settings, session, job.id)  # the sweep may have ended with it
             return "cancelled"
     if job.status in (JobStatus.queued, JobStatus.running):
         session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
@@ -168,41 +193,71 @@ def job_dict(job: Job, full: bool = False) -> dict:
     }
     if full:
         data.update(spec=job.spec, celery_task_id=job.celery_task_id, cancel_requested=job.cancel_requested,
-                    max_attempts=job.max_attempts, attempt_errors=job.attempt_errors)
+                    max_attempts=job.max_attempts, attempt_errors=job.attempt_errors, traceback=job.traceback)
     return data
 
 
+def variants_of(job: Job) -> list[str]:
+    """The adapter a fine-tune writes, the variants a generate job evaluates (`base` for the base model alone)."""
+    spec = job.spec
+    if job.kind == JobKind.finetune:
+        return [spec["name"]]
+    if job.kind == JobKind.generate:
+        return spec.get("adapters") or [spec.get("adapter") or "base"]
+    return []
+
+
+def _variants_text(names: list[str]) -> str:
+    if len(names) <= 2:
+        return ", ".join(names)
+    return f"{len(names)} variants ({names[0]}, {names[1]}, +{len(names) - 2} more)"
+
+
 def describe(job: Job) -> str:
-    """One line of what the job does, for tables."""
+    """One line of what the job does, for tables; names are given whole."""
     spec = job.spec
     if job.kind == JobKind.finetune:
         return f"{spec['name']} on {spec['model']} lr={spec['learning_rate']:g}"
     if job.kind == JobKind.generate:
-        adapters = spec.get("adapters") or [spec.get("adapter") or "base"]
-        shown = adapters[0] if len(adapters) == 1 else f"{len(adapters)} variants ({adapters[0]}, {adapters[1]}…)"
-        return f"{shown} on {spec['model']} / {spec['split']}"
-    return f"job {spec['generate_job_id']}"
+        return f"{_variants_text(variants_of(job))} on {spec['model']} / {spec['split']}"
+    return f"scores job {spec['generate_job_id']}"
+
+
+def bar_fields(job: Job, waiting: dict[int, int]) -> dict:
+    """What one progress bar of `jobs watch` shows: `description` (job id, kind, adapter name or variants),
+    `info` (step / total, loss, eval loss, status), and the bar's `completed` / `total`."""
+    info = job.progress or {}
+    what = _variants_text(variants_of(job)) if job.kind != JobKind.score else f"of job {job.spec['generate_job_id']}"
+    parts = []
+    if info.get("step") is not None:
+        parts.append(f"step {info['step']}/{info.get('total_steps') or '?'}")
+    for key, label in (("loss", "loss"), ("eval_loss", "eval loss")):
+        if info.get(key) is not None:
+            parts.append(f"{label} {info[key]:.4f}" if isinstance(info[key], float) else f"{label} {info[key]}")
+    parts.append(status_label(job, waiting))
+    return {"description": f"job {job.id} {job.kind.value} {what}", "info": " · ".join(parts),
+            "completed": info.get("step", 0), "total": info.get("total_steps")}
 
 
 def wait_for(ctx: AppContext, job_ids: list[int], *, quiet: bool = False, poll: float = 0.5,
              give_up: Optional[Callable[[], bool]] = None, force_bars: bool = False) -> dict[int, JobStatus]:
     """Poll the job rows until all are finished (or `give_up()` says so), with a progress bar per job on a
-    terminal; returns each job's last status."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    terminal (see `bar_fields`); returns each job's last status."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Column
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), disable=quiet or not (force_bars or sys.stderr.isatty())) as progress, \
+    wrapping = Column(overflow="fold")  # a narrow terminal wraps a bar's text instead of cutting names with "…"
+    with Progress(TextColumn("{task.description}", table_column=wrapping), BarColumn(bar_width=20),
+                  TextColumn("{task.fields[info]}", table_column=Column(overflow="fold")), TimeElapsedColumn(),
+                  disable=quiet or not (force_bars or sys.stderr.isatty())) as progress, \
             ctx.sessions() as session:
         bars = {job_id: progress.add_task(f"job {job_id}", total=None, info="") for job_id in job_ids}
         while True:
             session.expire_all()
             found = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
+            waiting = waiting_counts(session, list(found.values()))
             for job_id, bar in bars.items():
-                job = found[job_id]
-                info = job.progress or {}
-                progress.update(bar, total=info.get("total_steps"), completed=info.get("step", 0),
-                                description=f"job {job_id} {job.kind.value}",
-                                info=f"{job.status.value} loss={info['loss']}" if "loss" in info else job.status.value)
+                progress.update(bar, **bar_fields(found[job_id], waiting))
             if all(job.status.finished for job in found.values()) or (give_up and give_up()):
                 return {job_id: job.status for job_id, job in found.items()}
             time.sleep(poll)

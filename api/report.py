@@ -92,9 +92,19 @@ def report_rows(session: Session, query: ReportQuery) -> list[dict]:
     return rows
 
 
-def differing_examples(session: Session, query: ReportQuery, a: str, b: str, limit: int) -> list[dict]:
-    """The examples where runs `a` and `b` differ most on the query's first metric."""
-    return compare_variants(session, a, b, check_metrics(session, query)[0], query.split, limit)
+def compare_runs(session: Session, query: ReportQuery, a: str, b: str, limit: int) -> tuple[dict, list[dict]]:
+    """Runs `a` and `b` on the query's first metric, over the examples both were scored on: a summary (how many
+    examples each wins, both means, which is better and by how much) and the `limit` examples where they differ
+    most."""
+    metric = check_metrics(session, query)[0]
+    pairs = compare_variants(session, a, b, metric, query.split)
+    wins = {name: sum(p["better"] == name for p in pairs) for name in (a, b, "tie")}
+    mean_a, mean_b = (sum(p[f"{metric}_{v}"] for p in pairs) / len(pairs) if pairs else None for v in (a, b))
+    summary = {"a": a, "b": b, "metric": metric, "split": query.split, "shared_examples": len(pairs),
+               "a_better": wins[a], "b_better": wins[b], "ties": wins["tie"], "mean_a": mean_a, "mean_b": mean_b,
+               "better": None if not pairs or mean_a == mean_b else a if mean_a > mean_b else b,
+               "by": abs(mean_a - mean_b) if pairs else None}
+    return summary, pairs[:limit]
 
 
 def write_box_plot(session: Session, query: ReportQuery, rows: list[dict], path: str) -> int:

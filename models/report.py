@@ -3,6 +3,11 @@
 For each (base model, variant) the newest score job's value of each metric on the split is used (`metrics.value`,
 the mean over `example_scores`); the 95% interval is a percentile bootstrap over that job's `example_scores`; each
 row's delta is taken against the base row of the same base model.
+
+Rows scored on different example sets (a base run on 100 examples beside adapters run on 50) are compared on the
+examples they all share: their means and intervals are recomputed over that intersection, `examples` counts it,
+`examples_scored` keeps each row's own count and `example_set` says which case holds ("same", "shared", or "own"
+when they share none or lack per-example scores, so each row stays on its own examples).
 """
 
 from __future__ import annotations
@@ -42,10 +47,16 @@ def bootstrap_interval(values: list[float], samples: int = BOOTSTRAP_SAMPLES, se
 
 
 def example_values(session: Session, score_job_id: int, variant: str, metric: str) -> list[float]:
-    return list(session.scalars(
-        select(ExampleScore.value).join(Generation, Generation.id == ExampleScore.generation_id)
+    return list(example_scores_by_id(session, score_job_id, variant, metric).values())
+
+
+def example_scores_by_id(session: Session, score_job_id: int, variant: str, metric: str) -> dict[str, float]:
+    """The score job's per-example values of `metric` for `variant`, by example id, in example id order (empty for
+    a corpus-level metric such as f1, which has none)."""
+    return dict(session.execute(
+        select(Generation.example_id, ExampleScore.value).join(Generation, Generation.id == ExampleScore.generation_id)
         .where(ExampleScore.job_id == score_job_id, ExampleScore.name == metric, Generation.variant == variant)
-        .order_by(Generation.example_id)))
+        .order_by(Generation.example_id)).tuples().all())
 
 
 def _newest_metrics(session: Session, metrics: list[str], split: str, sweep: Sweep | None):
@@ -67,14 +78,15 @@ def _newest_metrics(session: Session, metrics: list[str], split: str, sweep: Swe
 def comparison(session: Session, metrics: list[str], split: str = "test", variants: list[str] | None = None, *,
                sweep: str | None = None, sort: str | None = None, top: int | None = None,
                intervals: bool = True) -> list[dict]:
-    """One dict per (base model, variant): metric means, 95% intervals, deltas vs base, examples, training time,
-    mean queue wait of its jobs, the hyperparameters that vary between rows, and `best` on the row with the
-    highest `sort` metric."""
+    """One dict per (base model, variant): metric means, 95% intervals, deltas vs base, examples (and how they
+    relate across rows: see the module's docstring), training time, mean queue wait of its jobs, the
+    hyperparameters that vary between rows, and `best` on the row with the highest `sort` metric."""
     sweep_row = sweep_by_name(session, sweep) if sweep else None
     table: dict[tuple[str, str], dict] = {}
     order: dict[tuple[str, str], tuple] = {}
     hyper: dict[tuple[str, str], dict] = {}
     job_ids: dict[tuple[str, str], set[int]] = {}
+    scores: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
     for metric, adapter in _newest_metrics(session, metrics, split, sweep_row):
         if variants is not None and metric.variant not in variants:
             continue
@@ -87,10 +99,10 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
         hyper[key] = dict(adapter.hyperparameters) if adapter else {}
         job_ids.setdefault(key, set()).update({metric.job_id, adapter.job_id if adapter else None} - {None})
         row[metric.name] = metric.value
-        if intervals:
-            low, high = bootstrap_interval(example_values(session, metric.job_id, metric.variant, metric.name))
-            row[f"{metric.name}_ci_low"], row[f"{metric.name}_ci_high"] = low, high
+        scores.setdefault(key, {})[metric.name] = example_scores_by_id(session, metric.job_id, metric.variant,
+                                                                       metric.name)
         row["examples"] = min(row["examples"], metric.n_examples)
+    _align_example_sets(table, scores, intervals)
     for key, wait in _mean_queue_waits(session, job_ids).items():
         table[key]["queue_wait_s"] = wait
     rows = [table[key] for key in sorted(table, key=lambda k: (k[0], order[k]))]
@@ -115,6 +127,42 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
     for row in rows:
         row["best"] = row is best
     return rows
+
+
+def _align_example_sets(table: dict[tuple, dict], scores: dict[tuple, dict[str, dict[str, float]]],
+                        intervals: bool) -> None:
+    """Put the rows on one example set (see the module's docstring) and add the intervals. A metric without
+    per-example scores (f1) keeps its stored value; its name goes into the row's `kept_own_examples`."""
+    own = {key: _scored_ids(scores.get(key, {})) for key in table}
+    for row in table.values():
+        row["examples_scored"] = row["examples"]
+    if own and all(ids is not None for ids in own.values()):
+        shared = set.intersection(*own.values())
+        state = "same" if all(ids == shared for ids in own.values()) else "shared" if shared else "own"
+    else:  # some row has no per-example scores: only the counts can tell
+        shared = set()
+        state = "same" if len({row["examples"] for row in table.values()}) <= 1 else "own"
+    for key, row in table.items():
+        row["example_set"], row["kept_own_examples"] = state, []
+        for name, by_example in scores.get(key, {}).items():
+            values = list(by_example.values())
+            if state == "shared":
+                if values:
+                    values = [v for example_id, v in by_example.items() if example_id in shared]
+                    row[name] = sum(values) / len(values)
+                else:
+                    row["kept_own_examples"].append(name)
+            if intervals:
+                row[f"{name}_ci_low"], row[f"{name}_ci_high"] = bootstrap_interval(values)
+        if state == "shared":
+            row["examples"] = len(shared)
+
+
+def _scored_ids(by_metric: dict[str, dict[str, float]]) -> set[str] | None:
+    """The example ids a row's per-example scores cover (those all its metrics with such scores share); None when
+    it has none."""
+    sets = [set(by_example) for by_example in by_metric.values() if by_example]
+    return set.intersection(*sets) if sets else None
 
 
 def _mean_queue_waits(session: Session, job_ids: dict[tuple, set[int]]) -> dict[tuple, float | None]:
@@ -159,8 +207,10 @@ def loss_curves(session: Session, variants: list[str]) -> dict[str, list[tuple[i
     return curves
 
 
-def compare_variants(session: Session, a: str, b: str, metric: str, split: str, limit: int) -> list[dict]:
-    """Examples where variants `a` and `b` differ most on `metric` (newest scored generations of each)."""
+def compare_variants(session: Session, a: str, b: str, metric: str, split: str,
+                     limit: int | None = None) -> list[dict]:
+    """The examples both variants were scored on, where `a` and `b` differ most on `metric` first (newest scored
+    generations of each); `difference` is a − b and `better` names the variant with the higher score (or "tie")."""
     scored = {}
     for variant in (a, b):
         job_id = session.scalar(select(func.max(Metric.job_id)).where(
@@ -177,9 +227,10 @@ def compare_variants(session: Session, a: str, b: str, metric: str, split: str, 
         (ga, va), (gb, vb) = scored[a][example_id], scored[b][example_id]
         pairs.append({"example_id": example_id, "source": ga.source, "reference": ga.reference,
                       f"prediction_{a}": ga.prediction, f"prediction_{b}": gb.prediction,
-                      f"{metric}_{a}": va, f"{metric}_{b}": vb, "difference": va - vb})
+                      f"{metric}_{a}": va, f"{metric}_{b}": vb, "difference": va - vb,
+                      "better": a if va > vb else b if vb > va else "tie"})
     pairs.sort(key=lambda p: (-abs(p["difference"]), p["example_id"]))
-    return pairs[:limit]
+    return pairs if limit is None else pairs[:limit]
 
 
 def sweep_jobs(session: Session, sweep: Sweep) -> list[Job]:

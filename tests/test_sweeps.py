@@ -153,7 +153,7 @@ def test_sweep_to_morning_report(make_env, tmp_path):
     assert [(r["variant"], float(r["rouge1"])) for r in parsed] == [(r["variant"], r["rouge1"]) for r in rows]
     table = cli(env, "report", "--sweep", "grid").stdout
     for row in rows:
-        assert f"{row['rouge1']:.4f}" in table
+        assert f"{row['rouge1']:.3f} [{row['rouge1_ci_low']:.2f}, {row['rouge1_ci_high']:.2f}]" in table
     assert f"{best[0]['variant']} ★" in table
     markdown = cli(env, "report", "--sweep", "grid", "--format", "markdown").stdout
     assert markdown.count("\n") == 7 and markdown.startswith("| model | variant | learning_rate | lora_r |")
