@@ -103,10 +103,11 @@ def test_cancel_running_training(make_env, tmp_path):
                 break
             time.sleep(0.5)
         assert job["status"] == "running", job
-        # the threads pool keeps answering remote control while a job runs (Flower, celery inspect)
+        # the threads pool keeps answering remote control while a job runs (Flower, celery inspect); asked by name,
+        # since every worker on this Redis answers a broadcast
         inspect = subprocess.run([sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "inspect", "active",
-                                  "--json", "--timeout", "10"], env=env, cwd=REPO, capture_output=True, text=True,
-                                 timeout=60)
+                                  "--json", "--timeout", "10", "--destination", job["worker_host"]], env=env,
+                                 cwd=REPO, capture_output=True, text=True, timeout=60)
         assert inspect.returncode == 0, inspect.stdout + inspect.stderr
         active = [task for tasks in json.loads(inspect.stdout.strip().splitlines()[-1]).values() for task in tasks]
         assert [task["args"] for task in active] == [[job_id]]

@@ -200,7 +200,7 @@ def test_a_failed_jobs_traceback_reaches_jobs_logs_and_jobs_show(make_env, tmp_p
     assert followed.returncode == 0 and time.monotonic() - started < 20, followed.stderr
     shown_logs = cli(env, "jobs", "logs", str(job_id))
     assert shown_logs.returncode == 0, shown_logs.stderr
-    assert shown_logs.stdout.startswith("=== attempt 1 on tunequeue-"), shown_logs.stdout
+    assert shown_logs.stdout.startswith("=== attempt 1 on tunequeue"), shown_logs.stdout
     assert "Traceback (most recent call last)" in shown_logs.stdout
     assert "RuntimeError: crash injected by TUNEQUEUE_FAULTS at step 1" in shown_logs.stdout
     assert followed.stdout == shown_logs.stdout
