@@ -16,6 +16,10 @@ import psycopg
 import pytest
 import redis
 
+# Idle OpenMP threads yield instead of spinning: with torch's default policy every CPU test runs 10-20x slower while
+# a worker subprocess (or a neighbour) is busy. Set before anything imports torch; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("TUNEQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TUNEQUEUE_TEST_REDIS", "redis://127.0.0.1:6379/0")

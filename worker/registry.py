@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 
 from celery import bootsteps
 
-from models.errors import InputError
+from models.errors import InputError, Unavailable
 from worker.broker import Broker
 
 log = logging.getLogger("tunequeue.registry")
@@ -77,6 +77,9 @@ def claim_node_name(broker: Broker, name: str, *, exact: bool = False) -> str:
                                  "--name or stop that one")
     except InputError:
         raise
+    except Unavailable as exc:  # the worker's own broker check says so next, in one line
+        log.debug("could not claim the worker name %s (%s); using it unclaimed", candidates[0], exc)
+        return candidates[0]
     except Exception as exc:
         log.warning("could not claim the worker name %s (%s); using it unclaimed", candidates[0], exc)
         return candidates[0]
