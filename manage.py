@@ -262,7 +262,8 @@ def finetune(ctx: AppContext, wait, as_json, priority, max_attempts, prompt_temp
     """Queue a fine-tune of a base model: LoRA, QLoRA, prompt tuning or full, on any of three model kinds.
 
     \b
-    Methods (--method):  lora | qlora (CUDA + bitsandbytes) | prompt-tuning | full
+    Methods (--method):  lora (--load-in-8bit: on an int8 base) | qlora (4-bit base) | prompt-tuning | full
+    Every method: --optim adamw | adamw_8bit | paged_adamw_8bit, --gradient-checkpointing
     Model kinds (--model-kind, read from the model's config.json unless given):
       seq2seq         T5 / FLAN-T5: prompt -> summary
       causal          Llama / Qwen / GPT-2: prompt + summary in one sequence, loss on the summary only
@@ -273,12 +274,8 @@ def finetune(ctx: AppContext, wait, as_json, priority, max_attempts, prompt_temp
     Built-in models and datasets (offline, built on first use under TUNEQUEUE_HOME) are listed under --model and
     --dataset.
     """
-    from api.jobs import cuda_worker_warning
-
     data = {"kind": "finetune", **read_template_file(fields, prompt_template_file)}
-    qlora = fields.get("method") == "qlora"
-    submit_and_show(ctx, data, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts,
-                    warning=(lambda: cuda_worker_warning(ctx)) if qlora else None)
+    submit_and_show(ctx, data, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
 
 
 @cli.command()

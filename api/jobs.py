@@ -169,18 +169,6 @@ def reconcile(ctx: AppContext, stale_after: Optional[float] = None) -> dict:
         return reconcile_jobs(session, ctx.broker, ctx.settings.stale_seconds if stale_after is None else stale_after)
 
 
-def cuda_worker_warning(ctx: AppContext) -> Optional[str]:
-    """QLoRA runs only on a CUDA worker: a warning when no running worker reports CUDA, else None."""
-    try:
-        found = ctx.broker.live_workers()
-    except Exception:
-        return None
-    if any(w.get("cuda") for w in found):
-        return None
-    return (f"warning: no running worker on queue {ctx.settings.queue!r} reports CUDA; a qlora job fails on a worker "
-            "without it (start a worker on a GPU machine)")
-
-
 def job_dict(job: Job, full: bool = False) -> dict:
     """The job as JSON-ready data, the same for `--json` and the HTTP API."""
     data = {

@@ -11,6 +11,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.builtins import BUILTIN_MODELS
 from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind, JobStatus
 from models.metrics import metric_family
@@ -18,7 +19,7 @@ from models.results import Adapter
 from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, parse_spec
 from worker.data.examples import rules_for
 from worker.data.refs import check_dataset, check_model, required_columns
-from worker.ml.kinds import resolve_model_kind
+from worker.ml.kinds import read_config, resolve_model_kind
 
 ACTIVE = (JobStatus.queued, JobStatus.running)
 
@@ -45,6 +46,7 @@ def validate_finetune(spec: FinetuneSpec, session: Session) -> FinetuneSpec:
     """Returns the spec with its model kind filled in."""
     check_model(spec.model)
     spec = resolve_model_kind(spec)
+    _check_quantizable(spec)
     _check_data(spec, spec.target_column, [spec.train_split] + ([spec.eval_split] if spec.eval_split else []))
     if not spec.replace and session.scalar(select(Adapter.id).where(Adapter.name == spec.name)) is not None:
         raise InputError(f"adapter name {spec.name!r} is already taken; choose another --name, or pass --replace "
@@ -52,6 +54,29 @@ def validate_finetune(spec: FinetuneSpec, session: Session) -> FinetuneSpec:
     if pending_finetune(session, spec.name) is not None:
         raise InputError(f"adapter name {spec.name!r} is already used by a queued or running fine-tune job")
     return spec
+
+
+def _check_quantizable(spec: FinetuneSpec) -> None:
+    """A base that bitsandbytes is asked to load in 4-bit (qlora) or 8-bit (--load-in-8bit) must not be saved
+    quantized otherwise already (GPTQ, AWQ, ... or bitsandbytes at the other width): transformers would keep the saved
+    quantization and the job would not train what it says. (`load_in_8bit` with a method other than lora is refused
+    by the spec itself; what the worker's device cannot do fails there at once.)"""
+    wanted = "4bit" if spec.method == "qlora" else "8bit" if spec.load_in_8bit else None
+    if wanted is None or spec.model in BUILTIN_MODELS:
+        return
+    saved = (read_config(spec.model) or {}).get("quantization_config")
+    if not isinstance(saved, dict):
+        return
+    method = saved.get("quant_method", "bitsandbytes")
+    if method == "bitsandbytes":
+        four_bit = saved.get("load_in_4bit") or saved.get("_load_in_4bit")
+        if (wanted == "4bit") == bool(four_bit):
+            return
+        method = f"bitsandbytes {'4' if four_bit else '8'}-bit"
+    flag = "--method qlora" if wanted == "4bit" else "--load-in-8bit"
+    raise InputError(f"model {spec.model!r} is saved already quantized ({method}); {flag} loads a full-precision "
+                     f"base with bitsandbytes {wanted.replace('bit', '-bit')}: use the unquantized model, or --method "
+                     "lora without --load-in-8bit")
 
 
 def validate_generate(spec: GenerateSpec, session: Session, home: Path, *, model_given: bool = True) -> GenerateSpec:

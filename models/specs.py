@@ -35,6 +35,7 @@ ECHO_CHARS = 60  # at most this much of a user's value is echoed back in an erro
 ModelKind = Literal["seq2seq", "causal", "classification"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 Method = Literal["lora", "qlora", "prompt-tuning", "full"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 MetricFamily = Literal[tuple(METRIC_FAMILIES)]  # type: ignore[valid-type]
 # Learning rates that work for each method on the built-in tiny models (prompt tuning moves few parameters, so it
 # needs a larger step; full fine-tuning a smaller one). An explicit learning_rate always wins.
@@ -121,9 +122,13 @@ class FinetuneSpec(_DataFields):
                                        "with save_pretrained, or a hub id (e.g. google/flan-t5-base).")
     name: str = option(..., "Adapter name (letters, digits, . _ -); unique.")
     method: Method = option(
-        "lora", "lora: LoRA layers (--lora-r, --target-modules) on the resident base. qlora: base loaded in 4-bit NF4 "
-        "with bitsandbytes, LoRA on top (needs a CUDA worker). prompt-tuning: --num-virtual-tokens trained prompt "
-        "embeddings. full: every weight; writes a whole model folder.")
+        "lora", "lora: LoRA layers (--lora-r, --target-modules) on the resident base (--load-in-8bit: on an int8 "
+        "base). qlora: base loaded in 4-bit NF4 with bitsandbytes, LoRA on top (CPU and CUDA workers). "
+        "prompt-tuning: --num-virtual-tokens trained prompt embeddings. full: every weight; writes a whole model "
+        "folder.")
+    load_in_8bit: bool = option(
+        False, "LoRA on the base loaded in 8-bit (bitsandbytes LLM.int8 weights, a cache entry of its own); --method "
+        "lora only.")
     replace: bool = option(False, "Re-use the name of an existing adapter: it is replaced when this job succeeds.")
     train_split: str = option("train", "Split to train on.")
     lora_r: int = option(16, "LoRA rank.", "--lora-r", "--r", gt=0, le=1024)
@@ -147,6 +152,12 @@ class FinetuneSpec(_DataFields):
     max_target_length: int = option(64, "Target tokens kept per example.", gt=0, le=32768)
     warmup_steps: int = option(30, "Linear warm-up steps (at most a tenth of the run).", ge=0, le=MAX_STEPS)
     max_grad_norm: float = option(1.0, "Gradient clipping norm.", gt=0, le=10_000)
+    optim: Optimizer = option(
+        "adamw", "adamw: torch AdamW. adamw_8bit: bitsandbytes AdamW with 8-bit states (tensors under 4096 "
+        "elements keep 32-bit ones). paged_adamw_8bit: the same, states paged to CPU memory under CUDA memory "
+        "pressure (on a CPU worker it is adamw_8bit).")
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass instead of keeping them: less memory, slower steps.")
     train_limit: Optional[int] = option(
         None, "Train on N examples of the split, a random subset chosen by --seed (the same seed, the same subset).",
         gt=0, le=MAX_EXAMPLES)
@@ -175,6 +186,13 @@ class FinetuneSpec(_DataFields):
                     else 3e-3}
         return data
 
+    @model_validator(mode="after")
+    def _int8_base_for_lora_only(self):
+        if self.load_in_8bit and self.method != "lora":
+            raise ValueError(f"load_in_8bit: only with --method lora (got --method {self.method}; qlora loads its "
+                             "base in 4-bit, prompt-tuning and full train on the full-precision base)")
+        return self
+
     @field_validator("eval_split", mode="before")
     @classmethod
     def _no_evaluation(cls, value):
@@ -197,9 +215,11 @@ class FinetuneSpec(_DataFields):
     @property
     def hyperparameters(self) -> dict:
         keys = {"method", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-                "max_source_length", "max_target_length", "seed"}
+                "max_source_length", "max_target_length", "seed", "optim", "gradient_checkpointing"}
         if self.method in ("lora", "qlora"):
             keys |= {"lora_r", "lora_alpha", "lora_dropout", "target_modules"}
+        if self.method == "lora":
+            keys |= {"load_in_8bit"}
         if self.method == "prompt-tuning":
             keys |= {"num_virtual_tokens", "prompt_tuning_init"}
         return self.model_dump(include=keys)

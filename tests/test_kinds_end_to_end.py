@@ -1,5 +1,5 @@
 """Sentiment classification and causal-LM summarization through the queue, as a user drives them: CLI → Redis →
-real worker → SQL → report; plus QLoRA's enqueue warning and its immediate failure on a worker without CUDA."""
+real worker → SQL → report; plus a short QLoRA run on this CPU worker (no CUDA needed, no warning at enqueue)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def test_classification_and_causal_through_the_queue(make_env, tmp_path):
         for job in (llama_base, llama):
             ok_json(cli(env, "score", str(job["id"]), "--wait", "--json"))
 
-        qlora = cli(env, "finetune", "--name", "q", "--model", "tiny-llama", "--method", "qlora", "--wait", "--json")
+        qlora = cli(env, "finetune", "--name", "q", "--model", "tiny-llama", "--method", "qlora", "--max-steps", "10",
+                    "--train-limit", "160", "--eval-limit", "20", "--wait", "--json")
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
@@ -50,9 +51,10 @@ def test_classification_and_causal_through_the_queue(make_env, tmp_path):
     rouge = {row["variant"]: row["rouge1"] for row in report if row["model"] == "tiny-llama"}
     assert rouge["causal"] > rouge["base"] + 0.05, report
 
-    # QLoRA: warned at enqueue (no worker reports CUDA), failed at once on this CPU worker, no retries
-    assert "no running worker" in qlora.stderr and "reports CUDA" in qlora.stderr
-    assert qlora.returncode == 1 and "qlora needs a CUDA GPU" in qlora.stderr
+    # QLoRA: no warning at enqueue, trained on this CPU worker's 4-bit base at the first attempt
+    assert "warning" not in qlora.stderr
+    result = ok_json(qlora)["result"]
+    assert result["quantization"] == "4bit" and result["method"] == "qlora" and result["steps"] == 10
     with session_of(env) as session:
         job = session.scalars(select(Job).where(Job.kind == "finetune").order_by(Job.id.desc())).first()
-        assert job.status == JobStatus.failed and job.attempts == 1 and "CUDA" in job.error
+        assert job.status == JobStatus.succeeded and job.attempts == 1

@@ -52,6 +52,7 @@ class Prepared:
     """What training needs before the model is made trainable: the base, the features and how many steps."""
 
     loaded: LoadedModel
+    model_was_loaded: bool  # this job loaded the base (a miss in the model cache), rather than finding it resident
     labels: Optional[list[str]]  # classification labels in head order; None for other kinds
     features: list[dict]
     from_cache: bool  # the training features came from the tokenization cache
@@ -133,13 +134,15 @@ def prepare(spec: FinetuneSpec, cache: ModelCache, home: Path) -> Prepared:
                             shuffle=spec.train_limit is not None)
     labels = classification_labels(cache.resolve(spec.model), [e["target"] for e in examples]) \
         if spec.model_kind == "classification" else None
+    loads_before = cache.loads
     loaded = base_for(spec, cache, spec.model_kind, labels)
     encoding = {"max_source_length": spec.max_source_length, "max_target_length": spec.max_target_length,
                 "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
     features, from_cache = cached_encode(home, spec.model_kind, loaded.tokenizer, examples, **encoding)
     evaluation = held_out_features(spec, home, loaded.tokenizer, encoding) if spec.eval_split else None
     steps_per_epoch = math.ceil(len(examples) / spec.per_device_train_batch_size)
-    return Prepared(loaded=loaded, labels=labels, features=features, from_cache=from_cache, evaluation=evaluation,
+    return Prepared(loaded=loaded, model_was_loaded=cache.loads > loads_before, labels=labels, features=features,
+                    from_cache=from_cache, evaluation=evaluation,
                     total_steps=spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.num_train_epochs)),
                     eval_every=spec.eval_steps or steps_per_epoch)
 
@@ -174,11 +177,18 @@ def start_run(spec: FinetuneSpec, prepared: Prepared, model, checkpoints: Option
 
 
 def make_optimizer(spec: FinetuneSpec, params: list, device: str, total_steps: int):
-    """AdamW with linear warmup (at most a tenth of the steps) then linear decay to zero."""
+    """AdamW (`spec.optim`: torch's, or bitsandbytes' with 8-bit states, paged or not; the same defaults, weight
+    decay 0.01) with linear warmup (at most a tenth of the steps) then linear decay to zero."""
     import torch
 
-    fused = {"fused": True} if str(device).startswith("cuda") else {}
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, **fused)
+    if spec.optim == "adamw":
+        fused = {"fused": True} if str(device).startswith("cuda") else {}
+        optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, **fused)
+    else:
+        import bitsandbytes as bnb
+
+        optimizer_class = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[spec.optim]
+        optimizer = optimizer_class(params, lr=spec.learning_rate, weight_decay=0.01)
     warmup = min(spec.warmup_steps, total_steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) * max(0.0, 1 - s / total_steps))
@@ -391,6 +401,8 @@ def summary(run: Run, adapter: Adapter, final_loss: float, duration: float, base
             "trainable_params": trainable, "total_params": total,
             "percent_trainable": round(100 * trainable / total, 4) if total else None,
             "size_bytes": adapter.size_bytes, "duration_s": round(duration, 2), "base_loads": base_loads,
+            "model_was_loaded": prepared.model_was_loaded, "quantization": prepared.loaded.quantization,
+            "base_bytes": prepared.loaded.size_bytes, "optim": spec.optim,
             "tokenized_from_cache": prepared.from_cache, "resumed_from_step": run.resumed_from,
             "micro_batch_size": math.ceil(spec.per_device_train_batch_size / state.micro_batches)}
 

@@ -1,42 +1,71 @@
 """Fine-tuning methods: what is trained and on which copy of the base.
 
-- lora: LoRA layers injected into the resident base (`target_modules` "all-linear" or a list), removed after the job.
-- qlora: the base loaded in 4-bit NF4 (double quantization, bf16 compute; a separate cache entry), prepared with
-  `prepare_model_for_kbit_training`, LoRA on top. Needs CUDA and bitsandbytes; elsewhere the job fails at once.
+- lora: LoRA layers injected into the resident base (`target_modules` "all-linear" or a list), removed after the job;
+  with `load_in_8bit` the base is a resident int8 copy (bitsandbytes LLM.int8, a cache entry of its own).
+- qlora: the base loaded in 4-bit NF4 (double quantization; bf16 compute on CUDA, fp32 on CPU; a cache entry of its
+  own, shared by every QLoRA job on it), prepared once with `prepare_model_for_kbit_training`, LoRA on top. Runs on
+  CUDA and CPU workers (bitsandbytes >= 0.49 has CPU kernels for 4-bit and int8 layers).
 - prompt-tuning: `num_virtual_tokens` trained prompt embeddings, initialised from the prompt's instruction words or
   at random.
 - full: every weight of a private copy loaded from disk (the resident base is never touched); the output is a whole
   model folder.
+
+Every method takes `optim` (torch AdamW, or bitsandbytes' AdamW8bit / PagedAdamW8bit) and `gradient_checkpointing`
+(switched on for the job and off again, so the resident base is left as it was). A job bitsandbytes cannot run on
+the worker fails at once with the reason (`check_method_supported`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from models.errors import InputError, JobFailed
 from models.specs import FinetuneSpec
-from worker.ml.kinds import PEFT_TASK_TYPES
+from worker.ml.kinds import CLASSIFIER_HEADS, PEFT_TASK_TYPES
 from worker.ml.model_cache import LoadedModel, ModelCache
 
-CLASSIFIER_HEADS = ["pre_classifier", "classifier", "score"]
 LORA_LAYERS = "Linear, Embedding, Conv1d/2d/3d, Conv1D or MultiheadAttention"  # what PEFT's LoRA can wrap
+BNB_DEVICES = ("cuda", "cpu", "xpu")  # device types bitsandbytes 0.50 has kernels for (4-bit, int8, 8-bit optimizers)
+BNB_CPU_OPTIMIZERS = (0, 50)  # the first bitsandbytes with CPU kernels for its 8-bit optimizers
+
+
+def quantization_of(spec: FinetuneSpec) -> Optional[str]:
+    """How the job's base is loaded: "4bit" (qlora), "8bit" (lora with load_in_8bit) or None (full precision)."""
+    return "4bit" if spec.method == "qlora" else "8bit" if spec.method == "lora" and spec.load_in_8bit else None
+
+
+def base_quantization(method: str, hyperparameters: Optional[dict]) -> Optional[str]:
+    """The quantization of the base an adapter row was trained on (what `quantization_of` chose for its job)."""
+    return "4bit" if method == "qlora" else "8bit" if (hyperparameters or {}).get("load_in_8bit") else None
 
 
 def check_method_supported(spec: FinetuneSpec, device: str) -> None:
-    if spec.method != "qlora":
+    """JobFailed (no retry) when this worker cannot run the job's bitsandbytes parts: the package is missing, the
+    device is one bitsandbytes has no kernels for, or an 8-bit optimizer on a CPU with a bitsandbytes before 0.50."""
+    uses = [what for what, used in (("qlora (a 4-bit base)", spec.method == "qlora"),
+                                    ("--load-in-8bit", quantization_of(spec) == "8bit"),
+                                    (f"--optim {spec.optim}", spec.optim != "adamw")) if used]
+    if not uses:
         return
     import socket
 
-    if not str(device).startswith("cuda"):
-        raise JobFailed(f"qlora needs a CUDA GPU (bitsandbytes 4-bit weights); worker "
-                                f"{socket.gethostname()} has none. Run a worker on a GPU machine, or use --method lora")
+    what = " and ".join(uses) + (" needs" if len(uses) == 1 else " need")
+
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError:
-        raise JobFailed("qlora needs the bitsandbytes package on the worker: pip install bitsandbytes"
-                                ) from None
+        raise JobFailed(f"{what} the bitsandbytes package on the worker "
+                        f"({socket.gethostname()}): pip install 'bitsandbytes>=0.50'") from None
+    device_type = str(device).split(":")[0]
+    if device_type not in BNB_DEVICES:
+        raise JobFailed(f"{what} bitsandbytes kernels for {device_type}, which it does not have "
+                        f"(it runs on {', '.join(BNB_DEVICES)}); worker {socket.gethostname()}")
+    version = tuple(int(part) for part in re.findall(r"\d+", bitsandbytes.__version__)[:2])
+    if device_type == "cpu" and spec.optim != "adamw" and version < BNB_CPU_OPTIMIZERS:
+        raise JobFailed(f"--optim {spec.optim} on a CPU worker needs bitsandbytes >= 0.50 (the first with CPU kernels "
+                        f"for 8-bit optimizers); worker {socket.gethostname()} has {bitsandbytes.__version__}")
 
 
 def prompt_init_text(template: str) -> str:
@@ -75,7 +104,7 @@ def classification_labels(path: str, targets) -> list[str]:
 
 
 def base_for(spec: FinetuneSpec, cache: ModelCache, model_kind: str, labels) -> LoadedModel:
-    return cache.get(spec.model, model_kind, labels=labels, load_in_4bit=spec.method == "qlora")
+    return cache.get(spec.model, model_kind, labels=labels, quantization=quantization_of(spec))
 
 
 @contextlib.contextmanager
@@ -88,19 +117,47 @@ def trainable_model(spec: FinetuneSpec, cache: ModelCache, loaded: LoadedModel, 
         model.train()
         for parameter in model.parameters():
             parameter.requires_grad_(True)
+        if spec.gradient_checkpointing:
+            enable_checkpointing(model)
         try:
             yield model
         finally:
             del model
         return
     check_target_modules(spec, loaded.model, model_kind)
-    if spec.method == "qlora" and not loaded.extra.get("prepared_for_kbit"):
+    if loaded.quantization and not loaded.extra.get("prepared_for_kbit"):
         from peft import prepare_model_for_kbit_training
 
-        loaded.model = prepare_model_for_kbit_training(loaded.model)
+        # once per cached entry (it freezes the base and upcasts its 16-bit norms and embeddings to fp32); its
+        # default of switching gradient checkpointing on is left to each job's own setting
+        loaded.model = prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False)
         loaded.extra["prepared_for_kbit"] = True
-    with cache.training_adapter(loaded, peft_config(spec, model_kind, loaded)) as model:
+    with checkpointing(loaded.model, spec.gradient_checkpointing), \
+            cache.training_adapter(loaded, peft_config(spec, model_kind, loaded)) as model:
         yield model
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant: it needs no input that requires grad, so it works on a
+    frozen base with only LoRA layers or virtual tokens trained."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise InputError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+@contextlib.contextmanager
+def checkpointing(model, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing on the resident base for one job, switched off again afterwards (with the input-grad
+    hook PEFT adds when it finds checkpointing on), so the next job finds the base as it was."""
+    if not enabled:
+        yield
+        return
+    enable_checkpointing(model)
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
+        model.disable_input_require_grads()
 
 
 def _lora_layer_types() -> tuple:

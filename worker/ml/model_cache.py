@@ -1,21 +1,24 @@
 """The worker's resident base models: loaded once per process, adapters attached and removed per job.
 
 A `ModelCache` is a plain object owned by the worker process (one per GPU). `get()` loads a base model the first
-time and counts loads; a base is keyed by reference, model_kind, quantization (4-bit bases are separate entries) and, for
-classification, its label set. `with_adapter()`, `with_adapters()` and `training_adapter()` inject PEFT layers into
-the resident model for the duration of one job and remove them afterwards, so the base weights stay untouched and
-the next job on the same base never reloads it.
+time and counts loads; a base is keyed by reference, model_kind, quantization (None, "4bit" or "8bit": a quantized base
+is an entry of its own, shared by every job on it as the full-precision one is) and, for classification, its label
+set. `with_adapter()`, `with_adapters()` and `training_adapter()` inject PEFT layers into the resident model for the
+duration of one job and remove them afterwards, so the base weights stay untouched and the next job on the same base
+never reloads it.
 
-The cache holds at most `budget_bytes` of weights (parameters + buffers, as stored: 4-bit bases count their packed
-storage). Before a new entry is loaded, least-recently-used entries are evicted until its estimated size fits; once
-it is loaded and measured, more are evicted if it still does not. The entry being returned is never evicted, so one
-larger than the whole budget is still loaded (with a warning) and then sits alone.
+The cache holds at most `budget_bytes` of weights (parameters + buffers as stored: a quantized base counts its packed
+4-bit or int8 weights plus their quantization state, not their fp32 size). Before a new entry is loaded,
+least-recently-used entries are evicted until its estimated size fits; once it is loaded and measured, more are
+evicted if it still does not. The entry being returned is never evicted, so one larger than the whole budget is still
+loaded (with a warning) and then sits alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -29,6 +32,7 @@ from worker.ml.builtin import BUILTIN_MODELS, ensure_builtin
 
 log = logging.getLogger("tunequeue.worker")
 GIB = 1 << 30
+QUANTIZATIONS = (None, "4bit", "8bit")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -41,10 +45,14 @@ class LoadedModel:
     device: str
     model_kind: str = "seq2seq"
     labels: Optional[list[str]] = None
-    load_in_4bit: bool = False
+    quantization: Optional[str] = None  # None (full precision), "4bit" or "8bit"
     extra: dict = field(default_factory=dict)
     size_bytes: int = 0
     last_used: float = 0.0  # time.time() of the last get()
+
+    @property
+    def load_in_4bit(self) -> bool:
+        return self.quantization == "4bit"
 
 
 class ModelCache:
@@ -63,18 +71,21 @@ class ModelCache:
             return str(ensure_builtin(ref, self.home))
         return ref
 
-    def _key(self, ref: str, model_kind: Optional[str], labels, load_in_4bit: bool) -> tuple:
+    def _key(self, ref: str, model_kind: Optional[str], labels, quantization: Optional[str]) -> tuple:
         from worker.ml.kinds import detect_model_kind
 
-        return (ref, model_kind or detect_model_kind(ref), tuple(labels) if labels else None, load_in_4bit)
+        return (ref, model_kind or detect_model_kind(ref), tuple(labels) if labels else None, quantization)
 
     def get(self, ref: str, model_kind: Optional[str] = None, *, labels: Optional[list[str]] = None,
-            load_in_4bit: bool = False) -> LoadedModel:
-        key = self._key(ref, model_kind, labels, load_in_4bit)
+            quantization: Optional[str] = None, load_in_4bit: bool = False) -> LoadedModel:
+        """The resident base for these settings, loaded on a miss. `load_in_4bit=True` is `quantization="4bit"`."""
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}")
+        key = self._key(ref, model_kind, labels, quantization or ("4bit" if load_in_4bit else None))
         loaded = self._models.get(key)
         if loaded is not None:
             self._models.move_to_end(key)
-            loaded.size_bytes = model_bytes(loaded.model)  # QLoRA preparation upcasts some weights in place
+            loaded.size_bytes = model_bytes(loaded.model)  # k-bit preparation upcasts some weights in place
         else:
             self._make_room(self._estimate(key))
             from transformers import AutoTokenizer
@@ -90,13 +101,14 @@ class ModelCache:
                 tokenizer.pad_token = tokenizer.eos_token
             if model_kind == "causal":
                 tokenizer.padding_side = "left"  # batched generation continues right after each prompt
-            model = load_model(path, model_kind, labels=labels, load_in_4bit=load_in_4bit)
-            if not load_in_4bit:
+            quantization = key[3]
+            model = load_model(path, model_kind, labels=labels, quantization=quantization)
+            if not quantization:  # a quantized load is placed by its device_map
                 model = model.to(self.device)
             model.eval()
             if labels is None and model_kind == "classification":
                 labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-            loaded = LoadedModel(ref, path, model, tokenizer, self.device, model_kind, labels, load_in_4bit,
+            loaded = LoadedModel(ref, path, model, tokenizer, self.device, model_kind, labels, quantization,
                                  size_bytes=model_bytes(model))
             self._models[key] = loaded
             self._measured[key] = loaded.size_bytes
@@ -114,11 +126,12 @@ class ModelCache:
 
     def _estimate(self, key: tuple) -> int:
         """Bytes the entry will take: its measured size if it was loaded before, else its weight files on disk
-        (a quarter of them for a 4-bit load); 0 when the files are not at hand."""
+        (a quarter of them for a 4-bit load, half for 8-bit: hub weights are mostly 16-bit, and the embeddings stay
+        unquantized); 0 when the files are not at hand."""
         if key in self._measured:
             return self._measured[key]
         on_disk = _weight_file_bytes(self.resolve(key[0]))
-        return on_disk // 4 if key[3] else on_disk
+        return on_disk // {None: 1, "4bit": 4, "8bit": 2}[key[3]]
 
     def _make_room(self, incoming: int, keep: tuple | None = None) -> None:
         """Evict least-recently-used entries (never `keep`) until `incoming` more bytes fit in the budget."""
@@ -137,7 +150,7 @@ class ModelCache:
     def stats(self) -> dict:
         """Budget, usage, counters and the entries (most recently used first), JSON-ready for the worker record."""
         entries = [{"ref": loaded.name, "model_kind": loaded.model_kind, "labels": loaded.labels,
-                    "load_in_4bit": loaded.load_in_4bit, "bytes": loaded.size_bytes,
+                    "quantization": loaded.quantization, "bytes": loaded.size_bytes,
                     "last_used": datetime.fromtimestamp(loaded.last_used, timezone.utc).isoformat(timespec="seconds")}
                    for loaded in reversed(self._models.values())]
         return {"budget_bytes": self.budget_bytes, "resident_bytes": self.resident_bytes, "loads": self.loads,
@@ -230,9 +243,37 @@ def detach(peft_model) -> Any:
 
 
 def model_bytes(model) -> int:
-    """Bytes of a model's parameters and buffers as stored (tied weights counted once)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.element_size() * t.nelement() for t in tensors)
+    """Bytes of a model's parameters and buffers as stored, each tensor counted once (tied weights, and an int8
+    weight's `CB`, which is its data): bitsandbytes keeps 4-bit weights packed two to a uint8 with their quantization
+    state (absmax per block, the NF4 code, the double quantization's own state) beside them, and int8 weights with
+    a scale per row (`SCB`), none of which are parameters or buffers."""
+    seen: set = set()
+    total = 0
+    for tensor in itertools.chain(model.parameters(), model.buffers(), _quantization_tensors(model)):
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) if tensor.nelement() else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.element_size() * tensor.nelement()
+    return total
+
+
+def _quantization_tensors(model) -> Iterator[Any]:
+    """The tensors of the parameters' bitsandbytes quantization state (none for a full-precision model)."""
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)  # Params4bit
+        while state is not None:
+            yield from (value for value in vars(state).values() if _is_tensor(value))
+            state = getattr(state, "state2", None)  # the double quantization's state of the absmax values
+        for name in ("CB", "SCB"):  # Int8Params
+            value = getattr(parameter, name, None)
+            if _is_tensor(value):
+                yield value
+
+
+def _is_tensor(value) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
 
 
 def default_budget(device: str) -> int:
