@@ -1,9 +1,9 @@
 """Trained adapters as things a user manages: list, look up, export, merge into a full model, delete.
 
 Plain functions over the `adapters` table and the folders under `TUNEQUEUE_HOME` (manage.py's `adapters` group
-only formats). `merge` has the worker's code (worker/ml/merge.py) load the base in full precision (or `dtype`),
-apply the PEFT adapter and write a whole model folder plus the base tokenizer, so plain
-`AutoModelFor...from_pretrained(DIR)` loads it. `delete` removes the
+only formats). `merge` has the worker's code (worker/ml/merge.py) load the base in full precision (or `dtype`;
+never 4-bit, also for a qlora adapter), apply the PEFT adapter, refuse a result equal to the base, and write a whole
+model folder plus the base tokenizer, so plain `AutoModelFor...from_pretrained(DIR)` loads it. `delete` removes the
 folder and the row together: the folder is moved aside first and put back if the row cannot be deleted, so no row
 is ever left pointing at missing files.
 """
@@ -129,13 +129,12 @@ def check_mergeable(adapter: Adapter, dtype: Optional[str]) -> None:
     if adapter.method == "prompt-tuning":
         raise InputError(f"adapter {adapter.name!r} is a prompt-tuning adapter: its virtual tokens cannot be "
                          "merged into the weights; use 'adapters export' and load it with PEFT")
-    if adapter.method == "qlora" and dtype is None:
-        raise InputError(f"adapter {adapter.name!r} was trained on a 4-bit base (qlora); merging into 4-bit "
-                         "weights is not supported: load the base in bf16 first with --dtype bfloat16")
 
 
 def merge_adapter(session: Session, home: Path, name: str, target: Path, dtype: Optional[str] = None) -> Path:
-    """Write base + adapter merged into one model folder (with the base tokenizer) at `target`."""
+    """Write base + adapter merged into one model folder (with the base tokenizer) at `target`. The base is loaded
+    in `dtype` (float32 by default: every bit of the adapter's change survives; a qlora adapter's 4-bit base is not
+    used); InputError, and nothing written, when the merged model would equal the base."""
     adapter = get_adapter(session, name)
     check_mergeable(adapter, dtype)
     folder = _folder(adapter, home)
@@ -145,7 +144,8 @@ def merge_adapter(session: Session, home: Path, name: str, target: Path, dtype: 
 
     labels = (adapter.hyperparameters or {}).get("labels")
     return _write_folder(target, "merge", lambda staging: merge_into(
-        staging, home, adapter.base_model, adapter.model_kind, folder, labels=labels, dtype=dtype or "float32"))
+        staging, home, adapter.base_model, adapter.model_kind, folder, labels=labels, dtype=dtype or "float32",
+        name=adapter.name))
 
 
 def jobs_using(session: Session, name: str) -> list[Job]:

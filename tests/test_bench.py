@@ -56,3 +56,16 @@ def test_bench_queue_small():
     lines = run_bench("bench/queue_latency.py", "--jobs", "10")
     queue = [line for line in lines if line.get("figure") == "queue"][0]
     assert queue["rounds"] == 5 and queue["succeeded"] == 50 and queue["base_loads"] == 1
+
+
+def test_bench_qlora_small():
+    """Training and generation only (each configuration is a process of its own that imports torch, transformers and
+    peft: the resident-bytes part alone adds ~12 s)."""
+    lines = run_bench("bench/qlora.py", "--tiny", "--models", "tiny-llama", "--parts", "train,generate", "--train-steps",
+                      "1", "--train-batch", "4", "--examples", "8", "--new-tokens", "4")
+    trained = {line["config"]: line for line in lines if line.get("figure") == "train"}
+    assert trained["qlora_gc_adamw8bit"]["optimizer"] == "AdamW8bit" and trained["qlora_gc_adamw8bit"]["checkpointing"]
+    assert trained["lora"]["optimizer"] == "AdamW" and not trained["lora"]["checkpointing"]
+    mixed = [line for line in lines if "mixed on 4bit" in line.get("ratio", "")][0]
+    assert mixed["same_predictions"] == mixed["of"] == 8  # the hooks give PEFT's own predictions
+    assert len([line for line in lines if "ratio" in line]) == 7

@@ -1,11 +1,15 @@
 """Generation: `generate_summaries(spec, session, ...)` writes one prediction row per example and variant.
 
 Examples are sorted by length and generated in batches (greedy, stopping at EOS); a causal LM's rows hold only the
-new tokens, a classifier's rows the predicted label. A job may name several adapters: LoRA adapters of one base run
-together on the resident model in mixed batches (rows of one example for every adapter side by side; one gather-matmul
-per layer for all adapters, worker/multi_lora.py, or PEFT's `adapter_names` for what that does not cover), instead
-of one pass per adapter; other kinds (full models, prompt tuning, QLoRA, classifiers) get a pass each. Rows already written by an earlier attempt are kept and skipped, so a re-run
-finishes the rest instead of duplicating.
+new tokens, a classifier's rows the predicted label. A job may name several adapters: LoRA adapters that run on the
+same resident copy of the base go together in mixed batches (rows of one example for every adapter side by side; one
+gather-matmul per layer for all adapters, worker/ml/multi_lora.py, or PEFT's `adapter_names` for what that does not
+cover), instead of one pass per adapter. That copy is the one the adapter was trained on: the full-precision base
+for lora adapters (the "base" variant rides along there), the 4-bit base for qlora adapters, the int8 base for lora
+adapters trained with --load-in-8bit; the same cache entries their fine-tunes used, so a sweep's fine-tunes and its
+evaluation load each once. A job naming adapters of several copies makes one mixed pass per copy. Other
+variants (full models, prompt tuning, classifiers) get a pass each. Rows already written by an earlier attempt are
+kept and skipped, so a re-run finishes the rest instead of duplicating.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from worker.jobs import ProgressFn
 from worker.ml import multi_lora
 from worker.ml.features import attention_mask, pad
 from worker.ml.kinds import resolve_model_kind
-from worker.ml.methods import classification_labels
+from worker.ml.methods import base_quantization, classification_labels
 from worker.ml.model_cache import LoadedModel, ModelCache
 
 log = logging.getLogger("tunequeue.generate")
@@ -42,11 +46,16 @@ class Pass:
     """Variants generated together on one model: a single variant, or several LoRA adapters mixed."""
 
     variants: list[tuple[str, Optional[Adapter]]]
+    quantization: Optional[str] = None  # the copy of the base it runs on: None (full precision), "4bit", "8bit"
     applied_by: Optional[str] = None  # how the adapters were applied: merged copy, gather-matmul, peft...
 
     @property
     def mixed(self) -> bool:
         return len(self.variants) > 1
+
+    @property
+    def base(self) -> str:
+        return {None: "full precision", "4bit": "4-bit", "8bit": "8-bit"}[self.quantization]
 
     def peft_name(self, variant: str) -> str:
         """PEFT's name for a variant inside the mixed model (adapter names may hold dots, module names may not)."""
@@ -54,13 +63,30 @@ class Pass:
         return BASE_ADAPTER_NAME if self.variants[index][1] is None else f"adapter_{index}"
 
 
+def quantization_for(adapter: Optional[Adapter]) -> Optional[str]:
+    """The copy of the base an adapter runs on: the cache entry its fine-tune trained on ("4bit" for qlora, "8bit"
+    for lora with --load-in-8bit, None for full precision)."""
+    return None if adapter is None else base_quantization(adapter.method, adapter.hyperparameters)
+
+
 def plan_passes(variants: list[tuple[str, Optional[Adapter]]], model_kind: str) -> list[Pass]:
-    mixable = [v for v in variants if v[1] is not None and v[1].method == "lora" and model_kind != "classification"]
-    if len(mixable) < 2:
-        return [Pass([v]) for v in variants]
-    if any(v[1] is None for v in variants):
-        mixable.insert(0, next(v for v in variants if v[1] is None))  # the base rides along as "__base__"
-    return [Pass(mixable)] + [Pass([v]) for v in variants if v not in mixable]
+    """One mixed pass per copy of the base holding two or more LoRA adapters (the base variant rides along on the
+    full-precision one), then a pass for each variant left."""
+    groups: dict[Optional[str], list] = {}
+    if model_kind != "classification":
+        for variant in variants:
+            if variant[1] is not None and variant[1].method in ("lora", "qlora"):
+                groups.setdefault(quantization_for(variant[1]), []).append(variant)
+    passes = []
+    for quantization, group in sorted(groups.items(), key=lambda item: item[0] or ""):  # full precision first
+        if len(group) < 2:
+            continue
+        base = next((v for v in variants if v[1] is None), None)
+        if quantization is None and base is not None:  # "base" means the model as given: the full-precision copy
+            group.insert(0, base)
+        passes.append(Pass(group, quantization=quantization))
+    mixed = {id(v) for p in passes for v in p.variants}
+    return passes + [Pass([v], quantization=quantization_for(v[1])) for v in variants if id(v) not in mixed]
 
 
 def _adapters(spec: GenerateSpec, session: Session) -> list[tuple[str, Optional[Adapter]]]:
@@ -81,35 +107,38 @@ Rows = Callable[[list[str]], ContextManager[dict]]  # a batch's variants → ext
 def _pass_model(p: Pass, cache: ModelCache, spec: GenerateSpec, model_kind: str, home: Path,
                 labels: Optional[list[str]]) -> Iterator[tuple[object, LoadedModel, Optional[Rows]]]:
     adapter = p.variants[0][1]
-    if p.mixed:
-        loaded = cache.get(spec.model, model_kind)
-        paths = [home / a.path if a is not None else None for _, a in p.variants]
-        names = [name for name, _ in p.variants]
-        if all(multi_lora.supported(path) for path in paths if path is not None):
-            # one gather-matmul per layer for all adapters (worker/multi_lora.py)
-            with cache.with_lora_mix(loaded, paths) as mix:
-                p.applied_by = "gather-matmul"
-                yield loaded.model, loaded, lambda batch: _in_scope(mix.batch([names.index(v) for v in batch]))
+    if adapter is not None and adapter.method == "full":  # a whole fine-tuned model: its own cache entry
+        loaded = cache.get(str(home / adapter.path), model_kind, labels=labels)
+        p.applied_by = "full model"
+        yield loaded.model, loaded, None
+        return
+    loaded = cache.get(spec.model, model_kind, labels=labels, quantization=p.quantization)
+    paths = [home / a.path if a is not None else None for _, a in p.variants]
+    names = [name for name, _ in p.variants]
+    saved = [path for path in paths if path is not None]
+    lora = all(a is None or a.method in ("lora", "qlora") for _, a in p.variants)
+    if lora and saved and all(multi_lora.supported(path) for path in saved):
+        if not p.mixed and p.quantization is None:
+            # merged into copies of its target layers: the base's speed, no LoRA matmuls at every decoding step
+            with cache.with_merged_lora(loaded, paths[0]) as model:
+                p.applied_by = "merged copy"
+                yield model, loaded, None
             return
+        # one gather-matmul per layer for all adapters (worker/ml/multi_lora.py), 1.2-1.8x PEFT's adapter_names on a
+        # 4-bit base; on a quantized base also for a single adapter, where no merged copy can be made and the hooks
+        # run as fast as PEFT's 4-bit LoRA layers (1.0-1.14x, bench/qlora.py)
+        with cache.with_lora_mix(loaded, paths) as mix:
+            p.applied_by = "gather-matmul"
+            yield loaded.model, loaded, lambda batch: _in_scope(mix.batch([names.index(v) for v in batch]))
+        return
+    if p.mixed:
         with cache.with_adapters(loaded, {p.peft_name(name): path for name, path in zip(names, paths)
                                           if path is not None}) as model:
             p.applied_by = "peft adapter_names"
             yield model, loaded, lambda batch: contextlib.nullcontext({"adapter_names": [p.peft_name(v)
                                                                                          for v in batch]})
         return
-    if adapter is not None and adapter.method == "full":  # a whole fine-tuned model: its own cache entry
-        loaded = cache.get(str(home / adapter.path), model_kind, labels=labels)
-        p.applied_by = "full model"
-        yield loaded.model, loaded, None
-        return
-    loaded = cache.get(spec.model, model_kind, labels=labels, load_in_4bit=adapter is not None and adapter.method == "qlora")
-    if adapter is not None and adapter.method == "lora" and multi_lora.supported(home / adapter.path):
-        # merged into copies of its target layers: the base's speed, no LoRA matmuls at every decoding step
-        with cache.with_merged_lora(loaded, home / adapter.path) as model:
-            p.applied_by = "merged copy"
-            yield model, loaded, None
-        return
-    with cache.with_adapter(loaded, home / adapter.path if adapter else None) as model:
+    with cache.with_adapter(loaded, paths[0]) as model:
         p.applied_by = "peft" if adapter is not None else None
         yield model, loaded, None
 
@@ -203,7 +232,7 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
     generated = finished - len(done)
     return {"variant": spec.variant if len(variants) == 1 else None, "variants": [v for v, _ in variants],
             "model_kind": model_kind, "examples": len(examples), "rows": total, "resumed_from": len(done),
-            "passes": len(passes), "applied_by": [p.applied_by for p in passes],
+            "passes": len(passes), "applied_by": [p.applied_by for p in passes], "bases": [p.base for p in passes],
             "model_was_loaded": was_loaded, "base_loads": cache.loads,
             "duration_s": round(duration, 2), "rows_per_s": round(generated / duration, 2) if duration else None,
             "examples_per_s": round(generated / duration, 2) if duration else None, "batch_size": batch_size}

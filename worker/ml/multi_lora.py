@@ -5,10 +5,12 @@ adapters' A and B matrices are stacked (ranks padded with zeros, the scale folde
 every adapter in every layer: while the stacked rank is no wider than the layer, as two plain matmuls over all
 adapters side by side with a per-row mask; beyond that, gathered per row once per batch into one batched matmul
 (the gather-matmul of S-LoRA / punica). PEFT's `adapter_names` path instead loops over the adapters inside every
-LoRA layer at every decoding step. The
-base weights are never written, and the hooks are removed when the pass ends.
+LoRA layer at every decoding step. The base weights are never written, and the hooks are removed when the pass
+ends. The hooks only add to a layer's output, so they work the same on bitsandbytes' 4-bit and int8 layers (QLoRA
+adapters on their 4-bit base), computing in the layer's compute dtype.
 
-`merged_copy()` serves a single adapter: merged into copies of the layers it targets, the original tensors untouched.
+`merged_copy()` serves a single adapter on a full-precision base: merged into copies of the layers it targets, the
+original tensors untouched.
 
 Plain LoRA on linear layers only (no DoRA, no LoRA bias, no `modules_to_save`, no embedding or Conv1D targets);
 `supported()` says whether an adapter folder qualifies, and generation falls back to PEFT otherwise.
@@ -72,6 +74,20 @@ def read_adapter(path: Path) -> dict[str, tuple]:
     return out
 
 
+def compute_dtype(layer):
+    """The dtype a linear layer computes in: its weight's, or for a bitsandbytes layer (uint8 / int8 storage) the
+    compute dtype it was loaded with (fp32 when it does not say)."""
+    import torch
+
+    if layer.weight.dtype.is_floating_point:
+        return layer.weight.dtype
+    return getattr(layer, "compute_dtype", None) or torch.float32
+
+
+def is_quantized(layer) -> bool:
+    return not layer.weight.dtype.is_floating_point
+
+
 class MixedLora:
     """Hooks on the base model that apply, row by row, the adapter chosen for that row. `dense_width` (default: the
     layer's larger side) is the widest stacked rank handled in the dense form."""
@@ -87,7 +103,7 @@ class MixedLora:
             if not isinstance(layer, torch.nn.Linear):
                 raise ValueError(f"LoRA target {name} is not a linear layer of the base model")
             rank = max(r[name][0].shape[0] for r in read if name in r)
-            dtype, device = layer.weight.dtype, layer.weight.device
+            dtype, device = compute_dtype(layer), layer.weight.device
             # slot len(adapters) stays zero: rows without an adapter (the base) gather it
             a_stack = torch.zeros(len(adapters) + 1, rank, layer.in_features, dtype=dtype, device=device)
             b_stack = torch.zeros(len(adapters) + 1, layer.out_features, rank, dtype=dtype, device=device)
@@ -96,7 +112,8 @@ class MixedLora:
                     a, b = weights[name]
                     a_stack[slot, : a.shape[0]] = a.to(device, dtype)
                     b_stack[slot, :, : b.shape[1]] = b.to(device, dtype)
-            if len(adapters) * rank <= (dense_width if dense_width is not None else max(layer.weight.shape)):
+            widest = max(layer.in_features, layer.out_features)  # a 4-bit layer's weight is packed: not its shape
+            if len(adapters) * rank <= (dense_width if dense_width is not None else widest):
                 # narrow enough: every adapter side by side, (in, n·r) and (n·r, out), two plain matmuls and a
                 # mask that keeps each row's own adapter; cheaper than a batched matmul of tiny matrices
                 self.dense[name] = (a_stack[:-1].reshape(-1, layer.in_features).T.contiguous(),
@@ -175,6 +192,9 @@ def merged_copy(model, adapter: Path) -> Iterator[int]:
                 layer = modules.get(name)
                 if not isinstance(layer, torch.nn.Linear):
                     raise ValueError(f"LoRA target {name} is not a linear layer of the base model")
+                if is_quantized(layer):
+                    raise ValueError(f"LoRA target {name} holds quantized weights: a merged copy needs a "
+                                     "full-precision base (use MixedLora's hooks)")
                 weight = layer.weight
                 delta = b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
                 originals[name] = weight
