@@ -709,8 +709,9 @@ def adapters_export(ctx: AppContext, name, directory):
 @click.argument("name")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
-              help="Load the base in this dtype before merging [default: float32]; required for a qlora adapter "
-                   "(its 4-bit base cannot take merged weights: use bfloat16).")
+              help="Load the base in this dtype before merging [default: float32, also for a qlora adapter: its 4-bit "
+                   "base is never the merge target]; bfloat16/float16 halve the file, and a merge that loses the "
+                   "adapter's change to rounding is refused.")
 @pass_ctx
 def adapters_merge(ctx: AppContext, name, directory, dtype):
     """Write base + LoRA adapter merged into one full model at DIRECTORY (new or empty), with the base tokenizer,
