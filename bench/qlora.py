@@ -5,7 +5,8 @@ with random weights and saved once so that the model cache can load it):
 
 - resident: the base loaded through tunequeue's model cache in fp32, 8-bit (LLM.int8) and 4-bit (NF4 with double
   quantization), each in a fresh process: the cache's own count of the entry's bytes, and how much the process's
-  RSS grew (and peaked) loading it.
+  RSS grew (and peaked) loading it and reading every weight once, split into anonymous memory and mapped file pages
+  (a safetensors checkpoint is mapped: its pages count in RSS once touched).
 - train: LoRA on the fp32 base vs QLoRA vs QLoRA + gradient checkpointing + 8-bit AdamW, through tunequeue's own
   training code (worker/jobs/finetune.py `prepare`/`start_run`/`train_step`, the spec fields `method`,
   `gradient_checkpointing` and `optim`). Each configuration lives in a process of its own, so that its peak RSS is
@@ -17,8 +18,8 @@ with random weights and saved once so that the model cache can load it):
   random (LoRA B drawn, not zero), every summary is exactly `new_tokens` long, so every side does the same work;
   `same_predictions` counts the rows where the hooks and PEFT produced the same tokens.
 
-    python bench/qlora.py --tiny         # tiny-t5 and tiny-llama, a few minutes
-    python bench/qlora.py                # + the FLAN-T5-base architecture (random weights)
+    python bench/qlora.py --tiny         # tiny-t5 and tiny-llama, about two minutes on 2 cores
+    python bench/qlora.py                # + the FLAN-T5-base architecture (random weights), ~20 minutes
 """
 
 from __future__ import annotations

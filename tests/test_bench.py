@@ -61,8 +61,8 @@ def test_bench_queue_small():
 def test_bench_qlora_small():
     """Training and generation only (each configuration is a process of its own that imports torch, transformers and
     peft: the resident-bytes part alone adds ~12 s)."""
-    lines = run_bench("bench/qlora.py", "--tiny", "--models", "tiny-llama", "--parts", "train,generate", "--train-steps",
-                      "1", "--train-batch", "4", "--examples", "8", "--new-tokens", "4")
+    lines = run_bench("bench/qlora.py", "--tiny", "--models", "tiny-llama", "--parts", "train,generate",
+                      "--train-steps", "1", "--train-batch", "4", "--examples", "8", "--new-tokens", "4")
     trained = {line["config"]: line for line in lines if line.get("figure") == "train"}
     assert trained["qlora_gc_adamw8bit"]["optimizer"] == "AdamW8bit" and trained["qlora_gc_adamw8bit"]["checkpointing"]
     assert trained["lora"]["optimizer"] == "AdamW" and not trained["lora"]["checkpointing"]

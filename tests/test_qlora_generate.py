@@ -193,8 +193,9 @@ def test_merge_refuses_a_noop_and_merges_a_trained_qlora_adapter(lab, tmp_path):
     # over: 33 of 100 summaries identical on a well-trained adapter), but as good against the references
     same = sum(a == b for a, b in zip(predictions, quantized))
     agreement, references = rouge1(predictions, quantized), [e["target"] for e in examples]
+    base_predictions = [stored_base[e["id"]] for e in examples]
     scores = {name: rouge1(p, references) for name, p in
-              (("merged", predictions), ("4-bit + adapter", quantized), ("base", [stored_base[e["id"]] for e in examples]))}
+              (("merged", predictions), ("4-bit + adapter", quantized), ("base", base_predictions))}
     print(f"merged fp32 vs 4-bit + adapter: {same}/{len(examples)} identical, ROUGE-1 between them {agreement:.3f}; "
           f"ROUGE-1 against the references {scores}")
     assert agreement > 0.7, (same, agreement)
