@@ -190,8 +190,8 @@ def given(options: dict) -> dict:
 
 
 def submit_and_show(ctx: AppContext, data: dict, *, wait: bool, as_json: bool, priority, max_attempts,
-                    model_given: bool = True, warning=None) -> None:
-    """Submit, print the job (or its JSON), then `warning()`'s text if it has one, then wait if asked."""
+                    model_given: bool = True) -> None:
+    """Submit, print the job (or its JSON), then wait if asked."""
     from api.jobs import job_dict, submit
 
     job = submit(ctx, given(data), submission_of(priority, max_attempts), model_given=model_given)
@@ -199,8 +199,6 @@ def submit_and_show(ctx: AppContext, data: dict, *, wait: bool, as_json: bool, p
         echo_json(job_dict(job))
     elif not as_json:
         click.echo(f"job {job.id} queued ({job.kind.value})")
-    if warning and (text := warning()):
-        click.echo(text, err=True)
     if wait:
         wait_and_show(ctx, job.id, as_json)
 

@@ -3,7 +3,7 @@
 A record holds the worker's Celery hostname, pid, whether CUDA is available (torch is imported lazily, in the worker
 only; `null` until known), its `CUDA_VISIBLE_DEVICES` (set by `worker --gpu N`), the loaded bases, the current job
 and the queues consumed. It expires a few refresh intervals after the last refresh, so a killed worker drops out
-by itself. `Broker.live_workers()` reads them (the QLoRA enqueue warning looks at `cuda`); `manage.py workers`
+by itself. `Broker.live_workers()` reads them; `manage.py workers`
 prints them. The same thread also makes sure the worker consumes every registered base queue, in case it missed an
 `add_consumer` broadcast while starting.
 
