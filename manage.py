@@ -832,6 +832,91 @@ def flower(ctx: AppContext, port, address, basic_auth, no_auth, persistent):
     sys.exit(ctx.broker.app.start(["flower", *arguments]) or 0)
 
 
+# ------------------------------------------------------------------------------------------------- http api
+@cli.command("api")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@pass_ctx
+def api_server(ctx: AppContext, host, port, log_level):
+    """Serve the HTTP API and the results page (uvicorn) at http://HOST:PORT.
+
+    Every route but /health needs a token ('tokens create NAME'): 'Authorization: Bearer TOKEN' for the API
+    (/docs and /openapi.json describe it), a login with the token for the pages at /.
+    """
+    import uvicorn
+
+    from api.web.app import create_app
+
+    with ctx.session():  # a missing or unmigrated database is one line here, not an error on every request
+        pass
+    click.echo(f"tunequeue API and results page on http://{host}:{port}", err=True)
+    uvicorn.run(create_app(ctx), host=host, port=port, log_level=log_level)
+
+
+@cli.group()
+def tokens():
+    """Create, list and revoke the tokens of the HTTP API and results page."""
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="May read everything, may not submit, cancel or retry (403).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def tokens_create(ctx: AppContext, name, read_only, as_json):
+    """Create a token named NAME and print it once: only its hash is stored."""
+    from api.tokens import create_token, token_dict
+
+    with ctx.session() as session:
+        row, token = create_token(session, name, read_only)
+        data = token_dict(row)
+    if as_json:
+        echo_json({**data, "token": token})
+        return
+    click.echo(token)
+    click.echo(f"token {name!r} created{' (read-only)' if read_only else ''}: keep it now, it cannot be shown "
+               "again", err=True)
+
+
+@tokens.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@table_options
+@pass_ctx
+def tokens_list(ctx: AppContext, as_json, wide, fmt):
+    """Every token (never the token itself): name, first characters, access, last use, revoked."""
+    from api.render import Col
+    from api.tokens import list_tokens, token_dict
+
+    with ctx.session() as session:
+        found = [token_dict(t) for t in list_tokens(session)]
+    if as_json or fmt != "table":
+        echo_records(found, "json" if as_json else fmt)
+        return
+
+    def when(value) -> str:
+        return f"{value:%Y-%m-%d %H:%M}" if value else ""
+
+    cols = [Col("name", name=True), Col("starts"), Col("access"), Col("created", drop=2), Col("last used", drop=1),
+            Col("revoked")]
+    echo_table(cols, [[t["name"], t["prefix"] + "…", "read-only" if t["read_only"] else "read-write",
+                       when(t["created_at"]), when(t["last_used_at"]), when(t["revoked_at"])] for t in found],
+               wide=wide)
+
+
+@tokens.command("revoke")
+@click.argument("name")
+@pass_ctx
+def tokens_revoke(ctx: AppContext, name):
+    """Revoke the token NAME: refused (401) from its next request on."""
+    from api.tokens import revoke_token
+
+    with ctx.session() as session:
+        revoke_token(session, name)
+    click.echo(f"token {name!r} revoked")
+
+
 # -------------------------------------------------------------------------------------------------- report
 @cli.command()
 @click.option("--metric", "metric_names", multiple=True, default=["rouge"], show_default=True,

@@ -28,30 +28,33 @@ from worker.broker import MAX_PRIORITY
 from worker.lifecycle import publish, settle_children, skip
 
 
-def submit(ctx: AppContext, data: dict, submission: Submission = Submission(), *, model_given: bool = True) -> Job:
+def submit(ctx: AppContext, data: dict, submission: Submission = Submission(), *, model_given: bool = True,
+           token_id: int | None = None) -> Job:
     """Build the spec from `data` (None values mean the defaults), check it against the world and the broker, then
-    store and publish the job. Raises InputError (nothing written) or Unavailable."""
+    store and publish the job (recorded as submitted by API token `token_id`, if any). Raises InputError (nothing
+    written) or Unavailable."""
     spec = parse_spec(data)
     with ctx.session() as session:
         spec = validate(spec, session, ctx.settings.home, model_given=model_given)
         ctx.broker.check()
-        job = enqueue(session, ctx.broker, spec, priority=submission.priority, max_attempts=submission.max_attempts)
+        job = enqueue(session, ctx.broker, spec, priority=submission.priority, max_attempts=submission.max_attempts,
+                      token_id=token_id)
         session.refresh(job)  # loads its join rows too, so the caller can show it after the session is gone
         return job
 
 
 def enqueue(session: Session, broker, spec, parent: Job | None = None, *, waits_for: list[Job] = (),
-            priority: int = 0, sweep_id: int | None = None, max_attempts: int = 3) -> Job:
+            priority: int = 0, sweep_id: int | None = None, max_attempts: int = 3, token_id: int | None = None) -> Job:
     """Store one job (after `parent`, or after every job of `waits_for`) and publish it if it can run now."""
     job = stage(session, spec, parent, waits_for=waits_for, priority=priority, sweep_id=sweep_id,
-                max_attempts=max_attempts)
+                max_attempts=max_attempts, token_id=token_id)
     commit_staged(session)
     release(session, broker, [job], what=f"job {job.id}")
     return job
 
 
 def stage(session: Session, spec, parent: Job | None = None, *, waits_for: list[Job] = (), priority: int = 0,
-          sweep_id: int | None = None, max_attempts: int = 3) -> Job:
+          sweep_id: int | None = None, max_attempts: int = 3, token_id: int | None = None) -> Job:
     """Add the job's rows to the session's transaction (flushed, so it has an id; nothing committed)."""
     if parent is not None and waits_for:
         raise ValueError("a job has one parent or a join of jobs it waits for, not both")
@@ -59,7 +62,8 @@ def stage(session: Session, spec, parent: Job | None = None, *, waits_for: list[
         raise ValueError(f"priority must be between 0 and {MAX_PRIORITY}")
     job = Job(kind=JobKind(spec.kind), status=JobStatus.queued, spec=spec.model_dump(mode="json"),
               parent_id=parent.id if parent else None, attempts=0, cancel_requested=False, priority=priority,
-              sweep_id=sweep_id, max_attempts=max_attempts, output_name=getattr(spec, "name", None))
+              sweep_id=sweep_id, max_attempts=max_attempts, output_name=getattr(spec, "name", None),
+              token_id=token_id)
     session.add(job)
     with reserving_names(session):
         session.flush()

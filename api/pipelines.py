@@ -78,17 +78,18 @@ def validate_sweep(session: Session, home: Path, plan: SweepPlan) -> SweepPlan:
 
 
 def enqueue_sweep(session: Session, broker, home: Path, plan: SweepPlan, submission: Submission = Submission(),
-                  notify_url: str | None = None) -> tuple[Sweep, list[Job]]:
+                  notify_url: str | None = None, token_id: int | None = None) -> tuple[Sweep, list[Job]]:
     """The sweep row and all its jobs in one transaction, then the fine-tunes published: a broker that dies part
     way leaves a whole sweep that `jobs reconcile` finishes publishing, never half of one. `notify_url` (already
     checked) is where the sweep's end is announced instead of TUNEQUEUE_NOTIFY_URL."""
     if not plan.checked:
         plan = validate_sweep(session, home, plan)
     sweep = Sweep(name=plan.name, spec=plan.spec, priority=submission.priority, points=len(plan.points),
-                  notify_url=notify_url or None)
+                  notify_url=notify_url or None, token_id=token_id)
     session.add(sweep)
     session.flush()
-    common = {"priority": submission.priority, "sweep_id": sweep.id, "max_attempts": submission.max_attempts}
+    common = {"priority": submission.priority, "sweep_id": sweep.id, "max_attempts": submission.max_attempts,
+              "token_id": token_id}
     finetunes = {point.index: stage(session, point.finetune, **common) for point in plan.points}
     jobs = list(finetunes.values())
     for evaluation in plan.evaluations:

@@ -6,7 +6,7 @@ import logging
 
 from alembic import context
 
-from models import jobs, results, sweeps  # noqa: F401 (every table registers itself on Base.metadata)
+from models import jobs, results, sweeps, tokens  # noqa: F401 (every table registers itself on Base.metadata)
 from models.base import Base, make_engine
 
 config = context.config

@@ -67,6 +67,8 @@ class Job(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     sweep_id: Mapped[Optional[int]] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), index=True)
+    # the API token that submitted it (NULL: the CLI, or a sweep's or pipeline's own follow-up jobs from the CLI)
+    token_id: Mapped[Optional[int]] = mapped_column(ForeignKey("api_tokens.id", ondelete="SET NULL"))
     priority: Mapped[int] = mapped_column(Integer, default=0)  # 0..9, higher runs first
     celery_task_id: Mapped[Optional[str]] = mapped_column(String(64))
     queue: Mapped[Optional[str]] = mapped_column(String(255))  # the broker queue it was last published to

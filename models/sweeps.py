@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Optional
 
-from sqlalchemy import JSON, DateTime, Integer, String
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
+from models import tokens  # noqa: F401 (sweeps.token_id points at the api_tokens table)
 from models.base import Base, utcnow
 
 
@@ -22,3 +23,4 @@ class Sweep(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     notify_url: Mapped[Optional[str]] = mapped_column(String(2048))  # --notify URL, else TUNEQUEUE_NOTIFY_URL
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))  # its last job ended (set once)
+    token_id: Mapped[Optional[int]] = mapped_column(ForeignKey("api_tokens.id", ondelete="SET NULL"))  # API submitter
