@@ -265,3 +265,30 @@ def enqueued_spec(env: dict, args: list[str]) -> dict:
     assert job_count(env) == before + 1
     with session_of(env) as session:
         return session.scalars(select(Job).order_by(Job.id.desc())).first().spec
+
+
+def start_api(env: dict, log: Path | None = None, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """`manage.py api` on a free port of 127.0.0.1, answering /health: (the process, its base URL)."""
+    import httpx
+
+    port = free_port()
+    out = open(log, "w") if log else subprocess.DEVNULL
+    server = subprocess.Popen([sys.executable, str(REPO / "manage.py"), "api", "--port", str(port),
+                               "--log-level", "warning"], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if server.poll() is not None:
+            raise AssertionError(f"the API server exited with {server.returncode}")
+        try:
+            return httpx.get(base + "/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, timeout, "the API server to answer /health")
+    return server, base
+
+
+def create_token(env: dict, name: str, read_only: bool = False) -> str:
+    """A new API token made by the CLI, as an operator would."""
+    return ok_json(cli(env, "tokens", "create", name, "--json", *(["--read-only"] if read_only else [])))["token"]
