@@ -132,6 +132,8 @@ def spec_option(spec_type, name: str):
         kwargs.update(type=click.Choice(typing.get_args(base)), multiple=True, default=None)
     elif typing.get_origin(base) is typing.Literal:
         kwargs.update(type=click.Choice(typing.get_args(base)), default=None)
+    elif is_list and extra.get("repeat"):
+        kwargs.update(type=str, multiple=True, default=None)
     elif is_list:
         kwargs.update(type=str, default=None, callback=_comma_list)
     else:
@@ -292,14 +294,23 @@ def generate(ctx: AppContext, wait, as_json, priority, max_attempts, prompt_temp
                     model_given=fields.get("model") is not None)
 
 
-@cli.command()
+def score_help() -> str:
+    """score --help: what a score job does, then every metric with one line on what it needs (models/metrics.py)."""
+    from models.metrics import METRIC_NEEDS
+
+    lines = "\n".join(f"  {name}: {needs}" for name, needs in METRIC_NEEDS.items())
+    return ("Queue scoring of a finished generate job's rows: each --metric is one family of metric rows, stored per "
+            "example and aggregated per run (see 'report --metric NAME'); each family resumes on its own after a "
+            f"crash.\n\n\b\nMetrics (--metric, repeatable):\n{lines}")
+
+
+@cli.command(help=score_help())
 @click.argument("generate_job_id", type=JOB_ID)
-@spec_options(ScoreSpec, "metrics")
+@spec_options(ScoreSpec, skip=("generate_job_id", "use_stemmer"))
 @submit_options
 @pass_ctx
-def score(ctx: AppContext, generate_job_id, wait, as_json, priority, max_attempts, metrics):
-    """Queue scoring of a finished generate job's rows against their references."""
-    data = {"kind": "score", "generate_job_id": generate_job_id, "metrics": list(metrics or []) or None}
+def score(ctx: AppContext, generate_job_id, wait, as_json, priority, max_attempts, metrics, **fields):
+    data = {"kind": "score", "generate_job_id": generate_job_id, "metrics": list(metrics or []) or None, **fields}
     submit_and_show(ctx, data, wait=wait, as_json=as_json, priority=priority, max_attempts=max_attempts)
 
 
@@ -455,32 +466,23 @@ def sweep(ctx: AppContext, file, overrides, name, dry_run, notify_url, as_json, 
     OVERRIDES are key=value (into base, replacing a grid list of that key) or block.key=value, e.g.
     num_train_epochs=1 grid.learning_rate=[1e-3,3e-3]. The whole file is checked before anything is enqueued.
     """
-    from api.pipelines import enqueue_sweep, validate_sweep
-    from api.sweeps import apply_overrides, expand, load_sweep_file
-    from models.settings import check_notify_url
+    from api.pipelines import submit_sweep
+    from api.sweeps import load_sweep_file
 
-    notify_url = check_notify_url(notify_url, "--notify") if notify_url is not None else None
-    plan = expand(apply_overrides(load_sweep_file(file), list(overrides)), name)
-    submission = submission_of(priority, max_attempts)
-    with ctx.session() as session:
-        plan = validate_sweep(session, ctx.settings.home, plan)
-        if dry_run:
-            show_sweep_plan(plan, as_json)
-            return
-        ctx.broker.check()
-        row, queued = enqueue_sweep(session, ctx.broker, ctx.settings.home, plan, submission, notify_url)
+    done = submit_sweep(ctx, load_sweep_file(file), name=name, overrides=list(overrides), dry_run=dry_run,
+                        notify_url=notify_url, notify_option="--notify",
+                        submission=submission_of(priority, max_attempts))
     if as_json:
-        echo_json({"sweep": row.name, "id": row.id, "points": row.points, "jobs": [j.id for j in queued]})
+        echo_json(done.as_dict())
+    elif dry_run:
+        show_sweep_plan(done.plan)
     else:
+        row, queued = done.sweep, done.jobs
         click.echo(f"sweep {row.name!r} queued: {row.points} points, {len(queued)} jobs "
                    f"({queued[0].id}..{queued[-1].id}); watch with 'jobs watch --sweep {row.name}'")
 
 
-def show_sweep_plan(plan, as_json: bool) -> None:
-    if as_json:
-        points = [{"point": p.index, "adapter": p.finetune.name, **p.varied} for p in plan.points]
-        echo_json({"sweep": plan.name, "points": points, "jobs": plan.job_count})
-        return
+def show_sweep_plan(plan) -> None:
     from rich.table import Table
 
     keys = sorted({k for p in plan.points for k in p.varied})
@@ -630,17 +632,6 @@ def adapters():
     """List, show, export, merge and delete trained adapters (names are unique)."""
 
 
-def human_size(size: int | None) -> str:
-    if size is None:
-        return ""
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return ""
-
-
 def loss_cell(value) -> str:
     return "" if value is None else f"{value:.4f}"
 
@@ -653,7 +644,7 @@ def loss_cell(value) -> str:
 def adapters_list(ctx: AppContext, base_model, as_json, wide, fmt):
     """Every adapter, oldest first: base, kind, method, parameters, size on disk, losses, training time."""
     from api.adapters import adapter_dict, list_adapters
-    from api.render import Col
+    from api.render import Col, human_size
 
     with ctx.session() as session:
         found = [adapter_dict(a, ctx.settings.home) for a in list_adapters(session, base_model)]
@@ -681,6 +672,7 @@ def adapters_list(ctx: AppContext, base_model, as_json, wide, fmt):
 def adapters_show(ctx: AppContext, name, as_json):
     """Everything recorded about one adapter, with its folder."""
     from api.adapters import adapter_dict, get_adapter
+    from api.render import human_size
 
     with ctx.session() as session:
         data = adapter_dict(get_adapter(session, name), ctx.settings.home)
@@ -849,8 +841,8 @@ def api_server(ctx: AppContext, host, port, log_level):
 
     from api.web.app import create_app
 
-    with ctx.session():  # a missing or unmigrated database is one line here, not an error on every request
-        pass
+    with ctx.session():  # a missing or unmigrated database is one line here, not an error on every request;
+        pass  # the context remembers the check, so requests do not repeat it
     click.echo(f"tunequeue API and results page on http://{host}:{port}", err=True)
     uvicorn.run(create_app(ctx), host=host, port=port, log_level=log_level)
 
@@ -920,8 +912,9 @@ def tokens_revoke(ctx: AppContext, name):
 # -------------------------------------------------------------------------------------------------- report
 @cli.command()
 @click.option("--metric", "metric_names", multiple=True, default=["rouge"], show_default=True,
-              help="'rouge' (rouge1, rouge2, rougeL, rougeLsum), 'classification' or any stored metric name; "
-                   "repeatable.")
+              help="A family (rouge, bleu, bertscore, judge, classification: each stands for its metrics, e.g. "
+                   "judge_relevance ...), evaluate:NAME_OR_PATH, or any stored metric name; repeatable: several "
+                   "metrics make one table.")
 @click.option("--sweep", default=None, help="Only the base row and adapters of this sweep.")
 @click.option("--split", default="test", show_default=True)
 @click.option("--sort", default=None, help="Sort rows by this metric, best first.")
@@ -939,22 +932,30 @@ def tokens_revoke(ctx: AppContext, name):
               help="Say which of variants A and B is better on the first metric (over the examples both were "
                    "scored on) and show the examples where they differ most (use 'base' for the base model).")
 @click.option("--limit", type=COUNT, default=5, show_default=True, help="Examples shown by --compare.")
+@click.option("--agreement", is_flag=True, help="Instead of the table: per pair of the metrics, Spearman's rank "
+              "correlation of their per-example scores over the examples both scored (does the judge agree with "
+              "ROUGE?).")
 @pass_ctx
 def report(ctx: AppContext, metric_names, sweep, split, sort, top, fmt, wide, plot_path, plot_loss_path, compare,
-           limit):
+           limit, agreement):
     """Compare base and adapters: one row per run with each metric's mean, 95% bootstrap interval and delta vs the
     base row, examples scored, training time and the hyperparameters that vary; the best row is marked.
 
     Runs scored on different example sets are compared on the examples they all share, and a line says so.
     """
-    from api.render import comparison_sentence, example_set_note, render_comparison, render_report
-    from api.report import ReportQuery, check_plot_path, compare_runs, report_rows, write_box_plot, write_loss_plot
+    from api.render import comparison_sentence, example_set_note, render_agreement, render_comparison, render_report
+    from api.report import (ReportQuery, check_plot_path, compare_runs, metric_agreement, report_rows,
+                            resolve_metrics, write_box_plot, write_loss_plot)
 
     for path, option in ((plot_path, "--plot"), (plot_loss_path, "--plot-loss")):
         if path:
             check_plot_path(path, option)  # before anything is queried, printed or drawn
     query = ReportQuery(list(metric_names), split, sweep, sort, top)
     with ctx.session() as session:
+        query = resolve_metrics(session, query)
+        if agreement:
+            click.echo(render_agreement(metric_agreement(session, query), fmt), nl=False)
+            return
         if compare:
             summary, pairs = compare_runs(session, query, compare[0], compare[1], limit)
             click.echo(render_comparison(summary, pairs, fmt), nl=False)

@@ -1,5 +1,7 @@
-"""What one invocation of a door (a CLI command, later an HTTP app) holds: settings, database sessions and the
-broker handle, each opened on first use, so `--help` and commands that need neither start fast."""
+"""What one invocation of a door (a CLI command, or the HTTP app for its whole life) holds: settings, database
+sessions and the broker handle, each opened on first use, so `--help` and commands that need neither start fast.
+The database's migration revision is checked on the first `session()` only: the HTTP app checks it at start-up
+instead of once per request."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from models.settings import Settings, mask_url
 
 
 class AppContext:
+    schema_checked = False  # set once a session() found the tunequeue tables
+
     def __init__(self, settings: Settings | None = None):
         if settings is not None:
             self.settings = settings
@@ -32,6 +36,8 @@ class AppContext:
 
     def session(self):
         """A new session on a database that has the tunequeue tables (one-line errors otherwise)."""
+        if self.schema_checked:
+            return self.sessions()
         from sqlalchemy.exc import OperationalError, ProgrammingError
 
         from models.base import database_timeout
@@ -48,6 +54,7 @@ class AppContext:
             raise Unavailable(f"cannot open database {url}: {str(exc.orig).strip().splitlines()[0]}") from None
         if revision is None:
             raise InputError(f"database {url} has no tunequeue tables; run 'python manage.py db upgrade' first")
+        self.schema_checked = True
         return self.sessions()
 
 

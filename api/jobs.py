@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,7 +22,9 @@ from api.validate import validate
 from models.base import utcnow
 from models.errors import InputError, NotFound, Unavailable
 from models.jobs import Job, JobKind, JobStatus, JobWait, readiness
+from models.report import sweep_by_name
 from models.specs import MAX_ID, Submission, parse_spec
+from models.tokens import ApiToken
 from worker import notify
 from worker.broker import MAX_PRIORITY
 from worker.lifecycle import publish, settle_children, skip
@@ -118,10 +120,28 @@ def get_job(session: Session, job_id: int) -> Job:
 
 
 def latest_jobs(session: Session, limit: int = 50, status: JobStatus | None = None) -> list[Job]:
-    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    return find_jobs(session, limit=limit, status=status)[0]
+
+
+def find_jobs(session: Session, *, status: JobStatus | None = None, kind: JobKind | None = None,
+              sweep: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+    """One page of the jobs that match the filters, newest first, and how many match in all."""
+    matching = select(Job)
     if status is not None:
-        query = query.where(Job.status == status)
-    return list(session.scalars(query))
+        matching = matching.where(Job.status == status)
+    if kind is not None:
+        matching = matching.where(Job.kind == kind)
+    if sweep is not None:
+        matching = matching.where(Job.sweep_id == sweep_by_name(session, sweep).id)
+    total = session.scalar(select(func.count()).select_from(matching.subquery()))
+    page = list(session.scalars(matching.order_by(Job.id.desc()).limit(limit).offset(offset)))
+    return page, total
+
+
+def job_details(session: Session, job: Job) -> dict:
+    """Everything about one job (`job_dict(full=True)`) and the name of the API token that submitted it."""
+    token = session.scalar(select(ApiToken.name).where(ApiToken.id == job.token_id)) if job.token_id else None
+    return {**job_dict(job, full=True), "submitted_by": token}
 
 
 def waiting_counts(session: Session, jobs: list[Job]) -> dict[int, int]:

@@ -10,7 +10,7 @@ Both read the sweep's jobs under locks held until their commit, so no worker cla
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sqlalchemy import delete, func, or_, select, update
@@ -18,14 +18,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.adapters import jobs_using
-from api.jobs import cancel, commit_staged, release, stage
-from api.sweeps import SweepPlan
+from api.context import AppContext
+from api.jobs import cancel, commit_staged, job_dict, release, stage
+from api.sweeps import SweepPlan, apply_overrides, expand
 from api.validate import validate_finetune, validate_generate
 from models.errors import InputError, NotFound
 from models.jobs import ACTIVE_STATUSES, Job, JobKind, JobStatus, JobWait, parent_ids
 from models.report import sweep_by_name, sweep_jobs
 from models.results import Adapter, ExampleScore, Generation, LossPoint, Metric
-from models.settings import Settings
+from models.settings import Settings, check_notify_url
 from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, Submission
 from models.sweeps import Sweep
 
@@ -96,7 +97,7 @@ def enqueue_sweep(session: Session, broker, home: Path, plan: SweepPlan, submiss
         # runs once every fine-tune it waits for has finished; adapters whose fine-tune failed are left out
         generate_job = stage(session, evaluation.generate,
                              waits_for=[finetunes[point.index] for point in evaluation.points], **common)
-        score_spec = ScoreSpec(generate_job_id=generate_job.id, metrics=plan.metrics)
+        score_spec = plan.score_spec(generate_job.id)
         jobs += [generate_job, stage(session, score_spec, generate_job, **common)]
     try:
         commit_staged(session)
@@ -105,6 +106,50 @@ def enqueue_sweep(session: Session, broker, home: Path, plan: SweepPlan, submiss
         raise sweep_exists(plan.name) from None
     release(session, broker, jobs, what=f"sweep {plan.name!r} ({len(jobs)} jobs)")
     return sweep, jobs
+
+
+@dataclass
+class SweepSubmission:
+    """What `submit_sweep` did: the checked plan, and unless it was a dry run the stored sweep and its jobs."""
+
+    plan: SweepPlan
+    sweep: Sweep | None = None
+    jobs: list[Job] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """`sweep --json` (and POST /sweeps): the plan of a dry run, else the queued sweep with its job ids."""
+        if self.sweep is None:
+            points = [{"point": p.index, "adapter": p.finetune.name, **p.varied} for p in self.plan.points]
+            return {"sweep": self.plan.name, "points": points, "jobs": self.plan.job_count}
+        return {"sweep": self.sweep.name, "id": self.sweep.id, "points": self.sweep.points,
+                "jobs": [job.id for job in self.jobs]}
+
+
+def submit_sweep(ctx: AppContext, data: dict, *, name: str | None = None, overrides: list[str] = (),
+                 dry_run: bool = False, notify_url: str | None = None, notify_option: str = "notify",
+                 submission: Submission = Submission(), token_id: int | None = None) -> SweepSubmission:
+    """A sweep file's data (as api/sweeps.load_sweep_file or load_sweep_text read it) with `overrides` applied,
+    expanded and checked against the world; unless `dry_run`, stored and published (recorded as submitted by API
+    token `token_id`). `notify_url` is checked first (InputError naming `notify_option`). Raises InputError with
+    nothing written, or Unavailable."""
+    notify_url = check_notify_url(notify_url, notify_option) if notify_url is not None else None
+    plan = expand(apply_overrides(data, list(overrides)), name)
+    with ctx.session() as session:
+        plan = validate_sweep(session, ctx.settings.home, plan)
+        if dry_run:
+            return SweepSubmission(plan)
+        ctx.broker.check()
+        sweep, jobs = enqueue_sweep(session, ctx.broker, ctx.settings.home, plan, submission, notify_url,
+                                    token_id=token_id)
+    return SweepSubmission(plan, sweep, jobs)
+
+
+def sweep_details(session: Session, name: str) -> dict:
+    """The sweep as `sweeps show --json` and GET /sweeps/NAME give it: its file (as parsed), settings and jobs."""
+    sweep = sweep_by_name(session, name)
+    return {"name": sweep.name, "spec": sweep.spec, "priority": sweep.priority, "points": sweep.points,
+            "created_at": sweep.created_at, "finished_at": sweep.finished_at,
+            "jobs": [job_dict(job) for job in sweep_jobs(session, sweep)]}
 
 
 def sweep_summaries(session: Session) -> list[dict]:

@@ -27,7 +27,8 @@ PIPED_WIDTH = 120  # into a file, a pager or grep: room for every default view, 
 FOLD_AT = 12  # in a column that holds no names, a longer word (a path in an error) may be folded over lines
 COMFORTABLE = 30  # free text wider than this wraps before a column is left out for it
 # what the default report view shows of a family asked for as a whole; the rest with --wide, csv or json
-HEADLINE_METRICS = {"rouge": ("rouge1", "rouge2", "rougeL"), "classification": ("accuracy", "f1", "f1_macro")}
+HEADLINE_METRICS = {"rouge": ("rouge1", "rouge2", "rougeL"), "classification": ("accuracy", "f1", "f1_macro"),
+                    "bertscore": ("bertscore_f1",)}
 
 
 def output_width(stream=None) -> int:
@@ -227,10 +228,31 @@ def _headers(rows: list[dict], metrics: list[str]) -> list[str]:
     return heads + ["examples", "train s", "queue wait s"]
 
 
-def _param_cell(value) -> str:
+def param_text(value) -> str:
+    """A hyperparameter's value as the report shows it (floats in %g)."""
     if value is None:
         return ""
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def mean_with_interval(row: dict, metric: str) -> str:
+    """A report row's mean of `metric` with its 95% interval: `0.879 [0.86, 0.90]` (empty without a mean)."""
+    value = "" if row.get(metric) is None else f"{row[metric]:.3f}"
+    if value and _has_interval(row, metric):
+        value += f" [{row[f'{metric}_ci_low']:.2f}, {row[f'{metric}_ci_high']:.2f}]"
+    return value
+
+
+def human_size(size: int | None) -> str:
+    """Bytes for people: `812 B`, `1.4 MB`."""
+    if size is None:
+        return ""
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return ""
 
 
 def _default_view(rows: list[dict], metrics: list[str]) -> tuple[list[Col], list[list[str]], str]:
@@ -251,12 +273,9 @@ def _default_view(rows: list[dict], metrics: list[str]) -> tuple[list[Col], list
     cells = []
     for row in rows:
         line = ([] if len(models) == 1 else [row["model"]]) + [row["variant"] + (" ★" if row.get("best") else "")]
-        line += [_param_cell(row["hyperparameters"].get(p)) for p in params]
+        line += [param_text(row["hyperparameters"].get(p)) for p in params]
         for k, m in enumerate(shown):
-            value = "" if row.get(m) is None else f"{row[m]:.3f}"
-            if value and _has_interval(row, m):
-                value += f" [{row[f'{m}_ci_low']:.2f}, {row[f'{m}_ci_high']:.2f}]"
-            line.append(value)
+            line.append(mean_with_interval(row, m))
             if k == 0:
                 line.append(_fmt(row.get(f"delta_{m}"), 3, sign=True))
         cells.append(line + ([] if len(examples) == 1 else [str(row["examples"])]))
@@ -356,8 +375,24 @@ def render_comparison(summary: dict, pairs: list[dict], fmt: str) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
+def render_agreement(pairs: list[dict], fmt: str) -> str:
+    """Per pair of metrics, Spearman's rank correlation of their per-example scores: JSON, CSV or a table."""
+    if fmt in ("json", "csv"):
+        return render_records(pairs, fmt)
+    cols = [Col("metric", name=True), Col("vs", name=True), Col("spearman", justify="right"),
+            Col("examples", justify="right"), Col("runs", justify="right", drop=1)]
+    cells = [[p["metric_a"], p["metric_b"], _fmt(p["spearman"], 3), str(p["examples"]), str(p["runs"])]
+             for p in pairs]
+    if fmt == "markdown":
+        heads = [c.header for c in cols]
+        return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+                         + ["| " + " | ".join(line) + " |" for line in cells]) + "\n"
+    return render_table(cols, cells, title="rank agreement of per-example scores (Spearman; empty: too few "
+                        "examples or a constant metric)")
+
+
 # -------------------------------------------------------------------------------------------------------- plots
-def box_plot(scores: dict[str, list[float]], metric: str, path: str, title: str = "") -> int:
+def box_plot(scores: dict[str, list[float]], metric: str, path, title: str = "") -> int:
     """One box of per-example scores per run (base and adapters); returns the number of boxes drawn."""
     import matplotlib
 
@@ -368,7 +403,8 @@ def box_plot(scores: dict[str, list[float]], metric: str, path: str, title: str 
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) + 2), 4.5))
     drawn = ax.boxplot([scores[label] for label in labels], tick_labels=labels, showmeans=True)
     ax.set_ylabel(f"{metric} per example")
-    ax.set_ylim(-0.02, 1.02)
+    if all(0 <= v <= 1 for values in scores.values() for v in values):  # a 0-1 metric: its whole scale
+        ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or f"{metric} per example, {len(labels)} runs")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -376,7 +412,7 @@ def box_plot(scores: dict[str, list[float]], metric: str, path: str, title: str 
     return len(drawn["boxes"])
 
 
-def loss_plot(curves: dict[str, list[tuple]], path: str, title: str = "") -> None:
+def loss_plot(curves: dict[str, list[tuple]], path, title: str = "") -> None:
     """Training (solid) and eval (dashed) loss per run."""
     import matplotlib
 
@@ -401,11 +437,18 @@ def loss_plot(curves: dict[str, list[tuple]], path: str, title: str = "") -> Non
     _save(fig, path)
 
 
-def _save(fig, path: str) -> None:
+def _save(fig, path) -> None:
     """Write the figure to `path` whole or not at all: into a hidden file beside it, then renamed over it; the figure
-    is closed either way. The format is the suffix's (none: PNG)."""
+    is closed either way. The format is the suffix's (none: PNG). `path` may also be a binary file object (the results
+    page's PNGs): the figure is written into it as PNG."""
     import matplotlib.pyplot as plt
 
+    if not isinstance(path, (str, os.PathLike)):
+        try:
+            fig.savefig(path, dpi=110, format="png")
+        finally:
+            plt.close(fig)
+        return
     folder, name = os.path.split(os.path.abspath(path))
     partial = os.path.join(folder, f".{name}.{os.getpid()}.partial")
     try:

@@ -3,7 +3,7 @@ examples where two runs differ most, and the plots; rendering lives in api/rende
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from api.render import box_plot, loss_plot
 from models.errors import InputError, NotFound
-from models.report import (compare_variants, comparison, known_metric_names, loss_curves, per_example_scores,
-                           sweep_by_name, sweep_jobs)
-from models.metrics import expand_metrics
+from models.metrics import EVALUATE_PREFIX, evaluate_module, expand_metrics, is_evaluate
+from models.report import (agreement, compare_variants, comparison, known_metric_names, loss_curves,
+                           per_example_scores, sweep_by_name, sweep_jobs)
 
 
 # what matplotlib's savefig writes, by file suffix (no suffix: PNG)
@@ -81,6 +81,37 @@ def check_metrics(session: Session, query: ReportQuery) -> list[str]:
     return metrics
 
 
+def resolve_metrics(session: Session, query: ReportQuery) -> ReportQuery:
+    """The query with each `evaluate:NAME_OR_PATH` replaced by the stored metric names that metric wrote."""
+    if not any(is_evaluate(m) for m in query.metrics):
+        return query
+    known = sorted(known_metric_names(session))
+    names: list[str] = []
+    for metric in query.metrics:
+        if not is_evaluate(metric):
+            names.append(metric)
+            continue
+        module = evaluate_module(metric[len(EVALUATE_PREFIX):])
+        found = [n for n in known if n.removeprefix("evaluate_") == module
+                 or n.removeprefix("evaluate_").startswith(module + "_")]
+        if not found:
+            raise NotFound(f"no metric rows of {metric} in the database (known: {', '.join(known)})")
+        names += found
+    return replace(query, metrics=names)
+
+
+def metric_agreement(session: Session, query: ReportQuery) -> list[dict]:
+    """Per pair of the query's metrics, Spearman's rank correlation of their per-example scores over the examples
+    both scored (every run of the report pooled); InputError for fewer than two metrics."""
+    metrics = check_metrics(session, query)
+    if len(metrics) < 2:
+        raise InputError("--agreement compares metrics: name at least two (e.g. --metric rouge --metric judge)")
+    pairs = agreement(session, metrics, query.split, sweep=query.sweep)
+    if not any(p["examples"] for p in pairs):
+        raise NotFound(f"no examples scored on two of these metrics on split {query.split!r}")
+    return pairs
+
+
 def report_rows(session: Session, query: ReportQuery) -> list[dict]:
     """One row per run (base and adapters), as models.report.comparison returns them; NotFound when none is
     scored yet."""
@@ -92,12 +123,13 @@ def report_rows(session: Session, query: ReportQuery) -> list[dict]:
     return rows
 
 
-def compare_runs(session: Session, query: ReportQuery, a: str, b: str, limit: int) -> tuple[dict, list[dict]]:
+def compare_runs(session: Session, query: ReportQuery, a: str, b: str, limit: int | None,
+                 score_job_id: int | None = None) -> tuple[dict, list[dict]]:
     """Runs `a` and `b` on the query's first metric, over the examples both were scored on: a summary (how many
     examples each wins, both means, which is better and by how much) and the `limit` examples where they differ
-    most."""
+    most (None: all of them). Each run's newest scores, or those of score job `score_job_id`."""
     metric = check_metrics(session, query)[0]
-    pairs = compare_variants(session, a, b, metric, query.split)
+    pairs = compare_variants(session, a, b, metric, query.split, score_job_id=score_job_id)
     wins = {name: sum(p["better"] == name for p in pairs) for name in (a, b, "tie")}
     mean_a, mean_b = (sum(p[f"{metric}_{v}"] for p in pairs) / len(pairs) if pairs else None for v in (a, b))
     summary = {"a": a, "b": b, "metric": metric, "split": query.split, "shared_examples": len(pairs),
@@ -107,22 +139,32 @@ def compare_runs(session: Session, query: ReportQuery, a: str, b: str, limit: in
     return summary, pairs[:limit]
 
 
-def write_box_plot(session: Session, query: ReportQuery, rows: list[dict], path: str) -> int:
-    """Box plots of per-example scores, one box per row; returns the number of boxes."""
+def draw_box_plot(session: Session, query: ReportQuery, rows: list[dict], target) -> int:
+    """Box plots of per-example scores, one box per row, into `target` (a file path, or a binary file object that
+    gets a PNG); returns the number of boxes."""
     metric = query.sort or query.metric_names[0]
     scores = per_example_scores(session, rows, metric, query.split, query.sweep)
     title = f"{metric} per example" + (f", sweep {query.sweep}" if query.sweep else "")
-    target = str(check_plot_path(path, "--plot"))
-    return _saved(target, "--plot", lambda: box_plot(scores, metric, target, title=title))
+    return box_plot(scores, metric, target, title=title)
 
 
-def write_loss_plot(session: Session, query: ReportQuery, rows: list[dict], path: str) -> None:
+def draw_loss_plot(session: Session, query: ReportQuery, rows: list[dict], target) -> None:
+    """The rows' training and eval loss curves into `target` (as for draw_box_plot); NotFound when none has any."""
     curves = loss_curves(session, [r["variant"] for r in rows if r["variant"] != "base"])
     if not any(curves.values()):
         raise NotFound("no loss curves recorded for these runs")
+    loss_plot(curves, target, title="loss curves" + (f", sweep {query.sweep}" if query.sweep else ""))
+
+
+def write_box_plot(session: Session, query: ReportQuery, rows: list[dict], path: str) -> int:
+    """Box plots of per-example scores, one box per row, written to the file `path`; returns the number of boxes."""
+    target = str(check_plot_path(path, "--plot"))
+    return _saved(target, "--plot", lambda: draw_box_plot(session, query, rows, target))
+
+
+def write_loss_plot(session: Session, query: ReportQuery, rows: list[dict], path: str) -> None:
     target = str(check_plot_path(path, "--plot-loss"))
-    title = "loss curves" + (f", sweep {query.sweep}" if query.sweep else "")
-    _saved(target, "--plot-loss", lambda: loss_plot(curves, target, title=title))
+    _saved(target, "--plot-loss", lambda: draw_loss_plot(session, query, rows, target))
 
 
 def sweep_job_ids(session: Session, name: str) -> list[int]:

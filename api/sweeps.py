@@ -31,7 +31,9 @@ from models.errors import InputError
 from models.specs import ECHO_CHARS, FinetuneSpec, GenerateSpec, ScoreSpec, brief, one_line, validate_name
 
 SWEEP_KEYS = {"name", "base", "grid", "random", "eval"}
-EVAL_KEYS = {"split", "limit", "batch_size", "max_new_tokens", "no_repeat_ngram_size", "metrics"}
+# the score job's own fields (metrics and their options: judge_model, bertscore_model, ...) go in the eval block too
+SCORE_KEYS = set(ScoreSpec.model_fields) - {"kind", "generate_job_id"}
+EVAL_KEYS = {"split", "limit", "batch_size", "max_new_tokens", "no_repeat_ngram_size"} | SCORE_KEYS
 POINT_KEYS = set(FinetuneSpec.model_fields) - {"kind", "name"} | {"task"}  # `task`: model_kind's older name
 RULE_KEYS = {"low", "high", "log", "int", "choices"}
 MAX_POINTS = 1000  # more points than this is surely a mistake
@@ -156,8 +158,15 @@ class SweepPlan:
     name: str
     spec: dict
     points: list[SweepPoint]
-    metrics: list[str]
+    score: dict  # the evaluation's score spec fields (metrics and their options), checked
     checked: bool = False  # validated against the world (api/pipelines.validate_sweep), specs completed
+
+    @property
+    def metrics(self) -> list[str] | None:
+        return self.score.get("metrics")
+
+    def score_spec(self, generate_job_id: int) -> ScoreSpec:
+        return ScoreSpec(generate_job_id=generate_job_id, **self.score)
 
     @property
     def evaluations(self) -> list[Evaluation]:
@@ -198,16 +207,23 @@ def load_sweep_file(path: str) -> dict:
     try:
         with file.open("rb") as handle:
             raw = handle.read(MAX_FILE_BYTES + 1)
-        if len(raw) > MAX_FILE_BYTES:
-            raise InputError(f"sweep file {shown} is larger than {MAX_FILE_BYTES // 1024} KiB; a sweep file is a "
-                             "few lines")
+    except OSError as exc:
+        raise InputError(f"cannot read sweep file {shown}: {_cut(exc.strerror or exc, 120)}") from None
+    return load_sweep_text(raw, f"sweep file {shown}")
+
+
+def load_sweep_text(raw: bytes, what: str) -> dict:
+    """A sweep file's bytes (from a file or an HTTP body, `what` says which) parsed by SweepLoader into a mapping;
+    InputError naming `what` otherwise."""
+    if len(raw) > MAX_FILE_BYTES:
+        raise InputError(f"{what} is larger than {MAX_FILE_BYTES // 1024} KiB; a sweep file is a few lines")
+    try:
         text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read sweep file {shown}: {_cut(getattr(exc, 'strerror', None) or exc, 120)}") \
-            from None
-    data = load_yaml(text, f"sweep file {shown}")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"cannot read {what}: {_cut(exc, 120)}") from None
+    data = load_yaml(text, what)
     if not isinstance(data, dict):
-        raise InputError(f"sweep file {shown} must be a mapping with base/grid/random/eval blocks")
+        raise InputError(f"{what} must be a mapping with base/grid/random/eval blocks")
     return data
 
 
@@ -287,14 +303,20 @@ def expand(data: dict, name: str | None = None) -> SweepPlan:
     _check_plain(data)
     sweep_name = _sweep_name(name or data.get("name"))
     blocks = _blocks(data)
-    metrics = blocks["eval"].get("metrics")  # None: chosen from the model's kind when scoring
-    points = [_point(index, varied, sweep_name, blocks, metrics)
+    # metrics None: chosen from the model's kind when scoring
+    score_fields = {k: v for k, v in blocks["eval"].items() if k in SCORE_KEYS}
+    points = [_point(index, varied, sweep_name, blocks, score_fields)
               for index, varied in enumerate(_varied_points(blocks), start=1)]
     if not points:
         raise InputError("the sweep has no points")
     if any(p.finetune.model != points[0].finetune.model for p in points):
         raise InputError("every point of a sweep must use the same base model (one base row per sweep)")
-    return SweepPlan(sweep_name, {**data, "name": sweep_name}, points, metrics)
+    from api.validate import check_metric_options
+
+    # a local evaluate: metric must exist (kept as an absolute path), a judge needs its model, ...
+    score = check_metric_options(ScoreSpec(generate_job_id=1, **score_fields))
+    score_fields = {k: v for k, v in score.model_dump(mode="json").items() if k in score_fields}
+    return SweepPlan(sweep_name, {**data, "name": sweep_name}, points, score_fields)
 
 
 def _sweep_name(value) -> str:
@@ -357,10 +379,10 @@ def _varied_points(blocks: dict) -> list[dict]:
             for values in itertools.product(*blocks["grid"].values()) for _ in range(draws)]
 
 
-def _point(index: int, varied: dict, sweep_name: str, blocks: dict, metrics) -> SweepPoint:
+def _point(index: int, varied: dict, sweep_name: str, blocks: dict, score_fields: dict) -> SweepPoint:
     """One point's fine-tune and its evaluation's generate spec, each validated; InputError names the point."""
     fields = {**blocks["base"], **varied, "name": f"{sweep_name}-{index:02d}"}
-    eval_fields = {k: v for k, v in blocks["eval"].items() if k != "metrics"}
+    eval_fields = {k: v for k, v in blocks["eval"].items() if k not in SCORE_KEYS}
     label = _cut(", ".join(f"{k}={_cut(v, 30)}" for k, v in varied.items()), 200)
     try:
         finetune = FinetuneSpec.model_validate(fields)
@@ -370,7 +392,7 @@ def _point(index: int, varied: dict, sweep_name: str, blocks: dict, metrics) -> 
             "label_column": finetune.label_column, "dataset_config": finetune.dataset_config,
             "data_format": finetune.data_format, "model_kind": finetune.model_kind,
             "prompt_template": finetune.prompt_template, "seed": finetune.seed, **eval_fields})
-        ScoreSpec.model_validate({"generate_job_id": 1, "metrics": metrics})
+        ScoreSpec.model_validate({"generate_job_id": 1, **score_fields})
     except ValueError as exc:
         message = one_line(exc) if hasattr(exc, "errors") else str(exc)
         raise InputError(f"point {index}" + (f" ({label})" if label else "") + f": {message}") from None

@@ -14,11 +14,12 @@ from sqlalchemy.orm import Session
 from models.builtins import BUILTIN_MODELS
 from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind, JobStatus
-from models.metrics import metric_family
+from models.metrics import DEFAULT_BERTSCORE_MODEL, EVALUATE_PREFIX, is_evaluate, metric_families
 from models.results import Adapter
 from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, parse_spec
 from worker.data.examples import rules_for
 from worker.data.refs import check_dataset, check_model, required_columns
+from worker.metrics.bertscore import baseline_file
 from worker.ml.kinds import read_config, resolve_model_kind
 
 ACTIVE = (JobStatus.queued, JobStatus.running)
@@ -30,6 +31,7 @@ def validate(spec, session: Session, home: Path, *, model_given: bool = True):
         return validate_finetune(spec, session)
     if spec.kind == "generate":
         return validate_generate(spec, session, home, model_given=model_given)
+    spec = check_metric_options(spec)
     validate_score(spec, session)
     return spec
 
@@ -135,5 +137,30 @@ def validate_score(spec: ScoreSpec, session: Session) -> Job:
     if job.status != JobStatus.succeeded:
         raise InputError(f"generate job {job.id} is {job.status.value}; only a succeeded generate job can be scored")
     model_kind = parse_spec(job.spec).model_kind or (job.result or {}).get("model_kind") or "seq2seq"
-    metric_family(spec.metrics, model_kind, job.id)
+    metric_families(spec.metrics, model_kind, job.id)
+    check_metric_options(spec)
     return job
+
+
+def check_metric_options(spec: ScoreSpec) -> ScoreSpec:
+    """What a score spec's metrics need beyond its own fields, checked where it is enqueued: a local `evaluate:`
+    metric exists (returned as an absolute path), and BERTScore rescaling has a baseline for the model."""
+    metrics = [_evaluate_target(m) if is_evaluate(m) else m for m in spec.metrics or []]
+    if spec.bertscore_rescale and "bertscore" in metrics:
+        model = spec.bertscore_model or DEFAULT_BERTSCORE_MODEL
+        if baseline_file(model) is None:
+            raise InputError(f"--bertscore-rescale: bert-score has no English baseline for {model!r}; use e.g. "
+                             "--bertscore-model roberta-large, or leave rescaling off")
+    return spec.model_copy(update={"metrics": metrics}) if spec.metrics else spec
+
+
+def _evaluate_target(metric: str) -> str:
+    """An `evaluate:` metric with a local script or folder made absolute (InputError when it names one that does
+    not exist); a hub name (`exact_match`, `user/metric`) as given."""
+    target = metric[len(EVALUATE_PREFIX):]
+    path = Path(target).expanduser()
+    if not (target.startswith((".", "/", "~")) or target.endswith(".py") or path.exists()):
+        return metric
+    if not path.exists():
+        raise InputError(f"--metric {metric}: no such metric script or folder ({path.absolute()})")
+    return EVALUATE_PREFIX + str(path.absolute())

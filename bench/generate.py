@@ -6,7 +6,13 @@ three comparisons the sides take turns `--pairs` times after a warm-up; figures 
 their min–max, ratios the median of the per-pair ratios. One-at-a-time generation is too slow to run every example
 in every pair: it runs a fixed subset (`--slow-examples`, the first 32) each time; rates are per summary.
 
+The first batched figure is what a `generate` job does by default: length-sorted batches filled up to a budget of
+padded tokens (models/specs.py GENERATE_BATCH_TOKENS), cut by the worker's own `batch_at`; `--batch-size` replaces
+it with a fixed count. `--budgets 4096,16384,...` adds a figure per token budget (the sweep the default was chosen
+from).
+
     python bench/generate.py --tiny          # tiny-t5 on CPU, seconds
+    python bench/generate.py --tiny --budgets 2048,4096,8192,16384,32768,65536
     python bench/generate.py                 # FLAN-T5-base architecture (random weights), for a GPU
 """
 
@@ -25,22 +31,27 @@ from pathlib import Path  # noqa: E402
 
 from bench._common import (add_bench_args, emit, emit_machine, examples, interleave, load_model,  # noqa: E402
                            paired_ratio, rate, rates, setup)
+from models.specs import GENERATE_BATCH_TOKENS  # noqa: E402
 
 
-def generate(model, tokenizer, sources: list[str], batch_size: int, new_tokens: int, device: str, **extra) -> int:
-    """Greedy generation of exactly `new_tokens` tokens per example (so both sides do the same work)."""
+def generate(model, tokenizer, sources: list[str], batch_size: int | None, new_tokens: int, device: str,
+             token_budget: int = GENERATE_BATCH_TOKENS, **extra) -> int:
+    """Greedy generation of exactly `new_tokens` tokens per example (so both sides do the same work), in batches of
+    `batch_size`, or (None) of `token_budget` padded tokens as a generate job cuts them."""
     import torch
 
+    from worker.jobs.generate import batch_at
     from worker.ml.features import pad
 
     encoded = tokenizer(sources, truncation=True, max_length=512)["input_ids"]
-    order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
+    lengths = [len(ids) for ids in encoded]
+    order = sorted(range(len(sources)), key=lambda i: lengths[i])
     names = extra.pop("adapter_names", None)
     mixer, slots = extra.pop("mixer", None), extra.pop("slots", None)
     done = 0
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+        while done < len(order):
+            batch = batch_at(order, done, lengths, batch_size, new_tokens, token_budget)
             ids = pad([encoded[i] for i in batch], tokenizer.pad_token_id).to(device)
             kwargs = {"adapter_names": [names[i] for i in batch]} if names else {}
             scope = mixer.batch([slots[i] for i in batch]) if mixer else contextlib.nullcontext()
@@ -49,6 +60,16 @@ def generate(model, tokenizer, sources: list[str], batch_size: int, new_tokens: 
                                do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
             done += len(batch)
     return done
+
+
+def batch_rows(lengths: list[int], budget: int, new_tokens: int) -> list[int]:
+    """Rows of each batch a generate job cuts from examples of these (sorted) lengths under `budget`."""
+    from worker.jobs.generate import batch_at
+
+    order, rows = list(range(len(lengths))), []
+    while sum(rows) < len(order):
+        rows.append(len(batch_at(order, sum(rows), lengths, None, new_tokens, budget)))
+    return rows
 
 
 def main() -> None:
@@ -63,16 +84,18 @@ def main() -> None:
     parser.add_argument("--slow-examples", type=int, default=32,
                         help="the fixed subset that one-at-a-time generation runs in each pair")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="batch of the adapter figures and the first batched figure [64 tiny, 128 full]")
+                        help="batch of the adapter figures and the first batched figure [generate's default: a "
+                             f"budget of {GENERATE_BATCH_TOKENS} padded tokens]")
     parser.add_argument("--large-batch-size", type=int, default=None,
                         help="a second batched figure [256 tiny; none in full mode]")
     parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--budgets", default=None, help="comma-separated token budgets, each a figure of its own")
     add_bench_args(parser)
     args = parser.parse_args()
     device = setup(args)
-    batch_size = args.batch_size or (64 if args.tiny else 128)
+    batch_size = args.batch_size  # None: generate's default, a token budget
     sizes = [batch_size] + [b for b in [args.large_batch_size or (256 if args.tiny else None)] if b]
-    n = args.examples or 2 * max(sizes + [256])  # two batches of the largest size: lengths sort into tight batches
+    n = args.examples or 2 * max([s for s in sizes if s] + [256])  # two batches of the largest size
     new_tokens = 24 if args.tiny else 64
     model, tokenizer = load_model(args.tiny, device)
     if device == "cuda" and not args.tiny:
@@ -80,21 +103,36 @@ def main() -> None:
     sources = [e["source"] for e in examples("test", n)]
     one_at_a_time = sources[: args.slow_examples]  # too slow to run all n five times; rates are per summary
 
-    def batched(size: int):
-        return lambda: generate(model, tokenizer, sources, size, new_tokens, device)
+    def batched(size: int | None, budget: int = GENERATE_BATCH_TOKENS):
+        return lambda: generate(model, tokenizer, sources, size, new_tokens, device, token_budget=budget)
+
+    if args.budgets:
+        budgets = [int(b) for b in args.budgets.split(",")]
+        seconds = interleave({b: batched(None, b) for b in budgets}, args.pairs, device)
+        lengths = sorted(len(ids) for ids in tokenizer(sources, truncation=True, max_length=512)["input_ids"])
+        for budget in budgets:
+            rows = batch_rows(lengths, budget, new_tokens)
+            emit(figure="budget", device=device, batch_tokens=budget, summaries=n, new_tokens=new_tokens,
+                 batches=len(rows), rows_per_batch=[min(rows), max(rows)],
+                 **rate("summaries_per_s", rates(n, seconds[budget])))
+
+    def label(size: int | None) -> str:
+        return str(size) if size else f"default: {GENERATE_BATCH_TOKENS}-token budget"
 
     # one_at_a_time sits between the batched sides, so that each ratio divides two adjacent runs
-    sides = {f"batched {sizes[0]}": batched(sizes[0]),
+    sides = {f"batched {label(sizes[0])}": batched(sizes[0]),
              "one_at_a_time": lambda: generate(model, tokenizer, one_at_a_time, 1, new_tokens, device),
-             **{f"batched {size}": batched(size) for size in sizes[1:]}}
+             **{f"batched {label(size)}": batched(size) for size in sizes[1:]}}
     seconds = interleave(sides, args.pairs, device)
     slow = rates(len(one_at_a_time), seconds["one_at_a_time"])
     emit(figure="one_at_a_time", device=device, summaries=len(one_at_a_time),
          subset=f"the first {len(one_at_a_time)} of the {n} examples, in every pair", **rate("summaries_per_s", slow))
     for size in sizes:
-        fast = rates(n, seconds[f"batched {size}"])
-        emit(figure="batched", device=device, summaries=n, batch_size=size, **rate("summaries_per_s", fast))
-        emit(ratio=f"batched ({size}) / one_at_a_time", **paired_ratio(fast, slow), target=30 if args.tiny else 150)
+        fast = rates(n, seconds[f"batched {label(size)}"])
+        emit(figure="batched", device=device, summaries=n, batch_size=size,
+             batch_tokens=None if size else GENERATE_BATCH_TOKENS, **rate("summaries_per_s", fast))
+        emit(ratio=f"batched ({label(size)}) / one_at_a_time", **paired_ratio(fast, slow),
+             target=30 if args.tiny else 150)
 
     names = [f"a{i}" for i in range(args.adapters)]
     config = LoraConfig(r=16, lora_alpha=32, target_modules=["q", "v"], init_lora_weights=False)
@@ -106,7 +144,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
     peft_model.save_pretrained(folder)  # one subfolder per adapter name
     folders = [folder / name for name in names]
-    per_adapter = max(batch_size // args.adapters, 1) * 2
+    per_adapter = max((batch_size or 64) // args.adapters, 1) * 2
     mixed_sources = (sources * (args.adapters * per_adapter // len(sources) + 1))[: args.adapters * per_adapter]
     rows = [i // per_adapter for i in range(len(mixed_sources))]
     mixer = MixedLora(model, folders)

@@ -8,10 +8,14 @@ Rows scored on different example sets (a base run on 100 examples beside adapter
 examples they all share: their means and intervals are recomputed over that intersection, `examples` counts it,
 `examples_scored` keeps each row's own count and `example_set` says which case holds ("same", "shared", or "own"
 when they share none or lack per-example scores, so each row stays on its own examples).
+
+A metric whose rows were computed with different settings (BERTScore with two models) is refused rather than put
+in one column. `agreement` gives, per pair of metrics, the rank correlation of their per-example scores.
 """
 
 from __future__ import annotations
 
+import json
 import random
 
 from sqlalchemy import func, select
@@ -19,7 +23,8 @@ from sqlalchemy.orm import Session
 
 from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind
-from models.results import Adapter, ExampleScore, Generation, LossPoint, Metric
+from models.metrics import REFERENCE_VARIANT
+from models.results import Adapter, ExampleScore, Generation, Judgement, LossPoint, Metric
 from models.sweeps import Sweep
 
 BOOTSTRAP_SAMPLES = 1000
@@ -52,7 +57,13 @@ def example_values(session: Session, score_job_id: int, variant: str, metric: st
 
 def example_scores_by_id(session: Session, score_job_id: int, variant: str, metric: str) -> dict[str, float]:
     """The score job's per-example values of `metric` for `variant`, by example id, in example id order (empty for
-    a corpus-level metric such as f1, which has none)."""
+    a corpus-level metric such as f1, which has none). The judged references' come from the judge's verdicts."""
+    if variant == REFERENCE_VARIANT:
+        return {} if not metric.startswith("judge_") else dict(session.execute(
+            select(Judgement.example_id, Judgement.score)
+            .where(Judgement.job_id == score_job_id, Judgement.variant == variant, Judgement.parsed.is_(True),
+                   Judgement.criterion == metric.removeprefix("judge_"))
+            .order_by(Judgement.example_id)).tuples().all())
     return dict(session.execute(
         select(Generation.example_id, ExampleScore.value).join(Generation, Generation.id == ExampleScore.generation_id)
         .where(ExampleScore.job_id == score_job_id, ExampleScore.name == metric, Generation.variant == variant)
@@ -87,9 +98,10 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
     hyper: dict[tuple[str, str], dict] = {}
     job_ids: dict[tuple[str, str], set[int]] = {}
     scores: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
-    for metric, adapter in _newest_metrics(session, metrics, split, sweep_row):
-        if variants is not None and metric.variant not in variants:
-            continue
+    found = [(m, a) for m, a in _newest_metrics(session, metrics, split, sweep_row)
+             if variants is None or m.variant in variants]
+    check_comparable([m for m, _a in found])
+    for metric, adapter in found:
         key = (metric.base_model, metric.variant)
         row = table.setdefault(key, {
             "model": metric.base_model, "variant": metric.variant, "split": split, "examples": metric.n_examples,
@@ -119,14 +131,84 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
         if sort not in metrics:
             raise InputError(f"--sort {sort!r} is not one of the reported metrics ({', '.join(metrics)})")
         rows.sort(key=lambda r: (r.get(sort) is None, -(r.get(sort) or 0)))
+    fixed = ("base", REFERENCE_VARIANT)  # rows that are no run of their own: kept by --top, never "best"
     if top is not None:
-        kept = [r for r in rows if r["variant"] != "base"][:top]
-        rows = [r for r in rows if r["variant"] == "base" or r in kept]
-    candidates = [r for r in rows if r["variant"] != "base" and r.get(sort_metric) is not None]
+        kept = [r for r in rows if r["variant"] not in fixed][:top]
+        rows = [r for r in rows if r["variant"] in fixed or r in kept]
+    candidates = [r for r in rows if r["variant"] not in fixed and r.get(sort_metric) is not None]
     best = max(candidates, key=lambda r: r[sort_metric]) if candidates else None
     for row in rows:
         row["best"] = row is best
     return rows
+
+
+def check_comparable(metric_rows: list[Metric]) -> None:
+    """InputError when one metric's rows were computed with different settings (BERTScore with two models, the
+    judge with two judges): such values are not comparable, so they never share a column."""
+    seen: dict[str, dict[str, dict | None]] = {}
+    for row in metric_rows:
+        seen.setdefault(row.name, {})[json.dumps(row.settings, sort_keys=True)] = row.settings
+    for name, settings in seen.items():
+        if len(settings) > 1:
+            first, second = list(settings.values())[:2]
+            raise InputError(f"{name} was scored with different settings ({settings_text(first)} vs "
+                             f"{settings_text(second)}): not comparable; rescore the runs alike, or report them "
+                             "apart (--sweep)")
+
+
+def settings_text(settings: dict | None) -> str:
+    """`model=roberta-large num_layers=17 idf=off`: a metric's settings in one line."""
+    if not settings:
+        return "no recorded settings"
+    return " ".join(f"{k}={('on' if v else 'off') if isinstance(v, bool) else v}" for k, v in settings.items())
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation: Pearson's correlation of the ranks, tied values sharing their mean rank; None
+    for fewer than 3 pairs or when either side is constant."""
+    if len(xs) != len(ys) or len(xs) < 3:
+        return None
+    rx, ry = _ranks(xs), _ranks(ys)
+    mean = (len(xs) + 1) / 2
+    cov = sum((a - mean) * (b - mean) for a, b in zip(rx, ry))
+    var_x, var_y = sum((a - mean) ** 2 for a in rx), sum((b - mean) ** 2 for b in ry)
+    return cov / (var_x * var_y) ** 0.5 if var_x and var_y else None
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def agreement(session: Session, metrics: list[str], split: str = "test", variants: list[str] | None = None, *,
+              sweep: str | None = None) -> list[dict]:
+    """Per pair of metrics, how far they agree: Spearman's rank correlation of their per-example scores over the
+    (run, example) pairs both scored (newest score job of each run and metric, as in the report)."""
+    sweep_row = sweep_by_name(session, sweep) if sweep else None
+    found = [m for m, _a in _newest_metrics(session, metrics, split, sweep_row)
+             if variants is None or m.variant in variants]
+    check_comparable(found)
+    values: dict[str, dict[tuple, float]] = {name: {} for name in metrics}
+    for row in found:
+        for example_id, value in example_scores_by_id(session, row.job_id, row.variant, row.name).items():
+            values[row.name][(row.base_model, row.variant, example_id)] = value
+    pairs = []
+    for i, a in enumerate(metrics):
+        for b in metrics[i + 1:]:
+            shared = sorted(values[a].keys() & values[b].keys())
+            rho = spearman([values[a][k] for k in shared], [values[b][k] for k in shared])
+            pairs.append({"metric_a": a, "metric_b": b, "examples": len(shared),
+                          "runs": len({k[:2] for k in shared}), "spearman": rho})
+    return pairs
 
 
 def _align_example_sets(table: dict[tuple, dict], scores: dict[tuple, dict[str, dict[str, float]]],
@@ -200,23 +282,32 @@ def loss_curves(session: Session, variants: list[str]) -> dict[str, list[tuple[i
     """(step, train loss, eval loss) points of each adapter's fine-tune job."""
     curves = {}
     for adapter in session.scalars(select(Adapter).where(Adapter.name.in_(variants))):
-        if adapter.job_id is None:
-            continue
-        points = session.scalars(select(LossPoint).where(LossPoint.job_id == adapter.job_id).order_by(LossPoint.step))
-        curves[adapter.name] = [(p.step, p.train_loss, p.eval_loss) for p in points]
+        if adapter.job_id is not None:
+            curves[adapter.name] = job_loss_curve(session, adapter.job_id)
     return curves
 
 
+def job_loss_curve(session: Session, job_id: int) -> list[tuple[int, float | None, float | None]]:
+    """(step, train loss, eval loss) points of one fine-tune job, also of one that failed or still runs."""
+    points = session.scalars(select(LossPoint).where(LossPoint.job_id == job_id).order_by(LossPoint.step))
+    return [(p.step, p.train_loss, p.eval_loss) for p in points]
+
+
 def compare_variants(session: Session, a: str, b: str, metric: str, split: str,
-                     limit: int | None = None) -> list[dict]:
+                     limit: int | None = None, *, score_job_id: int | None = None) -> list[dict]:
     """The examples both variants were scored on, where `a` and `b` differ most on `metric` first (newest scored
-    generations of each); `difference` is a − b and `better` names the variant with the higher score (or "tie")."""
+    generations of each, or those score job `score_job_id` scored); `difference` is a − b and `better` names the
+    variant with the higher score (or "tie")."""
     scored = {}
     for variant in (a, b):
-        job_id = session.scalar(select(func.max(Metric.job_id)).where(
-            Metric.variant == variant, Metric.split == split, Metric.name == metric))
+        scope = select(func.max(Metric.job_id)).where(Metric.variant == variant, Metric.split == split,
+                                                      Metric.name == metric)
+        if score_job_id is not None:
+            scope = scope.where(Metric.job_id == score_job_id)
+        job_id = session.scalar(scope)
         if job_id is None:
-            raise NotFound(f"no scored {metric} results for {variant!r} on split {split!r}")
+            raise NotFound(f"no scored {metric} results for {variant!r} on split {split!r}"
+                           + (f" in score job {score_job_id}" if score_job_id is not None else ""))
         rows = session.execute(
             select(Generation, ExampleScore.value).join(ExampleScore, ExampleScore.generation_id == Generation.id)
             .where(ExampleScore.job_id == job_id, ExampleScore.name == metric, Generation.variant == variant)).all()
@@ -231,6 +322,41 @@ def compare_variants(session: Session, a: str, b: str, metric: str, split: str,
                       "better": a if va > vb else b if vb > va else "tie"})
     pairs.sort(key=lambda p: (-abs(p["difference"]), p["example_id"]))
     return pairs if limit is None else pairs[:limit]
+
+
+def score_job_of(session: Session, generate_job_id: int) -> int | None:
+    """The newest score job that wrote metrics for generate job `generate_job_id` (None: not scored yet)."""
+    return session.scalar(select(func.max(Metric.job_id)).where(Metric.generate_job_id == generate_job_id))
+
+
+def generated_example_ids(session: Session, generate_job_id: int) -> list[str]:
+    """The example ids a generate job wrote rows for, in example id order."""
+    return list(session.scalars(select(Generation.example_id).where(Generation.job_id == generate_job_id)
+                                .distinct().order_by(Generation.example_id)))
+
+
+def examples_side_by_side(session: Session, generate_job_id: int, score_job_id: int | None,
+                          example_ids: list[str]) -> list[dict]:
+    """The given examples of a generate job, in the given order: example_id, source, reference, and `outputs`, per
+    variant (in the job's order of variants) its prediction and per-example `scores` {metric: value} from score job
+    `score_job_id`."""
+    generations = session.scalars(select(Generation).where(Generation.job_id == generate_job_id,
+                                                           Generation.example_id.in_(example_ids))
+                                  .order_by(Generation.id)).all()
+    scores: dict[int, dict[str, float]] = {}
+    if score_job_id is not None and generations:
+        for generation_id, name, value in session.execute(
+                select(ExampleScore.generation_id, ExampleScore.name, ExampleScore.value)
+                .where(ExampleScore.job_id == score_job_id,
+                       ExampleScore.generation_id.in_([g.id for g in generations]))).tuples():
+            scores.setdefault(generation_id, {})[name] = value
+    rows = {example_id: {"example_id": example_id, "outputs": {}} for example_id in example_ids}
+    for g in generations:
+        row = rows[g.example_id]
+        row.setdefault("source", g.source)
+        row.setdefault("reference", g.reference)
+        row["outputs"][g.variant] = {"prediction": g.prediction, "scores": scores.get(g.id, {})}
+    return [row for row in rows.values() if row["outputs"]]
 
 
 def sweep_jobs(session: Session, sweep: Sweep) -> list[Job]:

@@ -1,5 +1,6 @@
-"""Result tables: trained adapters, generated summaries, aggregated metrics and per-example scores. The metric
-names each score job writes, and which fit each model kind, are in models/metrics.py beside this module.
+"""Result tables: trained adapters, generated summaries, aggregated metrics, per-example scores and the LLM judge's
+verdicts. The metric names each score job writes, and which fit each model kind, are in models/metrics.py beside
+this module.
 
 Every result row has a natural unique key (job, variant, example) or (job, variant, split, metric), where the
 variant is "base" or the adapter's name, so that a job that runs twice replaces its rows instead of duplicating them.
@@ -10,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Optional
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models import jobs  # noqa: F401 (every result row points at the jobs table, which must be loaded)
@@ -76,6 +77,9 @@ class Metric(Base):
     name: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
     n_examples: Mapped[int] = mapped_column(Integer)
+    # how a model-based metric was computed (BERTScore's model, layer, idf, rescaling; the judge's backend and
+    # model; an evaluate metric's source): values computed with different settings are not comparable
+    settings: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -88,6 +92,26 @@ class ExampleScore(Base):
     generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
+
+
+class Judgement(Base):
+    """The LLM judge's verdict on one summary and criterion: a 1-5 score (None when the reply could not be parsed),
+    its reason and the raw reply. `variant` is the generation's, or "reference" for the dataset's own summary (then
+    `generation_id` points at one generation row of that example, for its source)."""
+
+    __tablename__ = "judgements"
+    __table_args__ = (UniqueConstraint("job_id", "variant", "example_id", "criterion", name="uq_judgement"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    generation_id: Mapped[Optional[int]] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    variant: Mapped[str] = mapped_column(String(64))
+    example_id: Mapped[str] = mapped_column(String(128))
+    criterion: Mapped[str] = mapped_column(String(32))
+    score: Mapped[Optional[float]] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    raw: Mapped[Optional[str]] = mapped_column(Text)
+    parsed: Mapped[bool] = mapped_column(Boolean)
 
 
 class LossPoint(Base):

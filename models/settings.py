@@ -6,7 +6,8 @@ caps the weights a worker keeps resident (`8GiB`, `500MB` or plain bytes); unset
 
 Every value is checked when it is read: one that cannot be used is an `InputError` naming its variable (one line,
 exit 2 at the CLI), never a traceback from deep inside the first command that uses it. URLs are printed only
-through `mask_url`.
+through `mask_url`. `JUDGE_BASE_URL` and `JUDGE_API_KEY` are the LLM judge's OpenAI-compatible endpoint and its key;
+the key is left out of the repr and of every error message.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import InputError
@@ -170,6 +171,14 @@ def _seconds(env, variable: str, default: float, high: float) -> float:
     return value
 
 
+def _api_key(env, variable: str) -> str:
+    """A key sent in an HTTP header: printable, no spaces (an error never echoes it)."""
+    key = (env.get(variable) or "").strip()
+    if any(not c.isprintable() or c.isspace() for c in key):
+        raise InputError(f"{variable} holds spaces or control characters (its value is not shown)")
+    return key
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -182,6 +191,8 @@ class Settings:
     model_cache_bytes: int | None = None  # None: half the free device memory, on CPU at most 8 GiB
     faults: str = ""  # fault injection for tests and chaos runs (worker/faults.py); empty in normal operation
     notify_url: str = ""  # TUNEQUEUE_NOTIFY_URL: a webhook told when a sweep finishes or a job fails for good
+    judge_base_url: str = ""  # JUDGE_BASE_URL: the LLM judge's OpenAI-compatible endpoint, e.g. https://HOST/v1
+    judge_api_key: str = field(default="", repr=False)  # JUDGE_API_KEY: sent as a bearer token, never shown
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -213,6 +224,8 @@ class Settings:
             model_cache_bytes=model_cache_bytes,
             faults=env.get("TUNEQUEUE_FAULTS", ""),
             notify_url=check_notify_url(env.get("TUNEQUEUE_NOTIFY_URL") or ""),
+            judge_base_url=check_notify_url(env.get("JUDGE_BASE_URL") or "", "JUDGE_BASE_URL"),
+            judge_api_key=_api_key(env, "JUDGE_API_KEY"),
         )
 
     @property

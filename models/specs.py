@@ -17,7 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from models.builtins import (BUILTIN_DATASETS, DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_PROMPT_TEMPLATE,
                              builtin_datasets_help, builtin_models_help)
 from models.errors import InputError
-from models.metrics import METRIC_FAMILIES
+from models.metrics import DEFAULT_BERTSCORE_MODEL, EVALUATE_PREFIX, METRIC_FAMILIES, METRIC_NEEDS, is_evaluate
 
 # fullmatch, never match + `$`: `$` also matches before a trailing newline, so "name\n" would pass
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -36,7 +36,6 @@ ModelKind = Literal["seq2seq", "causal", "classification"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 Method = Literal["lora", "qlora", "prompt-tuning", "full"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
-MetricFamily = Literal[tuple(METRIC_FAMILIES)]  # type: ignore[valid-type]
 # Learning rates that work for each method on the built-in tiny models (prompt tuning moves few parameters, so it
 # needs a larger step; full fine-tuning a smaller one). An explicit learning_rate always wins.
 DEFAULT_LEARNING_RATES = {"lora": 3e-3, "qlora": 3e-3, "prompt-tuning": 3e-2, "full": 1e-3}
@@ -44,10 +43,12 @@ DEFAULT_LEARNING_RATES = {"lora": 3e-3, "qlora": 3e-3, "prompt-tuning": 3e-2, "f
 DEFAULT_COLUMNS = {"text_column": "dialogue", "summary_column": "summary", "label_column": "label"}
 
 
-def option(default: Any, help: str, *flags: str, shown: Optional[str] = None, **constraints) -> Any:
-    """A spec field with its CLI face: `help`, `flags` (default `--field-name`) and, where the real default depends
-    on other fields, the text `shown` as the default in --help."""
-    extra = {"flags": list(flags), "shown": shown}
+def option(default: Any, help: str, *flags: str, shown: Optional[str] = None, repeat: bool = False,
+           **constraints) -> Any:
+    """A spec field with its CLI face: `help`, `flags` (default `--field-name`), where the real default depends
+    on other fields, the text `shown` as the default in --help, and for a list, `repeat`: the option is given once
+    per item (--metric a --metric b) rather than as one comma-separated value."""
+    extra = {"flags": list(flags), "shown": shown, "repeat": repeat}
     return Field(default, description=help, json_schema_extra=extra, **constraints)
 
 
@@ -225,6 +226,11 @@ class FinetuneSpec(_DataFields):
         return self.model_dump(include=keys)
 
 
+# Padded tokens per generation batch when no batch size is given: the budget above which throughput stops growing
+# (tiny-t5 on 2 CPU cores, `python bench/generate.py --tiny --budgets`, bench/RESULTS.md).
+GENERATE_BATCH_TOKENS = 16384
+
+
 class GenerateSpec(_DataFields):
     kind: Literal["generate"] = "generate"
     model: str = option(DEFAULT_MODEL, "Base model.", shown=f"the adapter's base, else {DEFAULT_MODEL}")
@@ -235,7 +241,10 @@ class GenerateSpec(_DataFields):
     split: str = option("test", "Split to generate for: train/validation/test of a built-in or carved file, or any "
                                 "split of a folder or hub dataset.", "--split", "--test-split")
     limit: Optional[int] = option(None, "Only the first N examples of the split.", gt=0, le=MAX_EXAMPLES)
-    batch_size: int = option(64, "Examples per generation batch.", gt=0, le=4096)
+    batch_size: Optional[int] = option(
+        None, "Examples per generation batch; without it, each length-sorted batch takes as many examples as fit "
+        f"{GENERATE_BATCH_TOKENS:,} padded tokens (input + max new tokens, per row).", gt=0, le=4096,
+        shown=f"a budget of {GENERATE_BATCH_TOKENS:,} tokens")
     max_new_tokens: int = option(64, "Tokens generated at most per example.", gt=0, le=4096)
     max_source_length: int = option(512, "Input tokens kept per example.", gt=0, le=32768)
     # Greedy decoding that never repeats a trigram (as BART's summarization config does): tiny or undertrained
@@ -255,10 +264,72 @@ class GenerateSpec(_DataFields):
 class ScoreSpec(_Spec):
     kind: Literal["score"] = "score"
     generate_job_id: int = Field(gt=0, le=MAX_ID)
-    metrics: Optional[list[MetricFamily]] = option(
-        None, "rouge: ROUGE-1/2/L/Lsum F-measure with stemming (rouge_score, offline); classification: accuracy, "
-        "precision, recall, F1 (binary and macro).", "--metric", shown="from the generate job's model kind")
+    metrics: Optional[list[str]] = option(
+        None, f"A metric family, repeatable: {', '.join(METRIC_NEEDS)} (what each needs: score --help).",
+        "--metric", shown="rouge, or classification for a classifier", repeat=True)
     use_stemmer: bool = True
+    bertscore_model: Optional[str] = option(
+        None, "BERTScore model: a hub name (usual: roberta-large with --bertscore-layer 17, or "
+        "microsoft/deberta-xlarge-mnli) or a local folder.", shown=f"{DEFAULT_BERTSCORE_MODEL}, packaged, offline")
+    bertscore_num_layers: Optional[int] = option(
+        None, "BERTScore: the model layer whose embeddings are compared.", "--bertscore-layer",
+        shown="bert-score's choice for the model; 6 for all-MiniLM-L6-v2", gt=0, le=1000)
+    bertscore_idf: bool = option(False, "BERTScore: weight tokens by idf computed over the references.")
+    bertscore_rescale: bool = option(
+        False, "BERTScore: rescale with bert-score's English baseline for the model (roberta-large and the other "
+        "models bert-score ships baselines for).")
+    bertscore_batch_size: int = option(32, "BERTScore: pairs per forward pass.", gt=0, le=4096)
+    judge_backend: Literal["local", "openai"] = option(
+        "local", "Judge backend. local: a causal model run in the worker through its model cache. openai: any "
+        "OpenAI-compatible chat-completions endpoint (JUDGE_BASE_URL and JUDGE_API_KEY in the worker's environment).")
+    judge_model: Optional[str] = option(
+        None, "Judge model (needed with --metric judge). local: a built-in such as tiny-llama, a folder or a hub "
+        "name; openai: the endpoint's model name.")
+    judge_scoring: Optional[Literal["sample", "probabilities"]] = option(
+        None, "Judge scores (local backend). probabilities: the expected score under the model's probabilities of "
+        "the tokens 1-5, as G-Eval does. sample: parse a generated reply.",
+        shown="probabilities (local); sample (openai)")
+    judge_references: bool = option(
+        False, "Also judge the dataset's reference summaries: the report gets a 'reference' row.")
+    judge_concurrency: int = option(4, "Judge (openai): requests under way at once.", gt=0, le=256)
+    judge_max_requests: Optional[int] = option(
+        None, "Judge (openai): requests this job may send, retries included.", shown="twice the prompts",
+        gt=0, le=MAX_EXAMPLES)
+    judge_max_seconds: Optional[float] = option(None, "Judge: seconds this job may spend judging.",
+                                                shown="an hour", gt=0, le=MAX_SECONDS)
+    judge_timeout_s: float = option(60.0, "Judge (openai): seconds to wait for each reply.", gt=0, le=3600)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value):
+        for name in value or []:
+            if is_evaluate(name):
+                if not name[len(EVALUATE_PREFIX):].strip():
+                    raise ValueError(f"{EVALUATE_PREFIX} needs a metric name or a local folder, e.g. "
+                                     f"{EVALUATE_PREFIX}exact_match")
+                if len(name) > 1024:
+                    raise ValueError(f"{brief(name)}: at most 1024 characters")
+            elif name not in METRIC_FAMILIES:
+                raise ValueError(f"unknown metric {brief(name)} (expected {', '.join(METRIC_FAMILIES)} or "
+                                 f"{EVALUATE_PREFIX}NAME_OR_PATH)")
+        return list(dict.fromkeys(value)) if value else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _judge_scoring_default(cls, data):
+        if isinstance(data, dict) and data.get("judge_scoring") is None:
+            data = {**data, "judge_scoring": "sample" if data.get("judge_backend") == "openai" else "probabilities"}
+        return data
+
+    @model_validator(mode="after")
+    def _judge_needs(self):
+        if "judge" in (self.metrics or []) and not self.judge_model:
+            raise ValueError("judge_model: --metric judge needs --judge-model (e.g. tiny-llama for the local "
+                             "backend, or the endpoint's model name with --judge-backend openai)")
+        if self.judge_backend == "openai" and self.judge_scoring == "probabilities":
+            raise ValueError("judge_scoring: probabilities needs --judge-backend local (the openai backend parses "
+                             "the reply)")
+        return self
 
 
 class Submission(_Spec):

@@ -35,13 +35,37 @@ def test_bench_score_small():
 
 def test_bench_generate_small():
     lines = run_bench("bench/generate.py", "--tiny", "--examples", "16", "--slow-examples", "4", "--adapters", "2",
-                      "--batch-size", "8", "--large-batch-size", "16")
+                      "--large-batch-size", "16", "--budgets", "256,100000")
     figures = {line.get("figure") for line in lines}
     assert figures >= {"one_at_a_time", "batched", "adapters_swapped", "adapters_mixed_batch",
                        "one_adapter_merged_copy"}
-    assert len([line for line in lines if line.get("figure") == "batched"]) == 2
+    default, fixed = [line for line in lines if line.get("figure") == "batched"]
+    assert default["batch_size"] is None and default["batch_tokens"] > 0 and fixed["batch_size"] == 16
+    small, large = [line for line in lines if line.get("figure") == "budget"]
+    assert small["batches"] > 1 and small["rows_per_batch"][1] < 16 and large["batches"] == 1  # cut by the budget
     assert "4 of the 16" in [line for line in lines if line.get("figure") == "one_at_a_time"][0]["subset"]
     assert len([line for line in lines if "ratio" in line]) == 5
+
+
+def test_bench_night_small():
+    """Two points of a few steps each way; each side runs once (a night is not repeated), so there are no pairs."""
+    result = subprocess.run([sys.executable, "bench/night.py", "--points", "2", "--max-steps", "3",
+                             "--test-limit", "4"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert "each side runs once" in lines[0]["repeats"] and lines[0]["points"] == 2
+    assert [line["point"] for line in lines if line.get("side") == "peers" and "point" in line] == [1, 2]
+    sides = {line["side"]: line for line in lines if "side" in line and "wall_s" in line and "point" not in line}
+    for side in sides.values():
+        assert side["wall_s"] > 0 and side["runs"] == 1
+        assert 0 <= side["rouge1_mean"] <= side["rouge1_max"] <= 1  # both sides produced ROUGE
+        assert set(side["parts_s"]) >= {"process_start_imports", "model_load", "train", "generate", "score"}
+        assert abs(side["unaccounted_s"]) < 0.05 * side["wall_s"]  # the split covers the wall time
+    assert [job["kind"] for job in sides["tunequeue"]["jobs"]] == ["finetune", "finetune", "generate", "score"]
+    assert all("train_s" in job for job in sides["tunequeue"]["jobs"][:2])
+    [ratio] = [line for line in lines if "ratio" in line]
+    assert ratio["value"] > 0 and ratio["runs"] == 1 and isinstance(ratio["quality_holds"], bool)
+    assert lines[-1]["figure"] == "machine"
 
 
 def test_bench_train_small():

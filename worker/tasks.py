@@ -29,8 +29,10 @@ def _generate(spec, session, runtime, lease, on_progress) -> dict:
 def _score(spec, session, runtime, lease, on_progress) -> dict:
     from worker.jobs.score import score_rows
 
+    # the model cache only for the judge's local model: building it imports torch
+    cache = runtime.cache if "judge" in (spec.metrics or []) and spec.judge_backend == "local" else None
     return score_rows(spec, session, job_id=lease.job_id, lease=lease, on_progress=on_progress,
-                      faults=runtime.faults())
+                      faults=runtime.faults(), cache=cache, settings=runtime.settings)
 
 
 JOBS: dict[JobKind, Callable[..., dict]] = {JobKind.finetune: _finetune, JobKind.generate: _generate,

@@ -5,11 +5,15 @@ refused on its next request. Writes need a token that is not read-only (403 othe
 from __future__ import annotations
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.tokens import check_token
 from models.tokens import ApiToken
 
 COOKIE = "tunequeue_token"
+# the API's security scheme, as /openapi.json and /docs show it (missing or not a bearer header: None, then 401)
+bearer = HTTPBearer(auto_error=False, scheme_name="token", bearerFormat="tq_...",
+                    description="A token made by 'python manage.py tokens create NAME' (--read-only: GET only).")
 
 
 class LoginRequired(Exception):
@@ -23,12 +27,6 @@ def context(request: Request):
     return request.app.state.ctx
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
-
-
 def _checked(request: Request, token: str | None) -> ApiToken | None:
     with context(request).session() as session:
         row = check_token(session, token)
@@ -37,9 +35,9 @@ def _checked(request: Request, token: str | None) -> ApiToken | None:
         return row
 
 
-def api_token(request: Request) -> ApiToken:
+def api_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiToken:
     """The caller's active token (401 for a missing, wrong or revoked one)."""
-    row = _checked(request, _bearer(request))
+    row = _checked(request, credentials.credentials.strip() if credentials else None)
     if row is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid API token is needed: "
                             "'Authorization: Bearer TOKEN' (python manage.py tokens create NAME)",

@@ -14,6 +14,7 @@ a whole model folder there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from models.results import Adapter, LossPoint
 from models.specs import FinetuneSpec
 from worker.data.examples import examples_for
 from worker.faults import Faults
-from worker.jobs import ProgressFn
+from worker.jobs import ProgressFn, rounded_timings, timed
 from worker.jobs.checkpoint import (TrainState, checkpoint_dir, load_checkpoint, save_checkpoint, spec_hash,
                                     trainable_state, writing)
 from worker.ml.features import cached_encode, collate, label_tokens
@@ -59,6 +60,7 @@ class Prepared:
     evaluation: Optional[list[dict]]  # held-out features; None without an eval split
     total_steps: int
     eval_every: int
+    timings: dict = field(default_factory=dict)  # seconds of each part of the job, for its result
 
     @property
     def lengths(self) -> list[int]:
@@ -107,6 +109,7 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
     check_method_supported(spec, cache.device)
     spec = resolve_model_kind(spec)
     prepared = prepare(spec, cache, home)
+    timings = prepared.timings
     guard = (lambda: lease.held(session)) if lease else contextlib.nullcontext
     if job_id is not None:
         with guard():
@@ -114,15 +117,19 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
         session.commit()
     checkpoints = checkpoint_dir(home, session.get(Job, job_id).uid if job_id is not None else None)
     with trainable_model(spec, cache, prepared.loaded, spec.model_kind) as model:
-        run = start_run(spec, prepared, model, checkpoints, guard, faults or Faults(), on_progress, started)
-        train_loop(run)
-        staging = save(run, home)
+        with timed(timings, "initial_eval_s"):  # optimizer, resume, and (mostly) the eval loss before training
+            run = start_run(spec, prepared, model, checkpoints, guard, faults or Faults(), on_progress, started)
+        with timed(timings, "train_s"):  # the steps, with their periodic evaluations and checkpoints
+            train_loop(run)
+        with timed(timings, "save_s"):
+            staging = save(run, home)
     try:
-        with guard():  # from here to the commit only the attempt holding the job publishes its adapter
-            out_dir = publish(staging, home / "adapters" / spec.name)
-            result = record(run, session, home, out_dir, job_id=job_id, base_loads=cache.loads)
-        session.commit()
-        return result
+        with timed(timings, "record_s"):
+            with guard():  # from here to the commit only the attempt holding the job publishes its adapter
+                out_dir = publish(staging, home / "adapters" / spec.name)
+                result = record(run, session, home, out_dir, job_id=job_id, base_loads=cache.loads)
+            session.commit()
+        return {**result, "timings": rounded_timings(timings)}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -130,21 +137,26 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
 def prepare(spec: FinetuneSpec, cache: ModelCache, home: Path) -> Prepared:
     """Examples read and tokenized (through the cache), labels found, the base model loaded, step counts set."""
     # a --train-limit takes a random subset chosen by the seed, not the file's first rows
-    examples = examples_for(spec, spec.train_split, target_column=spec.target_column, limit=spec.train_limit,
-                            shuffle=spec.train_limit is not None)
+    timings: dict[str, float] = {}
+    with timed(timings, "read_data_s"):
+        examples = examples_for(spec, spec.train_split, target_column=spec.target_column, limit=spec.train_limit,
+                                shuffle=spec.train_limit is not None)
     labels = classification_labels(cache.resolve(spec.model), [e["target"] for e in examples]) \
         if spec.model_kind == "classification" else None
     loads_before = cache.loads
-    loaded = base_for(spec, cache, spec.model_kind, labels)
+    with timed(timings, "model_load_s"):  # ~0 when the base is resident
+        loaded = base_for(spec, cache, spec.model_kind, labels)
     encoding = {"max_source_length": spec.max_source_length, "max_target_length": spec.max_target_length,
                 "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
-    features, from_cache = cached_encode(home, spec.model_kind, loaded.tokenizer, examples, **encoding)
-    evaluation = held_out_features(spec, home, loaded.tokenizer, encoding) if spec.eval_split else None
+    with timed(timings, "tokenize_s"):  # train and eval splits, through the tokenization cache
+        features, from_cache = cached_encode(home, spec.model_kind, loaded.tokenizer, examples, **encoding)
+        evaluation = held_out_features(spec, home, loaded.tokenizer, encoding) if spec.eval_split else None
     steps_per_epoch = math.ceil(len(examples) / spec.per_device_train_batch_size)
     return Prepared(loaded=loaded, model_was_loaded=cache.loads > loads_before, labels=labels, features=features,
                     from_cache=from_cache, evaluation=evaluation,
                     total_steps=spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.num_train_epochs)),
-                    eval_every=spec.eval_steps or steps_per_epoch)
+                    eval_every=spec.eval_steps or steps_per_epoch, timings=timings)
+
 
 
 def held_out_features(spec: FinetuneSpec, home: Path, tokenizer, encoding: dict) -> Optional[list[dict]]:
@@ -170,10 +182,26 @@ def start_run(spec: FinetuneSpec, prepared: Prepared, model, checkpoints: Option
               on_progress=on_progress, started=started)
     run.resumed_from = load_checkpoint(checkpoints, model, optimizer, scheduler, rng, state, spec_hash(spec))
     if prepared.evaluation and not run.resumed_from:
-        run.initial_eval = eval_loss(model, prepared.evaluation, prepared.pad_id, prepared.loaded.device,
-                                     spec.per_device_train_batch_size)
+        run.initial_eval = untrained_eval_loss(spec, prepared, model)
     run.last_save = time.monotonic()
     return run
+
+
+def untrained_eval_loss(spec: FinetuneSpec, prepared: Prepared, model) -> float:
+    """The eval loss before training. A new LoRA adapter leaves its base's output as it is (B starts at zero), so
+    every LoRA fine-tune of one resident base on one eval set starts from the same loss, whatever its rank, alpha or
+    learning rate: it is computed once per model-cache entry and eval set, and a sweep's other points reuse it."""
+    def compute() -> float:
+        return eval_loss(model, prepared.evaluation, prepared.pad_id, prepared.loaded.device,
+                         spec.per_device_train_batch_size)
+
+    if spec.method not in ("lora", "qlora") or spec.model_kind == "classification":
+        return compute()
+    key = hashlib.sha256(repr((spec.per_device_train_batch_size, prepared.evaluation)).encode()).hexdigest()
+    known = prepared.loaded.extra.setdefault("untrained_eval_losses", {})
+    if key not in known:
+        known[key] = compute()
+    return known[key]
 
 
 def make_optimizer(spec: FinetuneSpec, params: list, device: str, total_steps: int):

@@ -27,10 +27,10 @@ from sqlalchemy.orm import Session
 from models.errors import JobCancelled, NotFound
 from models.jobs import Lease
 from models.results import Adapter, Generation
-from models.specs import GenerateSpec
+from models.specs import GENERATE_BATCH_TOKENS, GenerateSpec
 from worker.data.examples import examples_for
 from worker.faults import Faults
-from worker.jobs import ProgressFn
+from worker.jobs import ProgressFn, rounded_timings, timed
 from worker.ml import multi_lora
 from worker.ml.features import attention_mask, pad
 from worker.ml.kinds import resolve_model_kind
@@ -149,6 +149,19 @@ def _in_scope(scope: ContextManager) -> Iterator[dict]:
         yield {}
 
 
+def batch_at(order: list[int], start: int, lengths: list[int], batch_size: Optional[int], new_tokens: int,
+             token_budget: int = GENERATE_BATCH_TOKENS) -> list[int]:
+    """The batch of `order` (indices sorted by length, shortest first) that starts at `start`: `batch_size`
+    examples when one is given, else as many as fit `token_budget` padded tokens, each row counted as the batch's
+    longest input plus `new_tokens`; at least one."""
+    if batch_size:
+        return order[start:start + batch_size]
+    end = start + 1
+    while end < len(order) and (lengths[order[end]] + new_tokens) * (end + 1 - start) <= token_budget:
+        end += 1
+    return order[start:end]
+
+
 def _run_batch(model, loaded: LoadedModel, model_kind: str, spec: GenerateSpec, ids: list[list[int]],
                extra: dict, labels: Optional[list[str]]) -> list[str]:
     tokenizer, device = loaded.tokenizer, loaded.device
@@ -177,12 +190,16 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
     spec = resolve_model_kind(spec)
     model_kind = spec.model_kind
     faults = faults or Faults()
+    timings: dict[str, float] = {}
     variants = _adapters(spec, session)
-    examples = examples_for(spec, spec.split, target_column=spec.target_column, limit=spec.limit)
+    with timed(timings, "read_data_s"):
+        examples = examples_for(spec, spec.split, target_column=spec.target_column, limit=spec.limit)
     done = set(session.execute(select(Generation.variant, Generation.example_id).where(
         Generation.job_id == job_id)).tuples())
     was_loaded = cache.is_loaded(spec.model)
     total, finished, batch_size, batch_number = len(examples) * len(variants), len(done), spec.batch_size, 0
+    token_budget = GENERATE_BATCH_TOKENS
+    new_tokens = 0 if model_kind == "classification" else spec.max_new_tokens
     passes = plan_passes(variants, model_kind)
     for p in passes:
         items = [(name, adapter, e) for e in examples for name, adapter in p.variants if (name, e["id"]) not in done]
@@ -193,28 +210,36 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
             adapter = p.variants[0][1]
             labels = (adapter.hyperparameters.get("labels") if adapter is not None else None) or \
                 classification_labels(cache.resolve(spec.model), [e["target"] for e in examples])
+        load_started = time.monotonic()  # the base (~0 when resident) and its adapters: merged, hooked or PEFT's
         with _pass_model(p, cache, spec, model_kind, home, labels) as (model, loaded, rows), torch.inference_mode():
-            encoded = loaded.tokenizer([e["source"] for _, _, e in items], truncation=True,
-                                       max_length=spec.max_source_length)["input_ids"]
-            order = sorted(range(len(items)), key=lambda i: (len(encoded[i]), items[i][0]))
+            timings["model_load_s"] = timings.get("model_load_s", 0.0) + time.monotonic() - load_started
+            with timed(timings, "tokenize_s"):
+                encoded = loaded.tokenizer([e["source"] for _, _, e in items], truncation=True,
+                                           max_length=spec.max_source_length)["input_ids"]
+            lengths = [len(ids) for ids in encoded]
+            order = sorted(range(len(items)), key=lambda i: (lengths[i], items[i][0]))
             start = 0
             while start < len(order):
-                batch = order[start:start + batch_size]
+                batch = batch_at(order, start, lengths, batch_size, new_tokens, token_budget)
                 batch_number += 1
                 scope = rows([items[i][0] for i in batch]) if rows else contextlib.nullcontext({})
                 try:
                     faults.maybe_oom_batch(batch_number)
-                    with scope as extra:
+                    with scope as extra, timed(timings, "generate_s"):
                         predictions = _run_batch(model, loaded, model_kind, spec, [encoded[i] for i in batch], extra,
                                                  labels)
                 except torch.cuda.OutOfMemoryError:
-                    if batch_size == 1:
+                    if len(batch) == 1:
                         raise
-                    batch_size = max(1, batch_size // 2)  # the same batch again, smaller
-                    log.warning("out of memory generating: batch size now %s", batch_size)
+                    if batch_size:
+                        batch_size = max(1, batch_size // 2)  # the same batch again, smaller
+                    else:
+                        token_budget //= 2
+                    log.warning("out of memory generating: batch size now %s", batch_size or f"{token_budget} tokens")
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
+                write_started = time.monotonic()
                 if lease is not None:
                     lease.hold(session)
                 session.add_all([
@@ -224,6 +249,7 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
                     for i, prediction in zip(batch, predictions)
                 ])
                 session.commit()
+                timings["write_s"] = timings.get("write_s", 0.0) + time.monotonic() - write_started
                 start += len(batch)
                 finished += len(batch)
                 if on_progress and on_progress({"step": finished, "total_steps": total}):
@@ -235,4 +261,5 @@ def generate_summaries(spec: GenerateSpec, session: Session, cache: ModelCache, 
             "passes": len(passes), "applied_by": [p.applied_by for p in passes], "bases": [p.base for p in passes],
             "model_was_loaded": was_loaded, "base_loads": cache.loads,
             "duration_s": round(duration, 2), "rows_per_s": round(generated / duration, 2) if duration else None,
-            "examples_per_s": round(generated / duration, 2) if duration else None, "batch_size": batch_size}
+            "examples_per_s": round(generated / duration, 2) if duration else None, "batch_size": batch_size,
+            "batch_tokens": None if batch_size else token_budget, "timings": rounded_timings(timings)}
