@@ -118,7 +118,8 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
     for key, wait in _mean_queue_waits(session, job_ids).items():
         table[key]["queue_wait_s"] = wait
     rows = [table[key] for key in sorted(table, key=lambda k: (k[0], order[k]))]
-    varied = _varied_keys([hyper[(r["model"], r["variant"])] for r in rows if r["variant"] != "base"])
+    fixed = ("base", REFERENCE_VARIANT)  # rows that are no run of their own: no hyperparameters, kept by --top,
+    varied = _varied_keys([hyper[(r["model"], r["variant"])] for r in rows if r["variant"] not in fixed])
     for row in rows:
         params = hyper[(row["model"], row["variant"])]
         row["hyperparameters"] = {k: params.get(k) for k in varied}
@@ -131,7 +132,7 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
         if sort not in metrics:
             raise InputError(f"--sort {sort!r} is not one of the reported metrics ({', '.join(metrics)})")
         rows.sort(key=lambda r: (r.get(sort) is None, -(r.get(sort) or 0)))
-    fixed = ("base", REFERENCE_VARIANT)  # rows that are no run of their own: kept by --top, never "best"
+    # ... never "best"
     if top is not None:
         kept = [r for r in rows if r["variant"] not in fixed][:top]
         rows = [r for r in rows if r["variant"] in fixed or r in kept]
