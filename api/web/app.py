@@ -26,17 +26,8 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
                               "report. Every route but /health needs 'Authorization: Bearer TOKEN'.")
     app.state.ctx = ctx or AppContext()
 
-    @app.exception_handler(NotFound)
-    async def not_found(_request: Request, exc: NotFound):
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(InputError)
-    async def bad_input(_request: Request, exc: InputError):
-        return JSONResponse({"detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(Unavailable)
-    async def unavailable(_request: Request, exc: Unavailable):
-        return JSONResponse({"detail": str(exc)}, status_code=503)
+    for error, status_code in ((NotFound, 404), (InputError, 422), (Unavailable, 503)):
+        app.add_exception_handler(error, _one_line(status_code))
 
     @app.exception_handler(RequestValidationError)
     async def malformed(_request: Request, exc: RequestValidationError):
@@ -62,3 +53,11 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
     app.include_router(pages.router, include_in_schema=False)
     app.include_router(routes.router)
     return app
+
+
+def _one_line(status_code: int):
+    """A handler answering with the error's own one-line text and `status_code`."""
+    async def answer(_request: Request, exc: Exception):
+        return JSONResponse({"detail": str(exc)}, status_code=status_code)
+
+    return answer
