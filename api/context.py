@@ -13,6 +13,9 @@ from models.settings import Settings, mask_url
 
 class AppContext:
     schema_checked = False  # set once a session() found the tunequeue tables
+    # whether submissions may name `evaluate:` metrics (their scripts run as code on the workers): the CLI's user
+    # runs code anyway; the HTTP app allows them only with TUNEQUEUE_API_EVALUATE=1
+    code_metrics = True
 
     def __init__(self, settings: Settings | None = None):
         if settings is not None:

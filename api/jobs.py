@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.context import AppContext
-from api.validate import validate
+from api.validate import check_code_metrics, validate
 from models.base import utcnow
 from models.errors import InputError, NotFound, Unavailable
 from models.jobs import Job, JobKind, JobStatus, JobWait, readiness
@@ -36,6 +36,7 @@ def submit(ctx: AppContext, data: dict, submission: Submission = Submission(), *
     store and publish the job (recorded as submitted by API token `token_id`, if any). Raises InputError (nothing
     written) or Unavailable."""
     spec = parse_spec(data)
+    check_code_metrics(ctx.code_metrics, getattr(spec, "metrics", None))
     with ctx.session() as session:
         spec = validate(spec, session, ctx.settings.home, model_given=model_given)
         ctx.broker.check()

@@ -21,7 +21,8 @@ from api.adapters import jobs_using
 from api.context import AppContext
 from api.jobs import cancel, commit_staged, job_dict, release, stage
 from api.sweeps import SweepPlan, apply_overrides, expand
-from api.validate import validate_finetune, validate_generate
+from api.validate import check_code_metrics, validate_finetune, validate_generate
+from models.metrics import metric_families
 from models.errors import InputError, NotFound
 from models.jobs import ACTIVE_STATUSES, Job, JobKind, JobStatus, JobWait, parent_ids
 from models.report import sweep_by_name, sweep_jobs
@@ -75,6 +76,8 @@ def validate_sweep(session: Session, home: Path, plan: SweepPlan) -> SweepPlan:
         except InputError as exc:
             raise InputError(f"point {point.index}: {exc}") from None
         points.append(replace(point, generate=generate, finetune=finetune))
+    # the evaluation's metrics fit the model's kind (checked now, not after every fine-tune has run)
+    metric_families(plan.metrics, points[0].generate.model_kind, 0, what="the sweep's evaluation")
     return replace(plan, points=points, checked=True)
 
 
@@ -134,6 +137,7 @@ def submit_sweep(ctx: AppContext, data: dict, *, name: str | None = None, overri
     nothing written, or Unavailable."""
     notify_url = check_notify_url(notify_url, notify_option) if notify_url is not None else None
     plan = expand(apply_overrides(data, list(overrides)), name)
+    check_code_metrics(ctx.code_metrics, plan.metrics)
     with ctx.session() as session:
         plan = validate_sweep(session, ctx.settings.home, plan)
         if dry_run:

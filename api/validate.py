@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from models.builtins import BUILTIN_MODELS
 from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind, JobStatus
-from models.metrics import DEFAULT_BERTSCORE_MODEL, EVALUATE_PREFIX, is_evaluate, metric_families
+from models.metrics import DEFAULT_BERTSCORE_MODEL, EVALUATE_PREFIX, evaluate_module, is_evaluate, metric_families
 from models.results import Adapter
 from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, parse_spec
 from worker.data.examples import rules_for
@@ -142,10 +142,20 @@ def validate_score(spec: ScoreSpec, session: Session) -> Job:
     return job
 
 
+def check_code_metrics(allowed: bool, metrics: list[str] | None) -> None:
+    """An `evaluate:` metric runs its script's code on the workers: refused where the door does not allow it."""
+    if not allowed and any(is_evaluate(m) for m in metrics or []):
+        raise InputError("metrics: evaluate: metrics run their script as code on the workers; this server takes them "
+                         "only with TUNEQUEUE_API_EVALUATE=1 (the CLI always does)")
+
+
 def check_metric_options(spec: ScoreSpec) -> ScoreSpec:
     """What a score spec's metrics need beyond its own fields, checked where it is enqueued: a local `evaluate:`
     metric exists (returned as an absolute path), and BERTScore rescaling has a baseline for the model."""
     metrics = [_evaluate_target(m) if is_evaluate(m) else m for m in spec.metrics or []]
+    modules = [evaluate_module(m[len(EVALUATE_PREFIX):]) for m in metrics if is_evaluate(m)]
+    if len(modules) != len(set(modules)):  # their rows are named after the module: one would replace the other
+        raise InputError(f"--metric: two evaluate: metrics of one module name ({', '.join(modules)}) in one job")
     if spec.bertscore_rescale and "bertscore" in metrics:
         model = spec.bertscore_model or DEFAULT_BERTSCORE_MODEL
         if baseline_file(model) is None:
@@ -158,9 +168,13 @@ def _evaluate_target(metric: str) -> str:
     """An `evaluate:` metric with a local script or folder made absolute (InputError when it names one that does
     not exist); a hub name (`exact_match`, `user/metric`) as given."""
     target = metric[len(EVALUATE_PREFIX):]
-    path = Path(target).expanduser()
-    if not (target.startswith((".", "/", "~")) or target.endswith(".py") or path.exists()):
-        return metric
-    if not path.exists():
-        raise InputError(f"--metric {metric}: no such metric script or folder ({path.absolute()})")
+    try:
+        path = Path(target).expanduser()
+        if not (target.startswith((".", "/", "~")) or target.endswith(".py") or path.exists()):
+            return metric
+        found = path.exists()
+    except (OSError, RuntimeError, ValueError):  # ~nosuchuser, a name too long, a NUL byte
+        found = False
+    if not found:
+        raise InputError(f"--metric {metric[:200]}: no such metric script or folder")
     return EVALUATE_PREFIX + str(path.absolute())

@@ -41,13 +41,15 @@ def is_evaluate(metric: str) -> bool:
     return metric.startswith(EVALUATE_PREFIX)
 
 
-def metric_families(asked: list[str] | None, model_kind: str, generate_job_id: int) -> list[str]:
+def metric_families(asked: list[str] | None, model_kind: str, generate_job_id: int, what: str = "") -> list[str]:
     """The families to score a generate job of `model_kind` with (`asked`, or the kind's own), in order; InputError
-    for one that does not fit. An `evaluate:` metric fits any kind."""
+    for one that does not fit. An `evaluate:` metric fits any kind. `what` names the job in the error (default:
+    generate job ID)."""
     fitting = TEXT_FAMILIES if model_kind != "classification" else ("classification",)
     for family in asked or []:
         if not is_evaluate(family) and family not in fitting:
-            raise InputError(f"generate job {generate_job_id} is a {model_kind} job: score it with --metric "
+            job = what or f"generate job {generate_job_id}"
+            raise InputError(f"{job} is a {model_kind} job: score it with --metric "
                              f"{' / '.join(fitting)}, not {family}")
     return list(dict.fromkeys(asked or [FAMILY_FOR_MODEL_KIND[model_kind]]))
 

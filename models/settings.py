@@ -193,6 +193,8 @@ class Settings:
     notify_url: str = ""  # TUNEQUEUE_NOTIFY_URL: a webhook told when a sweep finishes or a job fails for good
     judge_base_url: str = ""  # JUDGE_BASE_URL: the LLM judge's OpenAI-compatible endpoint, e.g. https://HOST/v1
     judge_api_key: str = field(default="", repr=False)  # JUDGE_API_KEY: sent as a bearer token, never shown
+    # TUNEQUEUE_API_EVALUATE=1: the HTTP API accepts `evaluate:` metrics, whose scripts run as code on the workers
+    api_evaluate_metrics: bool = False
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -226,6 +228,7 @@ class Settings:
             notify_url=check_notify_url(env.get("TUNEQUEUE_NOTIFY_URL") or ""),
             judge_base_url=check_notify_url(env.get("JUDGE_BASE_URL") or "", "JUDGE_BASE_URL"),
             judge_api_key=_api_key(env, "JUDGE_API_KEY"),
+            api_evaluate_metrics=_flag(env, "TUNEQUEUE_API_EVALUATE"),
         )
 
     @property
@@ -244,3 +247,10 @@ class Settings:
     def resolve(self, relative: str) -> Path:
         """A path stored relative to the home, made absolute."""
         return self.home / relative
+
+
+def _flag(env, variable: str) -> bool:
+    value = (env.get(variable) or "").strip().lower()
+    if value not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise _bad(variable, value, "must be 1 or 0 (true/false, yes/no)")
+    return value in ("1", "true", "yes")

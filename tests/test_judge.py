@@ -83,6 +83,11 @@ class FakeJudgeServer:
             def do_POST(self):
                 outer.handle(self)
 
+            def do_GET(self):  # where a followed redirect would land (urllib turns a 302'd POST into a GET)
+                with outer.lock:
+                    outer.log.append({"path": self.path, "auth": self.headers.get("Authorization"), "mode": "GET"})
+                outer.send(self, 200, {"choices": []})
+
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -122,6 +127,8 @@ class FakeJudgeServer:
             return self.send(request, 500, {"error": "boom"})
         if mode == "refuse":  # echoes the key back, as a careless server might
             return self.send(request, 401, {"error": f"bad key {request.headers.get('Authorization')}"})
+        if mode == "redirect":  # to a path of this server that would log the Authorization header it got
+            return self.send(request, 302, {"error": "moved"}, {"Location": f"{self.base_url}/elsewhere"})
         if mode == "hang":
             time.sleep(3)
         if mode in ("slow", "paced"):  # two names: a test's slow requests may outlive it on the server
@@ -222,6 +229,14 @@ def test_a_hanging_endpoint_times_out_is_retried_then_fails_keeping_finished_exa
     assert "1 of 2 examples judged" in str(caught.value)
     assert finished == [0]
     assert [e["attempt"] for e in server.log if e["mode"] == "hang"] == [1, 2]
+    no_key_in(caught.value)
+
+
+def test_a_redirect_is_refused_and_never_followed_with_the_key(server):
+    with pytest.raises(JobFailed) as caught:
+        judge([SOURCE], summaries("redirect"), openai_options(server, concurrency=1))
+    assert "HTTP 302" in str(caught.value)
+    assert [e["path"] for e in server.log] == ["/v1/chat/completions"]  # /elsewhere never asked, never given the key
     no_key_in(caught.value)
 
 

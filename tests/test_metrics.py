@@ -297,3 +297,33 @@ def test_rouge_bleu_bertscore_and_judge_through_a_real_worker(sqlite_env, tmp_pa
     assert cli(env, "report", "--metric", "judge", "--plot", str(plot)).returncode == 0 and plot.stat().st_size
     help_text = cli(env, "score", "--help").stdout
     assert all(f"  {family}:" in help_text for family in ("rouge", "bleu", "bertscore", "judge", "classification"))
+
+
+def test_the_http_door_refuses_code_metrics_unless_allowed(sqlite_env, tmp_path, monkeypatch):
+    """An `evaluate:` metric runs its script on the workers: the API takes it only with TUNEQUEUE_API_EVALUATE=1,
+    and refuses it before anything is written (the CLI, whose user runs code anyway, always takes it)."""
+    from fastapi.testclient import TestClient
+
+    from api.web.app import create_app
+    from tests.conftest import create_token, job_count
+
+    token = create_token(sqlite_env, "writer")
+    sweep = {"name": "code", "base": {"model": "tiny-t5", "max_steps": 2}, "grid": {"learning_rate": [1e-3]},
+             "eval": {"limit": 4, "metrics": ["rouge", "evaluate:exact_match"]}}
+    headers = {"Authorization": f"Bearer {token}"}
+    with TestClient(create_app()) as client:
+        for path, body in (("/jobs", {"kind": "score", "generate_job_id": 1, "metrics": ["evaluate:exact_match"]}),
+                           ("/sweeps", sweep)):
+            answer = client.post(path, json=body, headers=headers)
+            assert answer.status_code == 422 and "TUNEQUEUE_API_EVALUATE=1" in answer.json()["detail"], answer.text
+    assert job_count(sqlite_env) == 0
+    monkeypatch.setenv("TUNEQUEUE_API_EVALUATE", "1")
+    with TestClient(create_app()) as client:  # allowed: the sweep gets past the gate to its dry run
+        answer = client.post("/sweeps?dry_run=true", json=sweep, headers=headers)
+        assert answer.status_code == 200, answer.text
+
+
+def test_rouge_without_stemming_is_not_comparable_with_stemmed():
+    from worker.metrics.rouge import RougeScorer
+
+    assert RougeScorer(True).settings is None and RougeScorer(False).settings == {"use_stemmer": False}

@@ -25,6 +25,7 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
                   description="Queue fine-tune, generate and score jobs and sweeps; read jobs, adapters and the "
                               "report. Every route but /health needs 'Authorization: Bearer TOKEN'.")
     app.state.ctx = ctx or AppContext()
+    app.state.ctx.code_metrics = app.state.ctx.settings.api_evaluate_metrics
 
     for error, status_code in ((NotFound, 404), (InputError, 422), (Unavailable, 503)):
         app.add_exception_handler(error, _one_line(status_code))

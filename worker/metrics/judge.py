@@ -485,6 +485,17 @@ def _stopping_on_failure(budget: _Budget, function, *args):
         raise
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the HTTP error it is: urllib would follow it with the Authorization header, handing
+    the key to whatever host (or plain-http URL) the endpoint names."""
+
+    def redirect_request(self, *_args, **_kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _ask(url: str, headers: dict, task: _Task, options: JudgeOptions, budget: _Budget) -> Verdict:
     body = json.dumps({"model": options.model, "temperature": 0, "max_tokens": options.max_reply_tokens,
                        "messages": [{"role": "user", "content": prompt_for(task.criterion, task.source,
@@ -495,7 +506,7 @@ def _ask(url: str, headers: dict, task: _Task, options: JudgeOptions, budget: _B
         request = urllib.request.Request(url, data=body, method="POST", headers=headers)
         retry_after = None
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with _OPENER.open(request, timeout=timeout) as response:
                 return parse_reply(task.criterion, _reply_text(response.read()))
         except urllib.error.HTTPError as exc:
             why = f"HTTP {exc.code}"

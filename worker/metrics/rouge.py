@@ -33,10 +33,14 @@ def rouge_scores(predictions: list[str], references: list[str], use_stemmer: boo
 
 
 class RougeScorer:
-    settings = None  # stemming is on unless a stored spec turned it off; ROUGE rows predate settings
-
     def __init__(self, use_stemmer: bool = True):
         self.use_stemmer = use_stemmer
+
+    @property
+    def settings(self) -> Optional[dict]:
+        """None for the default (stemming on; rows from before settings existed are alike); unstemmed ROUGE says so,
+        and is never put in one column with stemmed ROUGE."""
+        return None if self.use_stemmer else {"use_stemmer": False}
 
     def score(self, predictions: list[str], references: list[str], *, labels: Optional[list[str]] = None) -> Scored:
         per_example = rouge_scores(predictions, references, self.use_stemmer)
