@@ -531,17 +531,18 @@ def sweeps_list(ctx: AppContext, as_json, wide, fmt):
 @pass_ctx
 def sweeps_show(ctx: AppContext, name, as_json, wide):
     """The sweep's file (as parsed) and its jobs."""
-    from api.jobs import describe, job_dict, status_label, waiting_counts
+    from api.jobs import describe, status_label, waiting_counts
+    from api.pipelines import sweep_details
     from api.render import Col
     from models.report import sweep_by_name, sweep_jobs
 
     with ctx.session() as session:
+        if as_json:  # what GET /sweeps/NAME answers
+            echo_json(sweep_details(session, name))
+            return
         row = sweep_by_name(session, name)
         found = sweep_jobs(session, row)
         waiting = waiting_counts(session, found)
-    if as_json:
-        echo_json({"name": row.name, "spec": row.spec, "priority": row.priority, "jobs": [job_dict(j) for j in found]})
-        return
     click.echo(f"sweep {row.name}: {row.points} points, priority {row.priority}, "
                f"created {row.created_at:%Y-%m-%d %H:%M}")
     cols = [Col("id", name=True, justify="right"), Col("kind", drop=2), Col("status"), Col("what", name=True),
