@@ -254,7 +254,7 @@ def db_upgrade(ctx: AppContext, revision):
 
 # ------------------------------------------------------------------------------------------------ enqueueing
 @cli.command()
-@spec_options(FinetuneSpec)
+@spec_options(FinetuneSpec, skip=("search",))
 @template_file_option
 @submit_options
 @pass_ctx
@@ -494,9 +494,39 @@ def show_sweep_plan(plan) -> None:
     for p in plan.points:
         table.add_row(str(p.index), p.finetune.name, *[str(p.varied.get(k, "")) for k in keys], after(p))
     print_table(table)
-    click.echo(f"{len(plan.points)} points, {plan.job_count} jobs: {len(plan.points)} fine-tunes, then "
+    click.echo(f"{plan.trials} points, {plan.job_count} jobs: {plan.trials} fine-tunes, then "
                + (f"{len(evaluations)} evaluations" if len(evaluations) > 1 else "one evaluation")
                + " (generate every adapter and the base in one job → score)")
+    for line in strategy_lines(plan.strategy_summary()):
+        click.echo(line)
+
+
+def strategy_lines(summary: dict) -> list[str]:
+    """A dry run's account of an ASHA or TPE strategy: rungs and steps, or trials and distributions."""
+    if summary["kind"] == "asha":
+        lines = [f"ASHA on {summary['metric']} ({summary['mode']}), η = {summary['reduction_factor']}: a point "
+                 f"goes on past a rung only while it is in the best 1/{summary['reduction_factor']} there"]
+        for bracket, rungs in summary["rungs"].items():
+            lines.append(f"  bracket {bracket} ({summary['points_per_bracket'][bracket]} points): rungs at steps "
+                         + ", ".join(map(str, rungs)))
+        lines.append(f"training steps: at most {summary['worst_case_steps']:,} (every point to the end), "
+                     f"{summary['halving_steps']:,} when each rung keeps its best 1/{summary['reduction_factor']}")
+        return lines
+    if summary["kind"] == "tpe":
+        shown = ", ".join(f"{key} {_distribution_text(d)}" for key, d in summary["distributions"].items())
+        return [f"TPE on {summary['metric']} ({summary['mode']}): {summary['n']} trials, {summary['parallel']} at a "
+                f"time, the first {summary['startup_trials']} at random (seed {summary['seed']}); samples {shown}",
+                "the points above are the ends of those ranges, checked like grid points; TPE proposes the real ones"]
+    return []
+
+
+def _distribution_text(distribution: dict) -> str:
+    attributes = distribution["attributes"]
+    if distribution["name"] == "CategoricalDistribution":
+        return "one of " + ", ".join(map(str, attributes["choices"]))
+    scale = "log-uniform" if attributes.get("log") else "uniform"
+    kind = "integers" if distribution["name"] == "IntDistribution" else scale
+    return f"{kind} in [{attributes['low']:g}, {attributes['high']:g}]"
 
 
 @cli.group()

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from api.adapters import jobs_using
 from api.context import AppContext
 from api.jobs import cancel, commit_staged, job_dict, release, stage
+from api.search import drop_study, start_search
 from api.sweeps import SweepPlan, apply_overrides, expand
 from api.validate import check_code_metrics, validate_finetune, validate_generate
 from models.metrics import metric_families
@@ -27,6 +28,7 @@ from models.errors import InputError, NotFound
 from models.jobs import ACTIVE_STATUSES, Job, JobKind, JobStatus, JobWait, parent_ids
 from models.report import sweep_by_name, sweep_jobs
 from models.results import Adapter, ExampleScore, Generation, LossPoint, Metric
+from models.search import CLASSIFICATION_METRICS, GENERATION_METRICS, Rung
 from models.settings import Settings, check_notify_url
 from models.specs import FinetuneSpec, GenerateSpec, ScoreSpec, Submission
 from models.sweeps import Sweep
@@ -78,7 +80,19 @@ def validate_sweep(session: Session, home: Path, plan: SweepPlan) -> SweepPlan:
         points.append(replace(point, generate=generate, finetune=finetune))
     # the evaluation's metrics fit the model's kind (checked now, not after every fine-tune has run)
     metric_families(plan.metrics, points[0].generate.model_kind, 0, what="the sweep's evaluation")
+    check_rung_metric(plan.strategy, points[0].finetune.model_kind)
     return replace(plan, points=points, checked=True)
+
+
+def check_rung_metric(strategy, model_kind: str) -> None:
+    """An ASHA or TPE metric the points' model kind can produce: ROUGE from generated text, accuracy and F1 from a
+    classifier's labels."""
+    metric = getattr(strategy, "metric", None)
+    if metric in GENERATION_METRICS and model_kind == "classification":
+        raise InputError(f"strategy.metric {metric}: a classifier generates no text; use accuracy, f1 or eval_loss")
+    if metric in CLASSIFICATION_METRICS and model_kind != "classification":
+        raise InputError(f"strategy.metric {metric}: only for classification; a {model_kind} model is decided on "
+                         "eval_loss or rouge1 / rouge2 / rougeL / rougeLsum")
 
 
 def enqueue_sweep(session: Session, broker, home: Path, plan: SweepPlan, submission: Submission = Submission(),
@@ -88,7 +102,23 @@ def enqueue_sweep(session: Session, broker, home: Path, plan: SweepPlan, submiss
     checked) is where the sweep's end is announced instead of TUNEQUEUE_NOTIFY_URL."""
     if not plan.checked:
         plan = validate_sweep(session, home, plan)
-    sweep = Sweep(name=plan.name, spec=plan.spec, priority=submission.priority, points=len(plan.points),
+    database_url = session.get_bind().url.render_as_string(hide_password=False)
+    session.commit()  # Optuna writes the study on its own connection: no transaction of ours may be open
+    plan = start_search(database_url, plan)
+    try:
+        sweep, jobs = _store_sweep(session, plan, submission, notify_url, token_id)
+    except BaseException:  # nothing of the sweep was stored: neither is its study kept
+        study = (plan.spec.get("strategy") or {}).get("study")
+        if study:
+            drop_study(database_url, study)
+        raise
+    release(session, broker, jobs, what=f"sweep {plan.name!r} ({len(jobs)} jobs)")
+    return sweep, jobs
+
+
+def _store_sweep(session: Session, plan: SweepPlan, submission: Submission, notify_url: str | None,
+                 token_id: int | None) -> tuple[Sweep, list[Job]]:
+    sweep = Sweep(name=plan.name, spec=plan.spec, priority=submission.priority, points=plan.trials,
                   notify_url=notify_url or None, token_id=token_id)
     session.add(sweep)
     session.flush()
@@ -107,7 +137,6 @@ def enqueue_sweep(session: Session, broker, home: Path, plan: SweepPlan, submiss
     except IntegrityError:  # another sweep of this name was stored since the validation read
         session.rollback()
         raise sweep_exists(plan.name) from None
-    release(session, broker, jobs, what=f"sweep {plan.name!r} ({len(jobs)} jobs)")
     return sweep, jobs
 
 
@@ -123,7 +152,8 @@ class SweepSubmission:
         """`sweep --json` (and POST /sweeps): the plan of a dry run, else the queued sweep with its job ids."""
         if self.sweep is None:
             points = [{"point": p.index, "adapter": p.finetune.name, **p.varied} for p in self.plan.points]
-            return {"sweep": self.plan.name, "points": points, "jobs": self.plan.job_count}
+            return {"sweep": self.plan.name, "points": points, "jobs": self.plan.job_count,
+                    "strategy": self.plan.strategy_summary()}
         return {"sweep": self.sweep.name, "id": self.sweep.id, "points": self.sweep.points,
                 "jobs": [job.id for job in self.jobs]}
 
@@ -282,6 +312,7 @@ def delete_sweep(session: Session, broker, settings: Settings, name: str) -> dic
         raise _refuse(session, f"queued or running job(s) {_ids(waiting)} outside sweep {name!r} wait for its jobs; "
                                "cancel them or wait until they finish")
     removed = _contents(session, sweep, jobs, adapters)
+    sweep_spec = sweep.spec
     folders = [settings.resolve(adapter.path) for adapter in adapters]
     queued = [job.celery_task_id for job in jobs if job.status == JobStatus.queued and job.celery_task_id]
     uids = [job.uid for job in jobs]
@@ -291,6 +322,7 @@ def delete_sweep(session: Session, broker, settings: Settings, name: str) -> dic
             delete(Metric).where(or_(Metric.job_id.in_(ids), Metric.generate_job_id.in_(ids))),
             delete(Generation).where(Generation.job_id.in_(ids)),
             delete(LossPoint).where(LossPoint.job_id.in_(ids)),
+            delete(Rung).where(Rung.job_id.in_(ids)),
             delete(JobWait).where(or_(JobWait.job_id.in_(ids), JobWait.waits_for_id.in_(ids))),
             update(Job).where(Job.parent_id.in_(ids), Job.id.not_in(ids)).values(parent_id=None),
             delete(Adapter).where(Adapter.id.in_([adapter.id for adapter in adapters])),
@@ -302,6 +334,11 @@ def delete_sweep(session: Session, broker, settings: Settings, name: str) -> dic
     for task_id in queued:
         broker.revoke(task_id)  # best effort: SQLite may give a deleted job's id to the next job
     _remove_files(settings, folders, uids, ids)
+    study = (sweep_spec.get("strategy") or {}).get("study") if isinstance(sweep_spec, dict) else None
+    if study:
+        from api.search import drop_study
+
+        drop_study(settings.database_url, study)
     return removed
 
 

@@ -28,13 +28,15 @@ from pathlib import Path
 import yaml
 
 from models.errors import InputError
+from models.search import AshaStrategy, GridStrategy, Strategy, TpeStrategy
 from models.specs import ECHO_CHARS, FinetuneSpec, GenerateSpec, ScoreSpec, brief, one_line, validate_name
 
-SWEEP_KEYS = {"name", "base", "grid", "random", "eval"}
+SWEEP_KEYS = {"name", "base", "grid", "random", "eval", "strategy"}
 # the score job's own fields (metrics and their options: judge_model, bertscore_model, ...) go in the eval block too
 SCORE_KEYS = set(ScoreSpec.model_fields) - {"kind", "generate_job_id"}
-EVAL_KEYS = {"split", "limit", "batch_size", "max_new_tokens", "no_repeat_ngram_size"} | SCORE_KEYS
-POINT_KEYS = set(FinetuneSpec.model_fields) - {"kind", "name"} | {"task"}  # `task`: model_kind's older name
+# include_pruned: an ASHA sweep's evaluation also covers its N best pruned points (by their last rung's metric)
+EVAL_KEYS = {"split", "limit", "batch_size", "max_new_tokens", "no_repeat_ngram_size", "include_pruned"} | SCORE_KEYS
+POINT_KEYS = set(FinetuneSpec.model_fields) - {"kind", "name", "search"} | {"task"}  # `task`: model_kind's older name
 RULE_KEYS = {"low", "high", "log", "int", "choices"}
 MAX_POINTS = 1000  # more points than this is surely a mistake
 MAX_FILE_BYTES = 256 * 1024  # a sweep file is a few lines
@@ -160,6 +162,8 @@ class SweepPlan:
     points: list[SweepPoint]
     score: dict  # the evaluation's score spec fields (metrics and their options), checked
     checked: bool = False  # validated against the world (api/pipelines.validate_sweep), specs completed
+    strategy: Strategy = GridStrategy()
+    distributions: dict | None = None  # TPE: what each key is sampled from (Optuna's distribution JSON)
 
     @property
     def metrics(self) -> list[str] | None:
@@ -185,7 +189,32 @@ class SweepPlan:
 
     @property
     def job_count(self) -> int:
-        return len(self.points) + 2 * len(self.evaluations)  # fine-tunes, then generate + score per evaluation
+        """Fine-tunes (a TPE sweep's `n` trials), then generate + score per evaluation."""
+        return self.trials + 2 * len(self.evaluations)
+
+    @property
+    def trials(self) -> int:
+        return self.strategy.n if isinstance(self.strategy, TpeStrategy) else len(self.points)
+
+    def strategy_summary(self) -> dict:
+        """What the strategy will do, for a dry run: ASHA's rungs per bracket and the steps it may spend; TPE's
+        trials and distributions."""
+        strategy = self.strategy
+        out: dict = {"kind": strategy.kind}
+        if isinstance(strategy, AshaStrategy):
+            brackets = {b: strategy.rungs(b) for b in range(strategy.brackets)}
+            out.update(metric=strategy.metric, mode=strategy.direction, reduction_factor=strategy.reduction_factor,
+                       rungs=brackets, worst_case_steps=strategy.worst_case_steps(len(self.points)),
+                       halving_steps=strategy.halving_steps(len(self.points)),
+                       points_per_bracket={b: len(range(b, len(self.points), strategy.brackets)) for b in brackets})
+        elif isinstance(strategy, TpeStrategy):
+            out.update(metric=strategy.metric, mode=strategy.direction, n=strategy.n, parallel=strategy.parallel,
+                       startup_trials=strategy.n_startup, seed=strategy.seed, distributions=self.distributions)
+        return out
+
+    @property
+    def include_pruned(self) -> int:
+        return self.spec.get("eval", {}).get("include_pruned") or 0
 
 
 def _did_you_mean(key: str, choices) -> str:
@@ -241,7 +270,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             data["name"] = value
             continue
         block = block or "base"
-        if block not in ("base", "grid", "random", "eval"):
+        if block not in ("base", "grid", "random", "eval", "strategy"):
             raise InputError(f"override {shown}: unknown block {brief(block)}{_did_you_mean(block, SWEEP_KEYS)}")
         if not isinstance(data.get(block) or {}, dict):
             raise InputError(f"{block}: must be a mapping of keys to values")
@@ -303,10 +332,14 @@ def expand(data: dict, name: str | None = None) -> SweepPlan:
     _check_plain(data)
     sweep_name = _sweep_name(name or data.get("name"))
     blocks = _blocks(data)
+    strategy = _strategy(data.get("strategy"), blocks)
     # metrics None: chosen from the model's kind when scoring
     score_fields = {k: v for k, v in blocks["eval"].items() if k in SCORE_KEYS}
+    varied_points = _tpe_probes(blocks) if isinstance(strategy, TpeStrategy) else _varied_points(blocks)
+    if isinstance(strategy, AshaStrategy):
+        blocks = {**blocks, "base": {**blocks["base"], "max_steps": strategy.max_steps}}
     points = [_point(index, varied, sweep_name, blocks, score_fields)
-              for index, varied in enumerate(_varied_points(blocks), start=1)]
+              for index, varied in enumerate(varied_points, start=1)]
     if not points:
         raise InputError("the sweep has no points")
     if any(p.finetune.model != points[0].finetune.model for p in points):
@@ -316,7 +349,12 @@ def expand(data: dict, name: str | None = None) -> SweepPlan:
     # a local evaluate: metric must exist (kept as an absolute path), a judge needs its model, ...
     score = check_metric_options(ScoreSpec(generate_job_id=1, **score_fields))
     score_fields = {k: v for k, v in score.model_dump(mode="json").items() if k in score_fields}
-    return SweepPlan(sweep_name, {**data, "name": sweep_name}, points, score_fields)
+    _check_strategy_fits(strategy, points)
+    # TPE samples from them; ASHA records each point's params in them (Optuna keeps one space per key)
+    distributions = None if isinstance(strategy, GridStrategy) else \
+        _distributions(blocks, encode=isinstance(strategy, AshaStrategy))
+    return SweepPlan(sweep_name, {**data, "name": sweep_name}, points, score_fields, strategy=strategy,
+                     distributions=distributions)
 
 
 def _sweep_name(value) -> str:
@@ -343,6 +381,10 @@ def _blocks(data: dict) -> dict[str, dict]:
     _check_keys("grid", blocks["grid"], POINT_KEYS)
     _check_keys("random", blocks["random"], POINT_KEYS | {"n", "seed"})
     _check_keys("eval", blocks["eval"], EVAL_KEYS)
+    include = blocks["eval"].get("include_pruned", 0)
+    if not isinstance(include, int) or isinstance(include, bool) or not 0 <= include <= MAX_POINTS:
+        raise InputError(f"eval.include_pruned: must be a whole number of points, 0 to {MAX_POINTS} "
+                         f"(got {brief(include)})")
     for key, values in blocks["grid"].items():
         if not isinstance(values, list) or not values:
             raise InputError(f"grid.{key}: must be a non-empty list of values")
@@ -397,3 +439,97 @@ def _point(index: int, varied: dict, sweep_name: str, blocks: dict, score_fields
         message = one_line(exc) if hasattr(exc, "errors") else str(exc)
         raise InputError(f"point {index}" + (f" ({label})" if label else "") + f": {message}") from None
     return SweepPoint(index, varied, finetune, generate)
+
+
+STRATEGIES = {"grid": GridStrategy, "random": GridStrategy, "asha": AshaStrategy, "tpe": TpeStrategy}
+# what a strategy decides for every point, so no block of the file may set it
+STRATEGY_OWNS = {"asha": ("max_steps",), "tpe": ()}
+
+
+def _strategy(block, blocks: dict) -> Strategy:
+    """The `strategy:` block checked as strictly as the rest of the file; grid when there is none."""
+    if block is None:
+        return GridStrategy()
+    if not isinstance(block, dict):
+        raise InputError("strategy: must be a mapping with a kind (grid, random, asha or tpe)")
+    kind = block.get("kind", "grid")
+    if kind not in STRATEGIES:
+        raise InputError(f"strategy.kind: must be grid, random, asha or tpe (got {brief(kind)})"
+                         + _did_you_mean(str(kind)[:100], STRATEGIES))
+    model = STRATEGIES[kind]
+    _check_keys("strategy", block, set(model.model_fields))
+    try:
+        strategy = model.model_validate({**block, "kind": kind})
+    except ValueError as exc:
+        raise InputError(f"strategy: {one_line(exc) if hasattr(exc, 'errors') else exc}") from None
+    for key in STRATEGY_OWNS.get(kind, ()):
+        for name in ("base", "grid", "random"):
+            if key in blocks[name]:
+                raise InputError(f"{name}.{key}: strategy {kind} sets each point's {key} (strategy.{key}); remove it "
+                                 f"from {name}")
+    if kind == "tpe":
+        if "n" in blocks["random"]:
+            raise InputError("random.n: a tpe strategy proposes strategy.n points; remove random.n")
+        if not _random_rules(blocks) and not blocks["grid"]:
+            raise InputError("strategy tpe: give the random block's distributions (and grid lists) to sample from")
+    return strategy
+
+
+def _check_strategy_fits(strategy: Strategy, points: list[SweepPoint]) -> None:
+    """ASHA and TPE decide on a metric of the eval split, so the points need one."""
+    if not isinstance(strategy, GridStrategy) and any(p.finetune.eval_split is None for p in points):
+        raise InputError(f"strategy.metric {strategy.metric}: the points need an eval split to compute it on "
+                         "(base.eval_split is none)")
+
+
+def _tpe_probes(blocks: dict) -> list[dict]:
+    """Two points at the ends of every distribution (lows / first choices, then highs / last choices): each is
+    checked like a grid point, so a sampled point can only fail for a reason no corner shows."""
+    ends: list[dict] = [{}, {}]
+    for key, values in blocks["grid"].items():
+        ends[0][key], ends[1][key] = values[0], values[-1]
+    for key, rule in _random_rules(blocks).items():
+        if isinstance(rule, list) or "choices" in rule:
+            choices = rule if isinstance(rule, list) else rule["choices"]
+            ends[0][key], ends[1][key] = choices[0], choices[-1]
+        else:
+            cast = (lambda v: int(round(v))) if rule.get("int") else float
+            ends[0][key], ends[1][key] = cast(rule["low"]), cast(rule["high"])
+    return ends
+
+
+def _distributions(blocks: dict, encode: bool = False) -> dict:
+    """Optuna's JSON form of what TPE samples each varied key from: grid lists and choices are categorical, low /
+    high rules float or int (log when asked). `encode`: a list or mapping choice becomes its JSON text (a record,
+    not a space TPE samples from)."""
+    from optuna.distributions import (CategoricalDistribution, FloatDistribution, IntDistribution,
+                                      distribution_to_json)
+
+    def categorical(where: str, choices: list) -> CategoricalDistribution:
+        if encode:
+            choices = [param_value(c) for c in choices]
+        if any(c is not None and not isinstance(c, (bool, int, float, str)) for c in choices):
+            raise InputError(f"{where}: TPE samples numbers, strings and booleans only (got {brief(choices)}); fix "
+                             "this key in base")
+        return CategoricalDistribution(choices)
+
+    out = {}
+    for key, values in blocks["grid"].items():
+        out[key] = categorical(f"grid.{key}", values)
+    for key, rule in _random_rules(blocks).items():
+        if isinstance(rule, list) or "choices" in rule:
+            out[key] = categorical(f"random.{key}", rule if isinstance(rule, list) else rule["choices"])
+        elif rule.get("int"):
+            out[key] = IntDistribution(int(round(rule["low"])), int(round(rule["high"])), log=bool(rule.get("log")))
+        else:
+            out[key] = FloatDistribution(float(rule["low"]), float(rule["high"]), log=bool(rule.get("log")))
+    import json
+
+    return {key: json.loads(distribution_to_json(d)) for key, d in out.items()}
+
+
+def param_value(value):
+    """A point's value as Optuna keeps a param: itself, or its JSON text for a list or a mapping."""
+    import json
+
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)

@@ -46,6 +46,9 @@ def pending_finetune(session: Session, adapter_name: str) -> Job | None:
 
 def validate_finetune(spec: FinetuneSpec, session: Session) -> FinetuneSpec:
     """Returns the spec with its model kind filled in."""
+    if spec.search is not None:
+        raise InputError("search: set by ASHA and TPE sweeps for their points (a sweep file's strategy: block), not "
+                         "by a job of its own")
     check_model(spec.model)
     spec = resolve_model_kind(spec)
     _check_quantizable(spec)

@@ -6,11 +6,20 @@ import logging
 
 from alembic import context
 
-from models import jobs, results, sweeps, tokens  # noqa: F401 (every table registers itself on Base.metadata)
+from models import jobs, results, search, sweeps, tokens  # noqa: F401 (every table registers itself on Base.metadata)
 from models.base import Base, make_engine
 
 config = context.config
 target_metadata = Base.metadata
+# Optuna's RDB storage keeps its study record in the same database (migration 0011 creates its tables from Optuna's
+# own schema); autogenerate must neither drop them nor take them for ours.
+OPTUNA_TABLES = {"studies", "study_directions", "study_user_attributes", "study_system_attributes", "trials",
+                 "trial_user_attributes", "trial_system_attributes", "trial_params", "trial_values",
+                 "trial_intermediate_values", "trial_heartbeats", "version_info"}
+
+
+def include_object(obj, name, type_, reflected, _compare_to) -> bool:
+    return not (type_ == "table" and reflected and name in OPTUNA_TABLES)
 
 
 def _database_url() -> str:
@@ -34,7 +43,8 @@ def run_migrations_online() -> None:
     try:
         with engine.connect() as connection:
             # render_as_batch: SQLite cannot ALTER most things, batch mode rebuilds the table instead.
-            context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+            context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
+                              include_object=include_object)
             with context.begin_transaction():
                 context.run_migrations()
     finally:

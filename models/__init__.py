@@ -11,7 +11,7 @@ _HOMES = {
     "Job": "models.jobs", "JobKind": "models.jobs", "JobStatus": "models.jobs", "JobWait": "models.jobs",
     "Adapter": "models.results", "ExampleScore": "models.results", "Generation": "models.results",
     "LossPoint": "models.results", "Metric": "models.results", "Sweep": "models.sweeps",
-    "ApiToken": "models.tokens",
+    "ApiToken": "models.tokens", "Rung": "models.search",
 }
 __all__ = sorted(_HOMES)
 

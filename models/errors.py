@@ -11,6 +11,8 @@ and, later, the HTTP API.
 - `LeaseLost`: the attempt lost its claim on the job to a newer attempt; it stops and writes nothing.
 - `DiskFull`: a checkpoint or an adapter could not be written for lack of space (the message names where).
 - `JobCancelled`: a cancel was asked for and the running job stopped at its next step.
+- `TrialPromoted`: a sweep point passed a successive-halving rung; it checkpointed and goes back to the queue to
+  train on from there (not an error: the runner re-queues it without counting an attempt against it).
 
 Any other exception inside a job is taken as passing (a crash, an out-of-memory): the job is retried until its
 attempts run out.
@@ -64,3 +66,11 @@ def first_line(exc: BaseException) -> str:
     """`Type: first line of the message` (or just the type), for errors that come from libraries."""
     text = str(exc).strip()
     return f"{exc.__class__.__name__}: {text.splitlines()[0]}" if text else exc.__class__.__name__
+
+
+class TrialPromoted(TunequeueError):
+    """A sweep point passed its rung: checkpointed, it is queued again to resume from that step on any worker."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step, self.reason = step, reason

@@ -37,10 +37,12 @@ class JobStatus(str, enum.Enum):
     failed = "failed"
     cancelled = "cancelled"
     skipped = "skipped"  # a parent job failed or was cancelled
+    pruned = "pruned"  # a sweep point stopped early by successive halving; its adapter is kept at that step
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.skipped)
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.skipped,
+                        JobStatus.pruned)
 
 
 ACTIVE_STATUSES = ("queued", "running")
@@ -186,7 +188,8 @@ def fail_attempt(session: Session, job_id: int, error: str, *, attempt: int | No
         return None
     history = list(job.attempt_errors or []) + [{"attempt": job.attempts, "error": error, "at": utcnow().isoformat(),
                                                   "worker_host": job.worker_host}]
-    retry = job.attempts < job.max_attempts
+    # a successive-halving promotion re-queues the job as a new attempt (a new lease) without being a failure
+    retry = job.attempts - promotions(session, job_id) < job.max_attempts
     job.attempt_errors = history
     job.status = JobStatus.queued if retry else JobStatus.failed
     job.error = error if not retry else None
@@ -195,6 +198,25 @@ def fail_attempt(session: Session, job_id: int, error: str, *, attempt: int | No
         job.traceback = traceback
     session.commit()
     return job.status
+
+
+def promotions(session: Session, job_id: int) -> int:
+    """How many rungs the job passed: each re-queued it as a new attempt that is not a failure."""
+    from sqlalchemy import func
+
+    from models.search import Rung
+
+    return session.scalar(select(func.count()).select_from(Rung).where(Rung.job_id == job_id,
+                                                                       Rung.decision == "promote")) or 0
+
+
+def requeue_promoted(session: Session, lease: Lease, progress: dict) -> bool:
+    """A sweep point that passed its rung goes back to queued (guarded by its lease), to resume from its checkpoint
+    on whichever worker takes it next; False when the attempt no longer holds the job."""
+    updated = session.execute(update(Job).where(*lease._mine()).values(status=JobStatus.queued, progress=progress,
+                                                                       error=None))
+    session.commit()
+    return updated.rowcount == 1
 
 
 def _aware(moment: datetime) -> datetime:

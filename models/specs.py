@@ -117,6 +117,35 @@ class _DataFields(_Spec):
         return self.model_copy(update=update)
 
 
+MAX_TRIALS = 1000
+
+
+class SearchSpec(_Spec):
+    """What a fine-tune of an ASHA or TPE sweep knows of its search: its Optuna study and trial, its bracket, the
+    steps where it reports `metric`, and the direction that is better."""
+
+    study: str = Field(min_length=1, max_length=128)
+    trial: int = Field(ge=0, le=MAX_TRIALS * 100)
+    strategy: Literal["asha", "tpe"]
+    metric: str
+    direction: Literal["min", "max"]
+    rungs: list[int] = Field([], max_length=64)  # ASHA: the decision steps, then max_steps; TPE: none
+    bracket: int = Field(0, ge=0, le=20)
+    reduction_factor: int = Field(3, ge=2, le=100)
+    min_steps: int = Field(1, gt=0, le=MAX_STEPS)
+
+    @model_validator(mode="after")
+    def _increasing(self):
+        if any(b <= a for a, b in zip(self.rungs, self.rungs[1:])) or any(r <= 0 for r in self.rungs):
+            raise ValueError("rungs must be increasing positive step counts")
+        return self
+
+    @property
+    def decision_steps(self) -> list[int]:
+        """The rungs where a point can be stopped: all but the last (the end of training)."""
+        return self.rungs[:-1]
+
+
 class FinetuneSpec(_DataFields):
     kind: Literal["finetune"] = "finetune"
     model: str = option(DEFAULT_MODEL, f"Base model: a built-in ({builtin_models_help()}), a local folder saved "
@@ -177,6 +206,8 @@ class FinetuneSpec(_DataFields):
                                                        le=MAX_SECONDS / 60)
     time_limit_s: Optional[float] = option(
         None, "Soft limit in seconds: checkpoint, then fail with the reason.", "--time-limit", gt=0, le=MAX_SECONDS)
+    # set by an ASHA or TPE sweep for each of its points (models/search.py), never by a flag
+    search: Optional[SearchSpec] = Field(None, description="A sweep point's search: its Optuna trial and rungs.")
 
     @model_validator(mode="before")
     @classmethod

@@ -10,12 +10,15 @@ class Faults:
     `crash_at_step:N` raises RuntimeError after training step N, on every attempt;
     `oom_at_batch:N` raises it once at generation batch N; `score_delay_s:N` sleeps N seconds before scores are
     written (so a test can kill a worker mid-scoring); `nan_at_step:N` sets a trained weight to NaN after step N,
-    so the loss really becomes NaN from then on."""
+    so the loss really becomes NaN from then on; `rung_metric_is_lr:1` makes the metric a sweep point reports at
+    its rungs its own learning rate (so a test knows exactly which points successive halving must prune)."""
 
     def __init__(self, oom_at_step: int | None = None, crash_at_step: int | None = None,
-                 oom_at_batch: int | None = None, score_delay_s: int | None = None, nan_at_step: int | None = None):
+                 oom_at_batch: int | None = None, score_delay_s: int | None = None, nan_at_step: int | None = None,
+                 rung_metric_is_lr: int | None = None):
         self.oom_at_step, self.crash_at_step, self.oom_fired = oom_at_step, crash_at_step, False
         self.oom_at_batch, self.score_delay_s, self.nan_at_step = oom_at_batch, score_delay_s, nan_at_step
+        self.rung_metric_is_lr = bool(rung_metric_is_lr)
 
     def maybe_poison(self, step: int, params: list) -> None:
         if self.nan_at_step == step and params:
@@ -53,7 +56,8 @@ def parse_faults(text: str) -> Faults:
     values = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, number = item.partition(":")
-        if name not in ("oom_at_step", "crash_at_step", "oom_at_batch", "score_delay_s", "nan_at_step") \
+        if name not in ("oom_at_step", "crash_at_step", "oom_at_batch", "score_delay_s", "nan_at_step",
+                        "rung_metric_is_lr") \
                 or not number.isdigit():
             raise ValueError(f"unknown fault {item!r} in TUNEQUEUE_FAULTS")
         values[name] = int(number)

@@ -20,9 +20,9 @@ from dataclasses import replace
 
 from sqlalchemy.orm import sessionmaker
 
-from models.errors import InputError, JobCancelled, JobFailed, LeaseLost
+from models.errors import InputError, JobCancelled, JobFailed, LeaseLost, TrialPromoted
 from models.jobs import (Job, JobKind, JobStatus, Lease, claim, fail_attempt, finish, heartbeat, report_progress,
-                         unfinished_outputs)
+                         requeue_promoted, unfinished_outputs)
 from models.specs import parse_spec
 from worker import notify
 from worker.jobs.checkpoint import forget_checkpoints
@@ -84,7 +84,7 @@ def run_job(task, runtime: WorkerRuntime, job_id: int, kind: JobKind, function) 
             return _not_claimed(task, job)
         with job_logging(runtime.settings, job_id, lease.attempt):
             outcome = _attempt(task, runtime, session, job, lease, function)
-        if outcome.word in ("succeeded", "failed", "cancelled"):
+        if outcome.word in ("succeeded", "failed", "cancelled", "pruned"):
             _announce(runtime, session, job_id)
         return outcome
 
@@ -117,6 +117,8 @@ def _attempt(task, runtime: WorkerRuntime, session, job: Job, lease: Lease, func
         return _superseded(session, job_id, lease)
     except JobCancelled as exc:
         return _end(session, runtime, lease, uid, JobStatus.cancelled, str(exc))
+    except TrialPromoted as exc:
+        return _promoted(session, runtime, job, lease, exc)
     except Exception as exc:
         session.rollback()
         trace = traceback.format_exc()
@@ -131,19 +133,55 @@ def _attempt(task, runtime: WorkerRuntime, session, job: Job, lease: Lease, func
                                                f"attempt {lease.attempt + 1}: {error}")
         if status == JobStatus.failed:
             forget_checkpoints(runtime.settings.home, uid)
+            _search_step(runtime, session, job_id)
             settle_children(session, runtime.broker, job_id)
             return Outcome("failed", job_id, f"job {job_id} failed after {lease.attempt} attempts: {error}", exc)
         return _superseded(session, job_id, lease)
     finally:
         beat.stopped.set()
         runtime.note_job(None, base)  # loaded bases' queues first from the next message on
-    if not finish(session, lease, JobStatus.succeeded, result=result):
+    status = JobStatus.pruned if result.get("pruned") else JobStatus.succeeded
+    if not finish(session, lease, status, result=result):
         log.warning("job %s: attempt %s lost the job before recording its outcome", job_id, lease.attempt)
         return _superseded(session, job_id, lease)
-    log.info("job %s (%s) succeeded: %s", job_id, kind.value, result)
+    log.info("job %s (%s) %s: %s", job_id, kind.value, status.value, result)
     forget_checkpoints(runtime.settings.home, uid)
+    _search_step(runtime, session, job_id)
     settle_children(session, runtime.broker, job_id)
+    if status == JobStatus.pruned:
+        return Outcome("pruned", job_id, f"job {job_id} {result['pruned']['reason']}")
     return Outcome("succeeded", job_id, success_text(job_id, kind, result))
+
+
+def _promoted(session, runtime: WorkerRuntime, job: Job, lease: Lease, promoted: TrialPromoted) -> Outcome:
+    """The point passed its rung: back to the queue (its checkpoint stays) to train on wherever a worker is free."""
+    job_id = lease.job_id
+    session.rollback()
+    progress = {**(job.progress or {}), "step": promoted.step, "promoted_at_step": promoted.step}
+    if not requeue_promoted(session, lease, progress):
+        return _superseded(session, job_id, lease)
+    publish(session, runtime.broker, session.get(Job, job_id))
+    log.info("job %s: %s; queued again", job_id, promoted.reason)
+    return Outcome("promoted", job_id, f"job {job_id} {promoted.reason}; it trains on from its checkpoint")
+
+
+def _search_step(runtime: WorkerRuntime, session, job_id: int) -> None:
+    """A sweep point of an ASHA or TPE search ended: Optuna is told, and a TPE sweep gets its next trials (before
+    its evaluation's join is settled, so the evaluation waits for them too)."""
+    session.expire_all()
+    job = session.get(Job, job_id)
+    if job is None or job.kind != JobKind.finetune or not (job.spec or {}).get("search"):
+        return
+    from worker import search
+
+    try:
+        search.trial_ended(runtime.settings, session, job)
+        if job.sweep_id is not None:
+            for trial in search.next_trials(runtime.settings, session, job.sweep_id):
+                publish(session, runtime.broker, trial)
+    except Exception as exc:  # the job's own outcome stands; a TPE sweep goes on with the trials it has
+        session.rollback()
+        log.exception("job %s: search bookkeeping failed: %s", job_id, exc)
 
 
 def _superseded(session, job_id: int, lease: Lease) -> Outcome:
@@ -180,6 +218,10 @@ def _call(function, task, runtime: WorkerRuntime, session, progress_session, job
 
     spec = parse_spec(job.spec)
     left_out = unfinished_outputs(session, job) if job.kind == JobKind.generate and spec.adapters else []
+    if left_out and job.sweep_id is not None:  # an ASHA sweep may evaluate its best pruned points too
+        from worker.search import evaluated_pruned
+
+        left_out = evaluated_pruned(session, job, left_out)
     if left_out:  # a sweep's evaluation goes on with the adapters whose fine-tunes succeeded
         spec = spec.model_copy(update={"adapters": [a for a in spec.adapters if a not in left_out]})
     result = function(spec, session, runtime, lease, on_progress)
@@ -192,6 +234,8 @@ def _end(session, runtime: WorkerRuntime, lease: Lease, uid: str, status: JobSta
     if not finish(session, lease, status, error=error, traceback=tail(trace) if trace else None):
         return _superseded(session, lease.job_id, lease)
     forget_checkpoints(runtime.settings.home, uid)
+    if status == JobStatus.failed:
+        _search_step(runtime, session, lease.job_id)
     settle_children(session, runtime.broker, lease.job_id)
     word = "failed" if status == JobStatus.failed else "cancelled"
     return Outcome(word, lease.job_id, f"job {lease.job_id} {status.value}: {error}")

@@ -14,9 +14,13 @@ from models.jobs import JobKind
 
 def _finetune(spec, session, runtime, lease, on_progress) -> dict:
     from worker.jobs.finetune import train_adapter
+    from worker.search import rung_decision
+
+    def on_rung(step, value_of):  # an ASHA point at a rung: the decision recorded in the database
+        return rung_decision(runtime.settings, session, lease, spec.search, step, value_of)
 
     return train_adapter(spec, session, runtime.cache, runtime.settings.home, job_id=lease.job_id, lease=lease,
-                         on_progress=on_progress, faults=runtime.faults())
+                         on_progress=on_progress, faults=runtime.faults(), on_rung=on_rung if spec.search else None)
 
 
 def _generate(spec, session, runtime, lease, on_progress) -> dict:

@@ -40,6 +40,8 @@ class TrainState:
     stopped_early: bool = False
     micro_batches: int = 1
     curve: dict = field(default_factory=dict)  # step -> {"train_loss": ..., "eval_loss": ...}
+    pruned: Optional[dict] = None  # {"step", "reason"}: successive halving stopped this sweep point there
+    recent: list = field(default_factory=list)  # the step losses since the last log line, so a resumed run logs alike
 
 
 def checkpoint_dir(home: Path, job_uid: Optional[str]) -> Optional[Path]:

@@ -29,7 +29,7 @@ from typing import Any, Callable, ContextManager, Optional
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from models.errors import JobCancelled, JobFailed, JobTimeLimit
+from models.errors import JobCancelled, JobFailed, JobTimeLimit, TrialPromoted
 from models.jobs import Job, Lease
 from models.results import Adapter, LossPoint
 from models.specs import FinetuneSpec
@@ -91,16 +91,25 @@ class Run:
     started: float
     resumed_from: int = 0
     initial_eval: Optional[float] = None
+    search_value: Optional[float] = None  # a search point's metric at its last step, told to Optuna
     recent: list = field(default_factory=list)  # loss tensors since the last log, read once per interval
     best_weights: Optional[dict] = None  # kept for early stopping
     last_save: float = 0.0
+    # an ASHA point's rung decision: (step, value_of) -> worker.search.Decision, recorded once in the database
+    on_rung: Optional[Callable] = None
 
 
 def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home: Path, *,
                   job_id: Optional[int] = None, on_progress: Optional[ProgressFn] = None,
-                  faults: Optional[Faults] = None, lease: Optional[Lease] = None) -> dict:
+                  faults: Optional[Faults] = None, lease: Optional[Lease] = None,
+                  on_rung: Optional[Callable] = None) -> dict:
     """Fine-tune `spec.model` with `spec.method` and record the adapter (or full model) row; returns a summary.
-    With a `lease` (a worker's attempt), every write (checkpoints, the adapter folder, the rows) is fenced by it."""
+    With a `lease` (a worker's attempt), every write (checkpoints, the adapter folder, the rows) is fenced by it.
+
+    A sweep point with a search (`spec.search`, ASHA) stops at each of its rungs: it checkpoints, and `on_rung`
+    decides. Promoted, it raises TrialPromoted (the runner re-queues it; the next attempt resumes from that
+    checkpoint and trains on); pruned, it saves its adapter as it is at that step and returns, the summary saying
+    `pruned`."""
     import torch
 
     started = time.monotonic()
@@ -119,8 +128,12 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
     with trainable_model(spec, cache, prepared.loaded, spec.model_kind) as model:
         with timed(timings, "initial_eval_s"):  # optimizer, resume, and (mostly) the eval loss before training
             run = start_run(spec, prepared, model, checkpoints, guard, faults or Faults(), on_progress, started)
+            run.on_rung = on_rung
         with timed(timings, "train_s"):  # the steps, with their periodic evaluations and checkpoints
             train_loop(run)
+        if spec.search is not None and not run.state.pruned:
+            with timed(timings, "search_metric_s"):
+                run.search_value = rung_value_of(run)
         with timed(timings, "save_s"):
             staging = save(run, home)
     try:
@@ -181,6 +194,10 @@ def start_run(spec: FinetuneSpec, prepared: Prepared, model, checkpoints: Option
               rng=rng, state=state, counts=counts, checkpoints=checkpoints, guard=guard, faults=faults,
               on_progress=on_progress, started=started)
     run.resumed_from = load_checkpoint(checkpoints, model, optimizer, scheduler, rng, state, spec_hash(spec))
+    if run.resumed_from and state.recent:
+        import torch
+
+        run.recent = [torch.tensor(loss) for loss in state.recent]
     if prepared.evaluation and not run.resumed_from:
         run.initial_eval = untrained_eval_loss(spec, prepared, model)
     run.last_save = time.monotonic()
@@ -232,7 +249,9 @@ def train_loop(run: Run) -> None:
     """Train to `total_steps` or until early stopping; raises JobCancelled, JobTimeLimit (checkpoint kept) or
     JobFailed when the loss stops being a number."""
     state = run.state
-    while state.step < run.prepared.total_steps and not state.stopped_early:
+    if run.resumed_from:  # a point resumed at a rung: promoted there, or stopped before the decision was recorded
+        rung_check(run)
+    while state.step < run.prepared.total_steps and not state.stopped_early and not state.pruned:
         if state.position >= len(state.batches):  # next epoch
             state.batches, state.position = epoch_batches(run.spec, run.prepared, run.rng), 0
         loss = train_step(run, state.batches[state.position])
@@ -242,8 +261,46 @@ def train_loop(run: Run) -> None:
         run.faults.maybe_poison(state.step, run.params)
         evaluate(run)
         report(run)
+        rung_check(run)
         checkpoint_if_due(run)
         stop_at_time_limit(run)
+
+
+def rung_check(run: Run) -> None:
+    """At an ASHA rung: checkpoint (so that whatever follows resumes here), then the decision: pruned, the loop
+    ends and the adapter is saved as it is; promoted, TrialPromoted re-queues the point, unless this attempt
+    resumed at this very rung (the promotion it resumes from)."""
+    search, step = run.spec.search, run.state.step
+    if search is None or run.on_rung is None or step not in search.decision_steps:
+        return
+    if run.checkpoints and step != run.resumed_from:
+        write_checkpoint(run, "rung")
+    decision = run.on_rung(step, lambda: rung_value_of(run))
+    if decision.action == "prune":
+        run.state.pruned = {"step": step, "reason": decision.reason, "value": decision.value}
+    elif step != run.resumed_from:
+        raise TrialPromoted(step, decision.reason)
+
+
+def rung_value_of(run: Run) -> float:
+    """The search metric of the model as it is now, on the eval split (the loss already measured at this step is
+    reused)."""
+    from worker.jobs.rung_metric import rung_value
+
+    spec, state, prepared = run.spec, run.state, run.prepared
+    if run.faults.rung_metric_is_lr:
+        return spec.learning_rate
+    if not prepared.evaluation:
+        raise JobFailed(f"strategy.metric {spec.search.metric}: the eval split {spec.eval_split!r} has no examples")
+
+    def loss() -> float:
+        measured = state.curve.get(state.step, {}).get("eval_loss")
+        return measured if measured is not None else eval_loss(
+            run.model, prepared.evaluation, prepared.pad_id, prepared.loaded.device, spec.per_device_train_batch_size)
+
+    return rung_value(run.model, spec.search.metric, prepared.evaluation, prepared.loaded.tokenizer,
+                      prepared.loaded.device, spec.model_kind, batch_size=spec.per_device_train_batch_size,
+                      max_new_tokens=spec.max_target_length, eval_loss=loss)
 
 
 def train_step(run: Run, batch: list[int]):
@@ -355,6 +412,7 @@ def stop_at_time_limit(run: Run) -> None:
 
 
 def write_checkpoint(run: Run, reason: str) -> None:
+    run.state.recent = [float(loss) for loss in run.recent[-LOG_EVERY:]]
     with run.guard():
         save_checkpoint(run.checkpoints, run.model, run.optimizer, run.scheduler, run.rng, run.state,
                         spec_hash(run.spec))
@@ -432,7 +490,9 @@ def summary(run: Run, adapter: Adapter, final_loss: float, duration: float, base
             "model_was_loaded": prepared.model_was_loaded, "quantization": prepared.loaded.quantization,
             "base_bytes": prepared.loaded.size_bytes, "optim": spec.optim,
             "tokenized_from_cache": prepared.from_cache, "resumed_from_step": run.resumed_from,
-            "micro_batch_size": math.ceil(spec.per_device_train_batch_size / state.micro_batches)}
+            "micro_batch_size": math.ceil(spec.per_device_train_batch_size / state.micro_batches),
+            **({"pruned": state.pruned} if state.pruned else {}),
+            **({"search_value": rounded(run.search_value, 6)} if run.search_value is not None else {})}
 
 
 def final_train_loss(run: Run) -> float:
@@ -445,8 +505,8 @@ def final_train_loss(run: Run) -> float:
     return float(torch.stack(recent[-LOG_EVERY:]).mean())
 
 
-def rounded(value: Optional[float]) -> Optional[float]:
-    return None if value is None else round(value, 4)
+def rounded(value: Optional[float], digits: int = 4) -> Optional[float]:
+    return None if value is None else round(value, digits)
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, window: int = 50,

@@ -1,0 +1,218 @@
+"""The worker's side of ASHA and TPE sweeps: decide at a rung, close a trial, propose the next TPE trials.
+
+Optuna keeps the study (trials, their params, intermediate and final values, states) in tunequeue's database
+(models/search.py `optuna_storage`) and takes the pruning decision (`SuccessiveHalvingPruner`) and the sampling
+(`TPESampler`); tunequeue records each decision with its reason in the `rungs` table, in the attempt's fenced
+transaction, and reads it back on a re-run, so a crash or a broker restart never takes a decision twice or
+differently. A decision is taken when the point's rung result arrives, never waiting for other points.
+
+A SQLite file has one writer at a time: every read of tunequeue's session is committed before Optuna (another
+connection) writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models.jobs import Job, JobKind, JobStatus, JobWait, Lease
+from models.search import Rung, TpeStrategy, optuna_storage
+from models.settings import Settings
+from models.specs import FinetuneSpec, SearchSpec
+from models.sweeps import Sweep
+
+log = logging.getLogger("tunequeue.search")
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # promote | prune
+    reason: str
+    value: Optional[float]
+
+
+def rung_decision(settings: Settings, session: Session, lease: Lease, search: SearchSpec, step: int,
+                  value_of: Callable[[], float]) -> Decision:
+    """The decision at rung `step` of the job `lease` holds: the one recorded if there is one (a re-run after a
+    crash), else taken now from `value_of()` by Optuna's pruner and recorded with its reason."""
+    recorded = session.scalar(select(Rung).where(Rung.job_id == lease.job_id, Rung.step == step))
+    session.commit()
+    if recorded is not None:
+        return Decision(recorded.decision, recorded.reason, recorded.value)
+    value = float(value_of())
+    prune, reason = _decide(settings, search, step, value)
+    action = "prune" if prune else "promote"
+    with lease.held(session):
+        session.add(Rung(job_id=lease.job_id, rung=search.rungs.index(step), step=step, metric=search.metric,
+                         value=value, decision=action, reason=reason))
+    log.info("job %s: %s", lease.job_id, reason)
+    return Decision(action, reason, value)
+
+
+class _BracketView:
+    """The study as one bracket's pruner sees it: the trials of that bracket except the one being decided (its own
+    value is added by the pruner; a re-run after a crash must not count it twice)."""
+
+    def __init__(self, study, bracket: int, trial_number: int):
+        self._study, self._storage, self.direction = study, study._storage, study.direction
+        self._bracket, self._number = bracket, trial_number
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
+                if t.number != self._number and t.user_attrs.get("bracket", 0) == self._bracket]
+
+
+def _decide(settings: Settings, search: SearchSpec, step: int, value: float) -> tuple[bool, str]:
+    """(prune?, reason) for `value` at rung `step`, by Optuna's SuccessiveHalvingPruner over the point's bracket."""
+    import optuna
+    from optuna.pruners import SuccessiveHalvingPruner
+
+    storage = optuna_storage(settings.database_url)
+    study = optuna.load_study(study_name=search.study, storage=storage)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, search.trial)
+    storage.set_trial_intermediate_value(trial_id, step, value)
+    trial = copy.deepcopy(storage.get_trial(trial_id))
+    rung = search.rungs.index(step)
+    for key in [k for k in trial.system_attrs if k.startswith("completed_rung_") and int(k.rsplit("_", 1)[1]) >= rung]:
+        del trial.system_attrs[key]  # left by an attempt that crashed before recording its decision
+    view = _BracketView(study, search.bracket, search.trial)
+    pruner = SuccessiveHalvingPruner(min_resource=search.min_steps, reduction_factor=search.reduction_factor,
+                                     min_early_stopping_rate=search.bracket)
+    prune = pruner.prune(view, trial)
+    key = f"completed_rung_{rung}"
+    competing = sorted([t.system_attrs[key] for t in view.get_trials(deepcopy=False) if key in t.system_attrs]
+                       + [value], reverse=search.direction == "max")
+    keep = max(1, len(competing) // search.reduction_factor)
+    verb = "pruned" if prune else "promoted"
+    reason = (f"{verb} at step {step}: {search.metric} {value:.4g}, rung median {statistics.median(competing):.4g}, "
+              f"cutoff {competing[keep - 1]:.4g} (the best 1/{search.reduction_factor} of {len(competing)} "
+              f"point{'s' if len(competing) != 1 else ''} at this rung go on)")
+    return prune, reason
+
+
+def trial_ended(settings: Settings, session: Session, job: Job) -> None:
+    """Tell Optuna how the point of `job` (a fine-tune with a search) ended: its final metric when it trained to the
+    end (and a `complete` rung row), pruned, or failed for good. A cancelled point stays open: a retry runs it."""
+    import optuna
+    from optuna.trial import TrialState
+
+    search = FinetuneSpec.model_validate(job.spec).search
+    result = job.result or {}
+    final = result.get("search_value")
+    if job.status == JobStatus.succeeded and final is not None:
+        step = result.get("steps") or 0
+        if session.scalar(select(Rung.id).where(Rung.job_id == job.id, Rung.step == step)) is None:
+            session.add(Rung(job_id=job.id, rung=max(0, len(search.rungs) - 1), step=step, metric=search.metric,
+                             value=final, decision="complete",
+                             reason=f"completed at step {step}: {search.metric} {final:.4g}"))
+        session.commit()
+    else:
+        session.commit()
+    states = {JobStatus.succeeded: TrialState.COMPLETE, JobStatus.pruned: TrialState.PRUNED,
+              JobStatus.failed: TrialState.FAIL}
+    state = states.get(job.status)
+    if state is None:
+        return
+    study = optuna.load_study(study_name=search.study, storage=optuna_storage(settings.database_url))
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == search.trial), None)
+    if trial is None or trial.state.is_finished():
+        return
+    if state == TrialState.COMPLETE and final is None:
+        state = TrialState.FAIL  # nothing to tell: the metric could not be computed
+    study.tell(search.trial, final if state == TrialState.COMPLETE else None, state=state)
+
+
+def next_trials(settings: Settings, session: Session, sweep_id: int) -> list[Job]:
+    """A TPE sweep keeps `parallel` points queued or running until `n` have been proposed: each new point is
+    asked from Optuna's TPE sampler (which has seen every finished trial) and stored as a fine-tune of the sweep
+    that its evaluation also waits for. Returns the new jobs, for the caller to publish."""
+    sweep = session.get(Sweep, sweep_id)
+    strategy = sweep.spec.get("strategy") or {}
+    if strategy.get("kind") != "tpe":
+        session.commit()
+        return []
+    tpe = TpeStrategy.model_validate({k: v for k, v in strategy.items() if k in TpeStrategy.model_fields})
+    finetunes = list(session.scalars(select(Job).where(Job.sweep_id == sweep_id, Job.kind == JobKind.finetune)
+                                     .order_by(Job.id)))
+    active = sum(j.status in (JobStatus.queued, JobStatus.running) for j in finetunes)
+    wanted = min(tpe.parallel - active, tpe.n - len(finetunes))
+    evaluations = list(session.scalars(select(Job).where(Job.sweep_id == sweep_id, Job.kind == JobKind.generate,
+                                                         Job.status == JobStatus.queued)))
+    template = finetunes[0].spec
+    session.commit()
+    if wanted <= 0 or not evaluations:
+        return []
+    new = []
+    for _ in range(wanted):
+        number, params = ask_trial(settings.database_url, tpe, strategy["study"], strategy["distributions"],
+                                   len(finetunes))
+        spec = point_spec(template, params, sweep.name, number, tpe, strategy["study"])
+        job = Job(kind=JobKind.finetune, status=JobStatus.queued, spec=spec.model_dump(mode="json"),
+                  sweep_id=sweep_id, priority=finetunes[0].priority, max_attempts=finetunes[0].max_attempts,
+                  output_name=spec.name, attempts=0, cancel_requested=False, token_id=finetunes[0].token_id)
+        session.add(job)
+        session.flush()
+        for evaluation in evaluations:
+            session.add(JobWait(job_id=evaluation.id, waits_for_id=job.id))
+            adapters = list(evaluation.spec.get("adapters") or [])
+            evaluation.spec = {**evaluation.spec, "adapters": adapters + [spec.name]}
+        sweep.points = len(finetunes) + len(new) + 1
+        session.commit()
+        finetunes.append(job)
+        new.append(job)
+        log.info("sweep %s: trial %s proposed by TPE: %s", sweep.name, number, params)
+    return new
+
+
+def ask_trial(database_url: str, tpe: TpeStrategy, study_name: str, distributions: dict, asked: int
+              ) -> tuple[int, dict]:
+    """(trial number, params) of a new trial sampled by TPE from `distributions` (Optuna's JSON form). The sampler's
+    seed moves on with every trial asked, so that two processes never replay the same random start."""
+    import optuna
+    from optuna.distributions import json_to_distribution
+
+    sampler = optuna.samplers.TPESampler(seed=tpe.seed + asked, n_startup_trials=tpe.n_startup, constant_liar=True)
+    study = optuna.load_study(study_name=study_name, storage=optuna_storage(database_url), sampler=sampler)
+    trial = study.ask({key: json_to_distribution(json.dumps(value)) for key, value in distributions.items()})
+    trial.set_user_attr("bracket", 0)
+    return trial.number, dict(trial.params)
+
+
+def point_spec(template: dict, params: dict, sweep_name: str, number: int, strategy, study: str,
+               rungs: Optional[list[int]] = None, bracket: int = 0) -> FinetuneSpec:
+    """The fine-tune spec of trial `number`: the sweep's checked point spec `template` with the trial's params."""
+    search = SearchSpec(study=study, trial=number, strategy=strategy.kind, metric=strategy.metric,
+                        direction=strategy.direction, rungs=rungs or [], bracket=bracket,
+                        reduction_factor=getattr(strategy, "reduction_factor", 3),
+                        min_steps=getattr(strategy, "min_steps", 1))
+    return FinetuneSpec.model_validate({**template, **params, "name": f"{sweep_name}-{number + 1:02d}",
+                                        "search": search.model_dump()})
+
+
+def evaluated_pruned(session: Session, evaluation: Job, left_out: list[str]) -> list[str]:
+    """`left_out` (adapters of points that did not succeed) less the sweep's `eval.include_pruned` best pruned
+    points, ranked by the metric at their last rung: those are evaluated too."""
+    from models.jobs import parent_ids
+
+    sweep = session.get(Sweep, evaluation.sweep_id) if evaluation.sweep_id else None
+    wanted = ((sweep.spec or {}).get("eval") or {}).get("include_pruned") or 0 if sweep else 0
+    if not wanted:
+        return left_out
+    pruned = list(session.scalars(select(Job).where(Job.id.in_(parent_ids(session, evaluation)),
+                                                    Job.status == JobStatus.pruned)))
+    ranked = []
+    for job in pruned:
+        last = session.scalar(select(Rung).where(Rung.job_id == job.id).order_by(Rung.step.desc()).limit(1))
+        if last is not None and last.value is not None:
+            direction = (job.spec.get("search") or {}).get("direction", "min")
+            # later rungs first (they trained longer), then the better value
+            ranked.append(((-last.step, last.value if direction == "min" else -last.value), job.spec["name"]))
+    kept = {name for _, name in sorted(ranked)[:wanted]}
+    return [name for name in left_out if name not in kept]
