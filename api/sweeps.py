@@ -424,7 +424,7 @@ def _varied_points(blocks: dict) -> list[dict]:
 def _point(index: int, varied: dict, sweep_name: str, blocks: dict, score_fields: dict) -> SweepPoint:
     """One point's fine-tune and its evaluation's generate spec, each validated; InputError names the point."""
     fields = {**blocks["base"], **varied, "name": f"{sweep_name}-{index:02d}"}
-    eval_fields = {k: v for k, v in blocks["eval"].items() if k not in SCORE_KEYS}
+    eval_fields = {k: v for k, v in blocks["eval"].items() if k not in SCORE_KEYS and k != "include_pruned"}
     label = _cut(", ".join(f"{k}={_cut(v, 30)}" for k, v in varied.items()), 200)
     try:
         finetune = FinetuneSpec.model_validate(fields)
