@@ -119,7 +119,7 @@ def enqueue_sweep(session: Session, broker, home: Path, plan: SweepPlan, submiss
 def _store_sweep(session: Session, plan: SweepPlan, submission: Submission, notify_url: str | None,
                  token_id: int | None) -> tuple[Sweep, list[Job]]:
     sweep = Sweep(name=plan.name, spec=plan.spec, priority=submission.priority, points=plan.trials,
-                  notify_url=notify_url or None, token_id=token_id)
+                  notify_url=notify_url or None, token_id=token_id, trials_asked=len(plan.points))
     session.add(sweep)
     session.flush()
     common = {"priority": submission.priority, "sweep_id": sweep.id, "max_attempts": submission.max_attempts,

@@ -24,3 +24,6 @@ class Sweep(Base):
     notify_url: Mapped[Optional[str]] = mapped_column(String(2048))  # --notify URL, else TUNEQUEUE_NOTIFY_URL
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))  # its last job ended (set once)
     token_id: Mapped[Optional[int]] = mapped_column(ForeignKey("api_tokens.id", ondelete="SET NULL"))  # API submitter
+    # a TPE sweep's trials asked so far: each new trial first takes its number here (an atomic UPDATE), so two workers
+    # ending trials at once never propose more than `n` nor sample with the same seed
+    trials_asked: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -217,6 +217,10 @@ def _call(function, task, runtime: WorkerRuntime, session, progress_session, job
         return report_progress(progress_session, lease, progress)
 
     spec = parse_spec(job.spec)
+    if job.kind == JobKind.generate and spec.adapters and job.sweep_id is not None:
+        from worker.search import waited_adapters  # a TPE sweep's evaluation also covers the trials added later
+
+        spec = spec.model_copy(update={"adapters": waited_adapters(session, job, spec.adapters)})
     left_out = unfinished_outputs(session, job) if job.kind == JobKind.generate and spec.adapters else []
     if left_out and job.sweep_id is not None:  # an ASHA sweep may evaluate its best pruned points too
         from worker.search import evaluated_pruned

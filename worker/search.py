@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models.jobs import Job, JobKind, JobStatus, JobWait, Lease
@@ -130,45 +130,52 @@ def trial_ended(settings: Settings, session: Session, job: Job) -> None:
 
 
 def next_trials(settings: Settings, session: Session, sweep_id: int) -> list[Job]:
-    """A TPE sweep keeps `parallel` points queued or running until `n` have been proposed: each new point is
-    asked from Optuna's TPE sampler (which has seen every finished trial) and stored as a fine-tune of the sweep
-    that its evaluation also waits for. Returns the new jobs, for the caller to publish."""
+    """Called once for each trial of a TPE sweep that ended: its place goes to a new trial, so `parallel` stay in
+    flight until `n` have been asked. The trial's number is taken first from `sweeps.trials_asked` with one atomic
+    UPDATE (two workers ending trials at once never overshoot `n` nor sample with the same seed); then Optuna's
+    TPE sampler, which has seen every finished trial, proposes it, and it is stored as a fine-tune of the sweep that
+    the sweep's evaluation also waits for (a new `job_waits` row; the evaluation adds the adapters of every
+    fine-tune it waits for when it runs). Returns the new jobs, for the caller to publish."""
     sweep = session.get(Sweep, sweep_id)
-    strategy = sweep.spec.get("strategy") or {}
+    strategy = (sweep.spec or {}).get("strategy") or {}
     if strategy.get("kind") != "tpe":
         session.commit()
         return []
     tpe = TpeStrategy.model_validate({k: v for k, v in strategy.items() if k in TpeStrategy.model_fields})
-    finetunes = list(session.scalars(select(Job).where(Job.sweep_id == sweep_id, Job.kind == JobKind.finetune)
-                                     .order_by(Job.id)))
-    active = sum(j.status in (JobStatus.queued, JobStatus.running) for j in finetunes)
-    wanted = min(tpe.parallel - active, tpe.n - len(finetunes))
-    evaluations = list(session.scalars(select(Job).where(Job.sweep_id == sweep_id, Job.kind == JobKind.generate,
-                                                         Job.status == JobStatus.queued)))
-    template = finetunes[0].spec
+    first = session.scalar(select(Job).where(Job.sweep_id == sweep_id, Job.kind == JobKind.finetune)
+                           .order_by(Job.id).limit(1))
+    evaluations = list(session.scalars(select(Job.id).where(Job.sweep_id == sweep_id, Job.kind == JobKind.generate,
+                                                            Job.status == JobStatus.queued)))
+    template = dict(first.spec)
+    common = {"priority": first.priority, "max_attempts": first.max_attempts, "token_id": first.token_id}
     session.commit()
-    if wanted <= 0 or not evaluations:
+    if not evaluations:  # the evaluation has started (or the sweep was cancelled): no point in more trials
         return []
-    new = []
-    for _ in range(wanted):
-        number, params = ask_trial(settings.database_url, tpe, strategy["study"], strategy["distributions"],
-                                   len(finetunes))
-        spec = point_spec(template, params, sweep.name, number, tpe, strategy["study"])
-        job = Job(kind=JobKind.finetune, status=JobStatus.queued, spec=spec.model_dump(mode="json"),
-                  sweep_id=sweep_id, priority=finetunes[0].priority, max_attempts=finetunes[0].max_attempts,
-                  output_name=spec.name, attempts=0, cancel_requested=False, token_id=finetunes[0].token_id)
-        session.add(job)
-        session.flush()
-        for evaluation in evaluations:
-            session.add(JobWait(job_id=evaluation.id, waits_for_id=job.id))
-            adapters = list(evaluation.spec.get("adapters") or [])
-            evaluation.spec = {**evaluation.spec, "adapters": adapters + [spec.name]}
-        sweep.points = len(finetunes) + len(new) + 1
-        session.commit()
-        finetunes.append(job)
-        new.append(job)
-        log.info("sweep %s: trial %s proposed by TPE: %s", sweep.name, number, params)
-    return new
+    asked = session.execute(update(Sweep).where(Sweep.id == sweep_id, Sweep.trials_asked < tpe.n)
+                            .values(trials_asked=Sweep.trials_asked + 1).returning(Sweep.trials_asked)).scalar()
+    session.commit()
+    if asked is None:
+        return []
+    number, params = ask_trial(settings.database_url, tpe, strategy["study"], strategy["distributions"], asked - 1)
+    spec = point_spec(template, params, sweep.name, number, tpe, strategy["study"])
+    job = Job(kind=JobKind.finetune, status=JobStatus.queued, spec=spec.model_dump(mode="json"), sweep_id=sweep_id,
+              output_name=spec.name, attempts=0, cancel_requested=False, **common)
+    session.add(job)
+    session.flush()
+    session.add_all([JobWait(job_id=evaluation, waits_for_id=job.id) for evaluation in evaluations])
+    session.commit()
+    log.info("sweep %s: trial %s proposed by TPE: %s", sweep.name, number, params)
+    return [job]
+
+
+def waited_adapters(session: Session, evaluation: Job, adapters: list[str]) -> list[str]:
+    """`adapters` and, after them, those of the fine-tunes the evaluation waits for that it does not list yet (a
+    TPE sweep's later trials), in job order."""
+    from models.jobs import parent_ids
+
+    names = session.scalars(select(Job.output_name).where(Job.id.in_(parent_ids(session, evaluation)),
+                                                         Job.kind == JobKind.finetune).order_by(Job.id))
+    return list(adapters) + [name for name in names if name and name not in adapters]
 
 
 def ask_trial(database_url: str, tpe: TpeStrategy, study_name: str, distributions: dict, asked: int

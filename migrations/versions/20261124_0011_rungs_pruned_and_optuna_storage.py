@@ -1,4 +1,5 @@
-"""rungs (each successive-halving decision of a sweep point, with its reason) and Optuna's study storage
+"""rungs (each successive-halving decision of a sweep point, with its reason), sweeps.trials_asked (a TPE sweep's
+trial counter) and Optuna's study storage
 
 Optuna's RDB storage (studies, trials, their params, intermediate and final values) lives in the same database as
 tunequeue's tables. Its tables are created here from Optuna's own schema, so that no Optuna process ever creates
@@ -40,6 +41,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('rungs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_rungs_job_id'), ['job_id'], unique=False)
+    with op.batch_alter_table('sweeps', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('trials_asked', sa.Integer(), server_default='0', nullable=False))
     from optuna.storages._rdb import models as optuna_models
 
     optuna_models.BaseModel.metadata.create_all(op.get_bind(), checkfirst=True)
@@ -49,6 +52,8 @@ def downgrade() -> None:
     from optuna.storages._rdb import models as optuna_models
 
     optuna_models.BaseModel.metadata.drop_all(op.get_bind(), checkfirst=True)
+    with op.batch_alter_table('sweeps', schema=None) as batch_op:
+        batch_op.drop_column('trials_asked')
     with op.batch_alter_table('rungs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_rungs_job_id'))
     op.drop_table('rungs')

@@ -76,6 +76,7 @@ def _classification(model, metric: str, features: list[dict], tokenizer, device,
             labels = batch.pop("labels")
             predicted += model(**batch).logits.argmax(-1).tolist()
             truth += labels.tolist()
-    labels = sorted(set(truth) | set(predicted))
-    # the head's label ids as strings: F1 is the positive (last) label's when binary, as the score job's is
-    return classification_metrics([str(p) for p in predicted], [str(t) for t in truth], [str(x) for x in labels])[metric]
+    # the head's label ids as strings (not the ones this split happens to hold): F1 is the positive (last) label's
+    # when binary, as the score job's is
+    labels = [str(x) for x in range(model.config.num_labels)]
+    return classification_metrics([str(p) for p in predicted], [str(t) for t in truth], labels)[metric]
