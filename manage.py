@@ -320,15 +320,34 @@ def jobs():
     """List, show, watch, cancel and reconcile jobs."""
 
 
+class JobStatusChoice(click.Choice):
+    """One of models.jobs.JobStatus, read when first asked for (so that `--help` imports no SQLAlchemy)."""
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from models.jobs import JobStatus
+
+        return tuple(status.value for status in JobStatus)
+
+    @choices.setter
+    def choices(self, _value):
+        pass
+
+
 @jobs.command("list")
-@click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled", "skipped"]))
+@click.option("--status", type=JobStatusChoice(), help="Only jobs in this state (pruned: sweep points "
+              "stopped early by successive halving).")
 @click.option("--limit", type=COUNT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @table_options
 @pass_ctx
 def jobs_list(ctx: AppContext, status, limit, as_json, wide, fmt):
-    """The newest jobs first; a job still waiting for the jobs it follows shows `waiting (N jobs)`."""
-    from api.jobs import describe, job_dict, latest_jobs, status_label, waiting_counts
+    """The newest jobs first; a job still waiting for the jobs it follows shows `waiting (N jobs)`, a sweep point
+    promoted at a rung and queued to train on `queued (promoted at step N)`."""
+    from api.jobs import describe, job_dict, latest_jobs, shown_progress, status_label, waiting_counts
     from api.render import Col
     from models.jobs import JobStatus
 
@@ -343,7 +362,7 @@ def jobs_list(ctx: AppContext, status, limit, as_json, wide, fmt):
             Col("duration", drop=4, justify="right"), Col("progress", drop=2, justify="right")]
     rows = []
     for job in found:
-        progress = job.progress or {}
+        progress = shown_progress(job)
         rows.append([str(job.id), job.kind.value, status_label(job, waiting), describe(job), str(job.attempts),
                      f"{job.queue_wait_s:.2f}s" if job.queue_wait_s is not None else "",
                      f"{job.duration_s:.1f}s" if job.duration_s else "",
@@ -356,16 +375,20 @@ def jobs_list(ctx: AppContext, status, limit, as_json, wide, fmt):
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def jobs_show(ctx: AppContext, job_id, as_json):
-    """Everything about one job: spec, status, timing, result or error."""
-    from api.jobs import get_job, job_dict
+    """Everything about one job: spec, status, timing, result or error; for a point of an ASHA or TPE sweep, its
+    search (study, trial, where it stands) and the decision taken at each of its rungs."""
+    from api.jobs import get_job, job_full
 
     with ctx.session() as session:
-        data = job_dict(get_job(session, job_id), full=True)
+        data = job_full(session, get_job(session, job_id))
     if as_json:
         echo_json(data)
         return
     traceback = data.pop("traceback", None)
+    search = data.pop("search", None)
     show_fields(data, width=16)
+    if search:
+        show_search(search, width=16)
     if traceback and data["status"] != "succeeded":
         click.echo(f"traceback: (latest failed attempt, last {SHOWN_TRACEBACK_LINES} lines; all: jobs logs {job_id})")
         for line in traceback.splitlines()[-SHOWN_TRACEBACK_LINES:]:
@@ -373,6 +396,24 @@ def jobs_show(ctx: AppContext, job_id, as_json):
 
 
 SHOWN_TRACEBACK_LINES = 15
+
+
+def show_search(search: dict, width: int) -> None:
+    """A sweep point's search under `jobs show`: study and trial, where it stands, then its rungs as a table."""
+    from api.render import Col, render_table
+
+    rungs = (f"rungs at steps {', '.join(map(str, search['rung_steps']))}" if search["rung_steps"] else
+             "no rungs (the trial trains to its end)")
+    click.echo(f"{'search':>{width}}: {search['strategy'].upper()} trial {search['trial']} of study "
+               f"{search['study']}, on {search['metric']} ({search['direction']}); {rungs}")
+    if search["state"]:
+        click.echo(f"{'':>{width}}  {search['state']}")
+    if search["rungs"]:
+        cols = [Col("step", justify="right"), Col("metric"), Col("value", justify="right"), Col("decision"),
+                Col("reason", drop=1)]
+        click.echo(render_table(cols, [[str(r["step"]), r["metric"], "" if r["value"] is None else f"{r['value']:.4g}",
+                                        r["decision"], r["reason"]] for r in search["rungs"]],
+                                title=f"rungs of job {search['job_id']}"), nl=False)
 
 
 @jobs.command("logs")
@@ -477,9 +518,24 @@ def sweep(ctx: AppContext, file, overrides, name, dry_run, notify_url, as_json, 
     elif dry_run:
         show_sweep_plan(done.plan)
     else:
-        row, queued = done.sweep, done.jobs
-        click.echo(f"sweep {row.name!r} queued: {row.points} points, {len(queued)} jobs "
-                   f"({queued[0].id}..{queued[-1].id}); watch with 'jobs watch --sweep {row.name}'")
+        click.echo(sweep_queued_line(done))
+
+
+def sweep_queued_line(done) -> str:
+    """What `sweep FILE` says once the sweep is queued; a TPE sweep's trials are proposed as earlier ones end."""
+    row, queued = done.sweep, done.jobs
+    ids = f"({queued[0].id}..{queued[-1].id})"
+    watch = f"watch with 'jobs watch --sweep {row.name}'"
+    summary = done.plan.strategy_summary()
+    if summary["kind"] == "tpe":
+        now = sum(job.kind.value == "finetune" for job in queued)
+        return (f"sweep {row.name!r} queued: {summary['n']} trials ({now} queued now; TPE proposes the rest as trials "
+                f"end), {len(queued)} jobs so far {ids}; {watch}")
+    line = f"sweep {row.name!r} queued: {row.points} points, {len(queued)} jobs {ids}"
+    if summary["kind"] == "asha":
+        steps = sorted({step for rungs in summary["rungs"].values() for step in rungs})
+        line += f"; ASHA decides at steps {', '.join(map(str, steps[:-1]))} (max {steps[-1]})"
+    return f"{line}; {watch}"
 
 
 def show_sweep_plan(plan) -> None:
@@ -837,7 +893,9 @@ def flower(ctx: AppContext, port, address, basic_auth, no_auth, persistent):
     """Start Flower, the Celery web monitor, against the same broker (http://ADDRESS:PORT).
 
     Tasks are named after their jobs (`finetune lr-1e-3 · sweep lr-rank · job 12`) and end in the job's state:
-    SUCCESS, FAILURE (the job's error), RETRY (an attempt failed, the next one is queued) or REVOKED (cancelled).
+    SUCCESS, FAILURE (the job's error), RETRY (an attempt failed, the next one is queued) or REVOKED (cancelled); a
+    sweep point of an ASHA search ends PRUNED (stopped at a rung, the reason as its result) or PROMOTED (it passed a
+    rung and trains on as a new task).
     A running task's Result shows step / total, loss and eval loss. Its API (/api/tasks, /api/task/info/ID) takes
     the same credentials.
     """
@@ -959,6 +1017,9 @@ def tokens_revoke(ctx: AppContext, name):
               help="Write box plots of per-example scores (one box per run) to this PNG.")
 @click.option("--plot-loss", "plot_loss_path", type=click.Path(dir_okay=False), default=None,
               help="Write the runs' training / eval loss curves to this PNG.")
+@click.option("--plot-rungs", "plot_rungs_path", type=click.Path(dir_okay=False), default=None,
+              help="With --sweep of an ASHA or TPE sweep: write the successive-halving picture (the rung metric vs "
+                   "training step, one line per point, pruned points ending early in an x) to this PNG or SVG.")
 @click.option("--compare", nargs=2, default=None, metavar="A B",
               help="Say which of variants A and B is better on the first metric (over the examples both were "
                    "scored on) and show the examples where they differ most (use 'base' for the base model).")
@@ -967,22 +1028,31 @@ def tokens_revoke(ctx: AppContext, name):
               "correlation of their per-example scores over the examples both scored (does the judge agree with "
               "ROUGE?).")
 @pass_ctx
-def report(ctx: AppContext, metric_names, sweep, split, sort, top, fmt, wide, plot_path, plot_loss_path, compare,
-           limit, agreement):
+def report(ctx: AppContext, metric_names, sweep, split, sort, top, fmt, wide, plot_path, plot_loss_path,
+           plot_rungs_path, compare, limit, agreement):
     """Compare base and adapters: one row per run with each metric's mean, 95% bootstrap interval and delta vs the
     base row, examples scored, training time and the hyperparameters that vary; the best row is marked.
 
-    Runs scored on different example sets are compared on the examples they all share, and a line says so.
+    Runs scored on different example sets are compared on the examples they all share, and a line says so. The
+    report of an ASHA or TPE sweep (--sweep) also says how far each point got: its decision (promoted, pruned,
+    complete), its last rung's step, the steps it trained and its rung metric there, with a row for each point that
+    was not evaluated.
     """
     from api.render import comparison_sentence, example_set_note, render_agreement, render_comparison, render_report
     from api.report import (ReportQuery, check_plot_path, compare_runs, metric_agreement, report_rows,
-                            resolve_metrics, write_box_plot, write_loss_plot)
+                            resolve_metrics, write_box_plot, write_loss_plot, write_rungs_plot)
+    from models.errors import InputError
 
-    for path, option in ((plot_path, "--plot"), (plot_loss_path, "--plot-loss")):
+    if plot_rungs_path and not sweep:
+        raise InputError("--plot-rungs draws one sweep's search: give --sweep NAME too")
+    for path, option in ((plot_path, "--plot"), (plot_loss_path, "--plot-loss"), (plot_rungs_path, "--plot-rungs")):
         if path:
             check_plot_path(path, option)  # before anything is queried, printed or drawn
     query = ReportQuery(list(metric_names), split, sweep, sort, top)
     with ctx.session() as session:
+        if plot_rungs_path:  # the search's picture needs no scores: it can be drawn while the sweep runs
+            points = write_rungs_plot(session, sweep, plot_rungs_path)
+            click.echo(f"rungs plot written to {plot_rungs_path} ({points} points)", err=True)
         query = resolve_metrics(session, query)
         if agreement:
             click.echo(render_agreement(metric_agreement(session, query), fmt), nl=False)

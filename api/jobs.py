@@ -140,9 +140,51 @@ def find_jobs(session: Session, *, status: JobStatus | None = None, kind: JobKin
 
 
 def job_details(session: Session, job: Job) -> dict:
-    """Everything about one job (`job_dict(full=True)`) and the name of the API token that submitted it."""
+    """Everything about one job (`job_full`, what `jobs show --json` prints) and the name of the API token that
+    submitted it."""
     token = session.scalar(select(ApiToken.name).where(ApiToken.id == job.token_id)) if job.token_id else None
-    return {**job_dict(job, full=True), "submitted_by": token}
+    return {**job_full(session, job), "submitted_by": token}
+
+
+def job_full(session: Session, job: Job) -> dict:
+    """Everything about one job: `job_dict(full=True)` and `search` (`search_view`; None for a job with none)."""
+    return {**job_dict(job, full=True), "search": search_view(session, job)}
+
+
+def search_view(session: Session, job: Job) -> dict | None:
+    """A fine-tune of an ASHA or TPE sweep: its study, trial, strategy, metric and direction, its `rung_steps`, its
+    `rungs` rows (step, metric, value, decision, reason, decided_at) and `state`, one line on where it stands
+    (`search_state`). None for any other job."""
+    from models.search import Rung
+
+    search = job.spec.get("search") if job.kind == JobKind.finetune else None
+    if not search:
+        return None
+    rungs = [{"step": r.step, "rung": r.rung, "metric": r.metric, "value": r.value, "decision": r.decision,
+              "reason": r.reason, "decided_at": r.decided_at}
+             for r in session.scalars(select(Rung).where(Rung.job_id == job.id).order_by(Rung.step))]
+    return {"job_id": job.id, "study": search["study"], "trial": search["trial"], "strategy": search["strategy"],
+            "metric": search["metric"], "direction": search["direction"], "bracket": search.get("bracket", 0),
+            "rung_steps": list(search.get("rungs") or []), "state": search_state(job, rungs), "rungs": rungs}
+
+
+def search_state(job: Job, rungs: list[dict]) -> str | None:
+    """Where a sweep point stands, in one line: the pruning reason ("pruned at step 4: eval_loss 0.008, rung median
+    ..."), "promoted at step 12; queued to train on" (or "training on" once a worker has it), or the last decision;
+    None before its first rung."""
+    last = rungs[-1] if rungs else None
+    pruned = (job.result or {}).get("pruned") if job.status == JobStatus.pruned else None
+    if pruned:
+        return pruned.get("reason") or (last or {}).get("reason")
+    if last is None:
+        return None
+    if last["decision"] == "promote":
+        if job.status == JobStatus.queued:
+            return f"promoted at step {last['step']}; queued to train on"
+        if job.status == JobStatus.running:
+            return f"promoted at step {last['step']}; training on"
+        return f"promoted at step {last['step']}; then {job.status.value}"
+    return last["reason"]
 
 
 def waiting_counts(session: Session, jobs: list[Job]) -> dict[int, int]:
@@ -161,9 +203,23 @@ def waiting_counts(session: Session, jobs: list[Job]) -> dict[int, int]:
 
 def status_label(job: Job, waiting: dict[int, int]) -> str:
     """The status for people: `waiting (3 jobs)` for a queued job still waiting for its parents (from
-    `waiting_counts`), else the status itself (machine output keeps the raw status)."""
+    `waiting_counts`), `queued (promoted at step 12)` for a sweep point that passed a rung and waits to train on,
+    else the status itself (machine output keeps the raw status)."""
     count = waiting.get(job.id)
-    return f"waiting ({count} job{'s' if count != 1 else ''})" if count else job.status.value
+    if count:
+        return f"waiting ({count} job{'s' if count != 1 else ''})"
+    promoted = (job.progress or {}).get("promoted_at_step")
+    if job.status == JobStatus.queued and promoted is not None:
+        return f"queued (promoted at step {promoted})"
+    return job.status.value
+
+
+def shown_progress(job: Job) -> dict:
+    """The progress to show: the job's own, or for a pruned sweep point (which reports none at its end) the step it
+    stopped at out of its total."""
+    if job.status == JobStatus.pruned and not job.progress and job.result:
+        return {"step": job.result.get("steps"), "total_steps": job.result.get("total_steps")}
+    return job.progress or {}
 
 
 def cancel(session: Session, broker, job: Job) -> str:
@@ -239,7 +295,7 @@ def describe(job: Job) -> str:
 def bar_fields(job: Job, waiting: dict[int, int]) -> dict:
     """What one progress bar of `jobs watch` shows: `description` (job id, kind, adapter name or variants),
     `info` (step / total, loss, eval loss, status), and the bar's `completed` / `total`."""
-    info = job.progress or {}
+    info = shown_progress(job)
     what = _variants_text(variants_of(job)) if job.kind != JobKind.score else f"of job {job.spec['generate_job_id']}"
     parts = []
     if info.get("step") is not None:

@@ -1,5 +1,5 @@
 """Presentation for people and scripts: tables fitted to the terminal, CSV and JSON of any records, the report
-(table, CSV, JSON, Markdown), two runs compared in words, and PNG plots (box plots, loss curves).
+(table, CSV, JSON, Markdown), two runs compared in words, and plots (box plots, loss curves, a sweep's rungs).
 
 Shared by the CLI and the demo; takes the dicts that `models.report` and `api/` return, never touches the database.
 
@@ -177,11 +177,19 @@ def headline_metrics(metrics: list[str]) -> list[str]:
     return [m for m in metrics if m not in hidden]
 
 
+SEARCH_COLUMNS = ("last_rung", "steps", "decision", "rung_metric", "rung_value")  # an ASHA or TPE sweep's report
+
+
+def _searched(rows: list[dict]) -> bool:
+    return any("decision" in r for r in rows)
+
+
 def _columns(rows: list[dict], metrics: list[str]) -> list[str]:
     params = list(rows[0]["hyperparameters"]) if rows else []
     cols = ["model", "variant", *params]
     for m in metrics:
         cols += [m, f"{m}_ci_low", f"{m}_ci_high", f"delta_{m}"]
+    cols += list(SEARCH_COLUMNS) if _searched(rows) else []
     return cols + ["examples", "examples_scored", "example_set", "train_time_s", "queue_wait_s", "best"]
 
 
@@ -203,6 +211,8 @@ def _has_interval(row: dict, metric: str) -> bool:
 
 
 def _examples_cell(row: dict) -> str:
+    if row.get("examples") is None:  # a sweep point that was not evaluated
+        return ""
     scored = row.get("examples_scored", row["examples"])
     return f"{row['examples']} of {scored}" if scored != row["examples"] else str(row["examples"])
 
@@ -217,7 +227,23 @@ def _cells(row: dict, metrics: list[str]) -> list[str]:
         if _has_interval(row, m):
             value += f" [{row[f'{m}_ci_low']:.3f}–{row[f'{m}_ci_high']:.3f}]"
         cells += [value, _fmt(row.get(f"delta_{m}"), sign=True)]
+    cells += _search_cells(row) if "decision" in row else []
     return cells + [_examples_cell(row), _fmt(row.get("train_time_s"), 1), _fmt(row.get("queue_wait_s"), 2)]
+
+
+def _search_metric(rows: list[dict]) -> str:
+    return next((r["rung_metric"] for r in rows if r.get("rung_metric")), "metric")
+
+
+def _search_headers(rows: list[dict]) -> list[str]:
+    return ["decision", "last rung", "steps", f"{_search_metric(rows)} at rung"]
+
+
+def _search_cells(row: dict) -> list[str]:
+    """decision, last rung, steps and the rung metric of a searched sweep's row (empty on the base row)."""
+    value = row.get("rung_value")
+    return [row.get("decision") or "", _fmt(row.get("last_rung")), _fmt(row.get("steps")),
+            "" if value is None else f"{value:.4g}"]
 
 
 def _headers(rows: list[dict], metrics: list[str]) -> list[str]:
@@ -225,6 +251,7 @@ def _headers(rows: list[dict], metrics: list[str]) -> list[str]:
     heads = ["model", "variant", *params]
     for m in metrics:
         heads += [f"{m} [95% CI]", f"Δ {m}"]
+    heads += _search_headers(rows) if _searched(rows) else []
     return heads + ["examples", "train s", "queue wait s"]
 
 
@@ -262,13 +289,18 @@ def _default_view(rows: list[dict], metrics: list[str]) -> tuple[list[Col], list
     shown = headline_metrics(metrics)
     params = list(rows[0]["hyperparameters"]) if rows else []
     models = {r["model"] for r in rows}
-    examples = {r["examples"] for r in rows}  # on shared examples (see example_set_note) these are all the same
+    # on shared examples (see example_set_note) these are all the same; a sweep point not evaluated has none
+    examples = {r["examples"] for r in rows if r["examples"] is not None}
+    searched = _searched(rows)
     cols = ([] if len(models) == 1 else [Col("model", name=True)]) + [Col("variant", name=True)]
     cols += [Col(p, drop=2, justify="right") for p in params]
     for k, m in enumerate(shown):
         cols.append(Col(m, drop=10 + k if k else 0, whole=True))
         if k == 0:
             cols.append(Col(f"Δ {m}", drop=4, justify="right"))
+    if searched:  # how far each point of an ASHA or TPE search got
+        cols += [Col(h, drop=d, justify=j) for h, d, j in zip(_search_headers(rows), (1, 5, 6, 7),
+                                                               ("left", "right", "right", "right"))]
     cols += [] if len(examples) == 1 else [Col("examples", drop=3, justify="right")]
     cells = []
     for row in rows:
@@ -278,7 +310,8 @@ def _default_view(rows: list[dict], metrics: list[str]) -> tuple[list[Col], list
             line.append(mean_with_interval(row, m))
             if k == 0:
                 line.append(_fmt(row.get(f"delta_{m}"), 3, sign=True))
-        cells.append(line + ([] if len(examples) == 1 else [str(row["examples"])]))
+        line += _search_cells(row) if searched else []
+        cells.append(line + ([] if len(examples) == 1 else [_fmt(row["examples"])]))
     where = [rows[0]["split"] if rows else ""]
     if len(models) == 1:
         where.append(next(iter(models)))
@@ -289,8 +322,18 @@ def _default_view(rows: list[dict], metrics: list[str]) -> tuple[list[Col], list
     return cols, cells, title
 
 
+def search_note(rows: list[dict]) -> str | None:
+    """A line under the report of a searched sweep whose report holds points that were not evaluated."""
+    skipped = [r for r in rows if r.get("examples") is None and "decision" in r]
+    if not skipped:
+        return None
+    return (f"{len(skipped)} point(s) without a mean were not evaluated (pruned, or not finished): their rows show "
+            "where the search left them (eval.include_pruned: N in the sweep file evaluates the N best pruned ones)")
+
+
 def example_set_note(rows: list[dict]) -> str | None:
     """One line when the rows were scored on different example sets, saying what the numbers are over."""
+    rows = [r for r in rows if r.get("examples") is not None]  # a sweep point that was not evaluated has no set
     state = rows[0].get("example_set", "same") if rows else "same"
     if state == "same":
         return None
@@ -332,7 +375,9 @@ def render_report(rows: list[dict], metrics: list[str], fmt: str, *, wide: bool 
         title = f"{', '.join(metrics)} on {rows[0]['split'] if rows else ''}: mean [95% CI], Δ vs base, ★ best"
     else:
         cols, cells, title = _default_view(rows, metrics)
-    return render_table(cols, cells, title=title, wide=wide, width=width, notes=[note] if note else [])
+    out = render_table(cols, cells, title=title, wide=wide, width=width, notes=[note] if note else [])
+    searched = search_note(rows)
+    return out + (_wrapped(searched, width or output_width()) if searched else "")
 
 
 def comparison_sentence(summary: dict) -> str:
@@ -435,6 +480,52 @@ def loss_plot(curves: dict[str, list[tuple]], path, title: str = "") -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
+
+
+RUNG_END_MARKERS = {"pruned": "x", "complete": "o"}  # else (promoted and training on, failed, ...): a dot
+
+
+def rungs_plot(figure: dict, path) -> int:
+    """The successive-halving picture of a sweep (`api.report.rungs_figure`): x the training step, y the metric at
+    each rung, one line per point through its rung values; a pruned point ends early in an ×, a completed one at
+    max_steps in a dot; rung steps as dotted vertical lines. Returns the number of points drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    points = [p for p in figure["points"] if p["rungs"]]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for step in figure["rung_steps"]:
+        ax.axvline(step, color="0.6", linestyle=":", linewidth=1)
+    if figure.get("max_steps"):
+        ax.axvline(figure["max_steps"], color="0.35", linestyle=":", linewidth=1)
+    labelled = len(points) <= 16
+    for index, point in enumerate(points):
+        color = f"C{index % 10}"
+        steps = [r["step"] for r in point["rungs"] if r["value"] is not None]
+        values = [r["value"] for r in point["rungs"] if r["value"] is not None]
+        if not steps:
+            continue
+        ax.plot(steps, values, color=color, marker=".", linewidth=1.4, alpha=0.9,
+                label=f"{point['variant']} ({point['decision'] or point['status']})" if labelled else None)
+        ax.plot(steps[-1], values[-1], color=color, linestyle="none", markersize=9, markeredgewidth=2,
+                marker=RUNG_END_MARKERS.get(point["decision"], "."))
+    ax.set_xlim(0, (figure.get("max_steps") or max(r["step"] for p in points for r in p["rungs"])) * 1.04)
+    better = "lower" if figure["direction"] == "min" else "higher"
+    ax.set_xlabel("training step (dotted: rungs)")
+    ax.set_ylabel(f"{figure['metric']} at the rung ({better} is better)")
+    eta = f", η = {figure['reduction_factor']}" if figure["strategy"] == "asha" else ""
+    ax.set_title(f"sweep {figure['sweep']}: {figure['metric']} per rung ({figure['strategy'].upper()}{eta}, "
+                 f"{len(points)} points)")
+    keys = [Line2D([], [], color="0.3", marker="x", linestyle="none", markeredgewidth=2, label="pruned"),
+            Line2D([], [], color="0.3", marker="o", linestyle="none", label="reached max_steps")]
+    handles, _labels = ax.get_legend_handles_labels()
+    ax.legend(handles=handles + keys, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    _save(fig, path)
+    return len(points)
 
 
 def _save(fig, path) -> None:

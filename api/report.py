@@ -1,5 +1,6 @@
 """The report as every door asks for it: metric names checked against the database, the comparison rows, the
-examples where two runs differ most, and the plots; rendering lives in api/render.py."""
+examples where two runs differ most, and the plots (box plots, loss curves, an ASHA or TPE sweep's rungs); rendering
+lives in api/render.py."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import Optional
 
 from sqlalchemy.orm import Session
 
-from api.render import box_plot, loss_plot
+from api.render import box_plot, loss_plot, rungs_plot
 from models.errors import InputError, NotFound
 from models.metrics import EVALUATE_PREFIX, evaluate_module, expand_metrics, is_evaluate
 from models.report import (agreement, compare_variants, comparison, known_metric_names, loss_curves,
-                           per_example_scores, sweep_by_name, sweep_jobs)
+                           per_example_scores, search_points, sweep_by_name, sweep_jobs)
 
 
 # what matplotlib's savefig writes, by file suffix (no suffix: PNG)
@@ -165,6 +166,41 @@ def write_box_plot(session: Session, query: ReportQuery, rows: list[dict], path:
 def write_loss_plot(session: Session, query: ReportQuery, rows: list[dict], path: str) -> None:
     target = str(check_plot_path(path, "--plot-loss"))
     _saved(target, "--plot-loss", lambda: draw_loss_plot(session, query, rows, target))
+
+
+def rungs_figure(session: Session, name: str) -> dict:
+    """What the rungs plot of sweep `name` draws: per point its (step, value) at each rung and how it ended, the
+    rung steps, max_steps, metric, direction and η. InputError when the sweep has no rungs (a grid or random sweep,
+    whose points all train to their end)."""
+    sweep = sweep_by_name(session, name)
+    points = search_points(session, sweep)
+    if not any(point["rungs"] for point in points):
+        kind = (sweep.spec.get("strategy") or {}).get("kind") or "grid"
+        raise InputError(f"sweep {name!r} has no rungs to plot: "
+                         + ("no point has reached its first rung yet" if points else
+                            f"a {kind} sweep trains every point to its end (rungs come with strategy: asha or tpe)"))
+    searches = [job.spec["search"] for job in sweep_jobs(session, sweep) if job.spec.get("search")]
+    rung_steps = sorted({step for search in searches for step in search.get("rungs", [])[:-1]})
+    ends = [search["rungs"][-1] for search in searches if search.get("rungs")]
+    first = searches[0]
+    return {"sweep": name, "strategy": first["strategy"], "metric": first["metric"], "direction": first["direction"],
+            "reduction_factor": first.get("reduction_factor"), "rung_steps": rung_steps,
+            "max_steps": max(ends) if ends else None, "points": points}
+
+
+def draw_rungs_plot(session: Session, name: str, target) -> int:
+    """The rungs plot of sweep `name` into `target` (a file path, or a binary file object that gets a PNG); returns
+    the number of points drawn."""
+    return rungs_plot(rungs_figure(session, name), target)
+
+
+def write_rungs_plot(session: Session, name: str | None, path: str) -> int:
+    """`report --sweep NAME --plot-rungs FILE`: the sweep's successive-halving picture (PNG, SVG, ... by suffix)."""
+    if not name:
+        raise InputError("--plot-rungs draws one sweep's search: give --sweep NAME too")
+    target = str(check_plot_path(path, "--plot-rungs"))
+    figure = rungs_figure(session, name)
+    return _saved(target, "--plot-rungs", lambda: rungs_plot(figure, target))
 
 
 def sweep_job_ids(session: Session, name: str) -> list[int]:

@@ -11,6 +11,10 @@ when they share none or lack per-example scores, so each row stays on its own ex
 
 A metric whose rows were computed with different settings (BERTScore with two models) is refused rather than put
 in one column. `agreement` gives, per pair of metrics, the rank correlation of their per-example scores.
+
+A sweep searched by ASHA or TPE adds to each row how far its point got (`search_points`: its last rung, the steps it
+trained, the decision there) and a row for every point that was not evaluated (a pruned one), with the metric it was
+decided on, so the report shows the whole search.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind
 from models.metrics import REFERENCE_VARIANT
 from models.results import Adapter, ExampleScore, Generation, Judgement, LossPoint, Metric
+from models.search import Rung
+from models.specs import FinetuneSpec
 from models.sweeps import Sweep
 
 BOOTSTRAP_SAMPLES = 1000
@@ -107,7 +113,7 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
             "model": metric.base_model, "variant": metric.variant, "split": split, "examples": metric.n_examples,
             "train_time_s": round(adapter.duration_s, 1) if adapter and adapter.duration_s else None,
         })
-        order[key] = (metric.variant != "base", adapter.created_at.isoformat() if adapter else "", metric.variant)
+        order[key] = (metric.variant != "base", 0, adapter.created_at.isoformat() if adapter else "", metric.variant)
         hyper[key] = dict(adapter.hyperparameters) if adapter else {}
         job_ids.setdefault(key, set()).update({metric.job_id, adapter.job_id if adapter else None} - {None})
         row[metric.name] = metric.value
@@ -115,6 +121,8 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
                                                                        metric.name)
         row["examples"] = min(row["examples"], metric.n_examples)
     _align_example_sets(table, scores, intervals)
+    if sweep_row is not None and table:
+        _add_search(session, sweep_row, table, order, hyper, job_ids)
     for key, wait in _mean_queue_waits(session, job_ids).items():
         table[key]["queue_wait_s"] = wait
     rows = [table[key] for key in sorted(table, key=lambda k: (k[0], order[k]))]
@@ -141,6 +149,70 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
     for row in rows:
         row["best"] = row is best
     return rows
+
+
+SEARCH_FIELDS = ("last_rung", "steps", "decision", "rung_metric", "rung_value")
+DECISION_WORDS = {"prune": "pruned", "promote": "promoted", "complete": "complete"}
+
+
+def search_points(session: Session, sweep: Sweep) -> list[dict]:
+    """Each fine-tune point of an ASHA or TPE sweep (none for a grid sweep), in job order: its job, adapter name and
+    status, its `rungs` rows ((step, value, decision) in step order), and how far it got: `last_rung` (the step of its
+    last rung row), `steps` (the steps it trained: a promoted point resumes where it stopped, so the steps of its
+    attempts add up to its last step), `decision` there (promoted, pruned or complete; a point that failed or was
+    cancelled after a promotion says so) and `rung_value`, its `rung_metric` at that rung."""
+    jobs = [job for job in sweep_jobs(session, sweep) if job.kind == JobKind.finetune and job.spec.get("search")]
+    if not jobs:
+        return []
+    rungs: dict[int, list[Rung]] = {}
+    for rung in session.scalars(select(Rung).where(Rung.job_id.in_([job.id for job in jobs]))
+                                .order_by(Rung.job_id, Rung.step)):
+        rungs.setdefault(rung.job_id, []).append(rung)
+    points = []
+    for job in jobs:
+        rows = rungs.get(job.id, [])
+        last = rows[-1] if rows else None
+        decision = DECISION_WORDS.get(last.decision, last.decision) if last else None
+        if decision == "promoted" and job.status.finished:
+            decision = job.status.value
+        elif decision is None and job.status.finished and job.status.value != "succeeded":
+            decision = job.status.value
+        trained = [last.step if last else 0, (job.result or {}).get("steps") or 0,
+                   (job.progress or {}).get("step") or 0]
+        points.append({"job_id": job.id, "variant": job.spec["name"], "model": job.spec["model"],
+                       "status": job.status.value, "last_rung": last.step if last else None, "steps": max(trained),
+                       "decision": decision, "rung_metric": job.spec["search"]["metric"],
+                       "rung_value": last.value if last else None,
+                       "rungs": [{"step": r.step, "value": r.value, "decision": r.decision} for r in rows]})
+    return points
+
+
+def _add_search(session: Session, sweep: Sweep, table: dict, order: dict, hyper: dict, job_ids: dict) -> None:
+    """The search's fields on every row of a searched sweep (None on the base row), and a row for each point that
+    was not evaluated (no metric values, `examples` None), after the evaluated ones in job order."""
+    points = search_points(session, sweep)
+    if not points:
+        return
+    state = next(iter(table.values()))["example_set"]
+    for row in table.values():
+        row.update({name: None for name in SEARCH_FIELDS})
+    adapters = {a.name: a for a in session.scalars(select(Adapter).where(
+        Adapter.name.in_([p["variant"] for p in points])))}
+    for point in points:
+        key = (point["model"], point["variant"])
+        row = table.get(key)
+        if row is None:
+            adapter = adapters.get(point["variant"])
+            job = session.get(Job, point["job_id"])
+            row = table[key] = {
+                "model": point["model"], "variant": point["variant"], "split": next(iter(table.values()))["split"],
+                "examples": None, "examples_scored": None, "example_set": state, "kept_own_examples": [],
+                "train_time_s": round(adapter.duration_s, 1) if adapter and adapter.duration_s else None}
+            order[key] = (True, 1, f"{point['job_id']:020d}", point["variant"])
+            hyper[key] = dict(adapter.hyperparameters) if adapter else \
+                FinetuneSpec.model_validate(job.spec).hyperparameters
+            job_ids[key] = {point["job_id"]}
+        row.update({name: point[name] for name in SEARCH_FIELDS})
 
 
 def check_comparable(metric_rows: list[Metric]) -> None:
@@ -270,7 +342,9 @@ def _varied_keys(params: list[dict]) -> list[str]:
 
 def per_example_scores(session: Session, rows: list[dict], metric: str, split: str,
                        sweep: str | None = None) -> dict[str, list[float]]:
-    """The per-example values behind each report row's metric (newest score job), for box plots."""
+    """The per-example values behind each report row's metric (newest score job), for box plots; rows without a
+    value of `metric` (a point that was not evaluated) are left out."""
+    rows = [r for r in rows if r.get(metric) is not None]
     found = {}
     sweep_row = sweep_by_name(session, sweep) if sweep else None
     for metric_row, _adapter in _newest_metrics(session, [metric], split, sweep_row):

@@ -165,3 +165,78 @@ def test_flower_refuses_to_start_without_credentials(sqlite_env):
     assert result.exit_code == 2 and "USER:PASSWORD" in result.output and "no colon" not in result.output
     result = CliRunner().invoke(manage_cli, ["flower", "--basic-auth", "a:b", "--no-auth"])
     assert result.exit_code == 2 and "not both" in result.output
+
+
+class RecordingTask:
+    """What `worker.outcomes.end_as` needs of a bound Celery task: its request, `send_event` (recorded as the Celery
+    events a worker would publish) and its result backend (recorded)."""
+
+    def __init__(self, task_id: str):
+        from types import SimpleNamespace
+
+        self.request = SimpleNamespace(id=task_id, hostname="tunequeue@test")
+        self.events: list[dict] = []
+        self.stored: list[tuple] = []
+        self.backend = SimpleNamespace(store_result=lambda task_id, result, state, request=None:
+                                       self.stored.append((task_id, result, state)))
+
+    def send_event(self, type_: str, **fields) -> None:
+        self.events.append(worker_event(type_, self.request.id, **fields))
+
+
+CLOCK = iter(range(1, 10_000))
+
+
+def worker_event(type_: str, task_id: str, **fields) -> dict:
+    """A task event as Flower's receiver hands it on (Celery's Event, with the receiving time and a Lamport clock)."""
+    from celery.events import Event
+
+    return {**Event(type_, uuid=task_id, hostname="tunequeue@test", **fields), "local_received": time.time(),
+            "clock": next(CLOCK)}
+
+
+def test_flower_keeps_pruned_and_promoted_states_against_later_events():
+    """The events `end_as` sends, fed to Flower's own event state (what its task pages and /api/tasks read): a pruned
+    task shows PRUNED with its reason and a promoted one PROMOTED; events that may still come for the same task (a
+    late progress report, a revoke, a redelivered message) leave that state as it is, and the promoted job's next
+    attempt is a task of its own."""
+    from types import SimpleNamespace
+
+    import pytest
+    from celery.exceptions import Ignore
+    from flower.events import EventsState
+    from flower.utils.tasks import iter_tasks
+
+    from worker.outcomes import end_as
+
+    state = EventsState()
+    reason = "job 3 pruned at step 4: eval_loss 0.008, rung median 0.005, cutoff 0.002"
+    outcomes = {}
+    for task_id, word, message in (("t-pruned", "PRUNED", reason),
+                                   ("t-promoted", "PROMOTED", "job 4 promoted at step 4: ...; it trains on")):
+        state.event(worker_event("task-received", task_id, name=f"finetune p · job {task_id}", args="[3]"))
+        state.event(worker_event("task-started", task_id))
+        state.event(worker_event("task-started", task_id, result="step 4/36 · loss 1.2345"))  # progress
+        task = RecordingTask(task_id)
+        with pytest.raises(Ignore):  # Celery then records nothing more of its own for the task
+            end_as(task, word, message)
+        assert [e["type"] for e in task.events] == [f"task-{word.lower()}"] and task.stored == [(task_id, message,
+                                                                                                  word)]
+        for event in task.events:
+            state.event(event)
+        outcomes[task_id] = (word, message)
+    for task_id, (word, message) in outcomes.items():
+        assert state.tasks[task_id].state == word and state.tasks[task_id].result == message
+    assert [task_id for task_id, _ in iter_tasks(SimpleNamespace(state=state), state="PRUNED")] == ["t-pruned"]
+
+    # what may still come for the same task ids: none of it changes their states
+    for task_id in outcomes:
+        state.event(worker_event("task-revoked", task_id, terminated=False, reason="cancelled"))
+        state.event(worker_event("task-received", task_id, name="finetune p (redelivered)"))
+        assert state.tasks[task_id].result == outcomes[task_id][1]
+        state.event(worker_event("task-started", task_id, result="step 4/36 · loss 1.2345"))
+        assert state.tasks[task_id].state == outcomes[task_id][0], state.tasks[task_id].state
+    # the promoted job trains on as a new task (a new id): that one succeeds, the promoted one stays PROMOTED
+    for type_ in ("task-received", "task-started", "task-succeeded"):
+        state.event(worker_event(type_, "t-attempt-2", result="adapter p written"))
+    assert state.tasks["t-attempt-2"].state == "SUCCESS" and state.tasks["t-promoted"].state == "PROMOTED"

@@ -1,7 +1,7 @@
 """The results page: server-rendered Jinja2 pages behind a token login (an HttpOnly cookie), over the same api/
-functions as the CLI: `sweeps list` and `jobs list` (/), `report --sweep` with `--plot` / `--plot-loss` and
-`sweeps retry` (/sweeps/NAME), `jobs show` / `jobs logs` and `report --compare` (/jobs/ID), `adapters list`
-(/adapters). Every page re-checks the token, so a revoked token is logged out on its next click; reading needs no
+functions as the CLI: `sweeps list` and `jobs list` (/), `report --sweep` with `--plot` / `--plot-loss` /
+`--plot-rungs` and `sweeps retry` (/sweeps/NAME), `jobs show` / `jobs logs` and `report --compare` (/jobs/ID),
+`adapters list` (/adapters). Every page re-checks the token, so a revoked token is logged out on its next click; reading needs no
 JavaScript (the front page's live progress is a small poll of itself, or a refresh without scripts).
 
 The JSON API shares some paths (/jobs/ID, /adapters, POST /sweeps/NAME/retry): a page answers only requests that
@@ -27,8 +27,9 @@ from starlette.routing import Match
 from api.adapters import adapter_dict, list_adapters
 from api.jobs import bar_fields, describe, get_job, latest_jobs, status_label, waiting_counts
 from api.pipelines import RETRIED_STATUSES, retry_sweep, sweep_summaries
-from api.render import example_set_note, headline_metrics, human_size, loss_plot, mean_with_interval, param_text
-from api.report import ReportQuery, draw_box_plot, draw_loss_plot, report_rows
+from api.render import (example_set_note, headline_metrics, human_size, loss_plot, mean_with_interval, param_text,
+                        search_note)
+from api.report import ReportQuery, draw_box_plot, draw_loss_plot, draw_rungs_plot, report_rows
 from api.tokens import check_token
 from api.web.auth import COOKIE, context, page_token, page_writer
 from api.web.pages_jobs import job_view
@@ -36,7 +37,7 @@ from api.web.routes_results import download_adapter
 from models.errors import InputError, NotFound
 from models.jobs import JobKind
 from models.metrics import METRIC_FAMILIES
-from models.report import job_loss_curve, known_metric_names, loss_curves, sweep_by_name, sweep_jobs
+from models.report import job_loss_curve, known_metric_names, loss_curves, search_points, sweep_by_name, sweep_jobs
 from models.tokens import ApiToken
 
 HERE = Path(__file__).parent
@@ -185,6 +186,7 @@ def sweep_page(request: Request, name: str, metric: str | None = None, sort: str
         families = [family for family, names in METRIC_FAMILIES.items() if known & set(names)]
         adapters = [r["variant"] for r in rows if r["variant"] != "base"]
         has_loss = any(loss_curves(session, adapters).values()) if adapters else False
+        points = search_points(session, sweep)
         job_rows = [{"id": job.id, "kind": job.kind.value, "status": job.status.value, "what": describe(job),
                      "label": status_label(job, waiting), "duration_s": job.duration_s, "attempts": job.attempts,
                      "error": (job.error or "").strip(), "point": job.spec.get("name")} for job in jobs]
@@ -197,6 +199,9 @@ def sweep_page(request: Request, name: str, metric: str | None = None, sort: str
                   note=example_set_note(rows) if rows else None, many_models=len({r["model"] for r in rows}) > 1,
                   point_jobs={j["point"]: j["id"] for j in job_rows if j["kind"] == "finetune"},
                   jobs=job_rows, has_loss=has_loss, retried=retried,
+                  searched=any("decision" in r for r in rows), search_note=search_note(rows),
+                  has_rungs=any(p["rungs"] for p in points),
+                  rung_metric=points[0]["rung_metric"] if points else "",
                   failed=[j for j in job_rows if j["kind"] == "finetune" and j["status"] in retried_statuses],
                   retryable=any(j["status"] in retried_statuses for j in job_rows))
 
@@ -238,6 +243,17 @@ def sweep_box_plot(request: Request, name: str, metric: str | None = None, sort:
                    _token: ApiToken = Depends(page_token)):
     """`report --sweep NAME --plot FILE`, as an image."""
     return sweep_plot(request, name, metric, sort, draw_box_plot)
+
+
+@files.get("/sweeps/{name}/rungs.png")
+def sweep_rungs_plot(request: Request, name: str, _token: ApiToken = Depends(page_token)):
+    """`report --sweep NAME --plot-rungs FILE`, as an image (404 for a sweep without rungs)."""
+    with context(request).session() as session:
+        sweep_by_name(session, name)
+        try:
+            return png(lambda target: draw_rungs_plot(session, name, target))
+        except InputError as exc:
+            raise NotFound(str(exc)) from None
 
 
 @files.get("/sweeps/{name}/loss.png")

@@ -1,4 +1,5 @@
-"""What the job page shows: the job as `jobs show ID --json` gives it, its log tail (`jobs logs ID`), and for a
+"""What the job page shows: the job as `jobs show ID --json` gives it (a sweep point's search and rungs too), its log
+tail (`jobs logs ID`), and for a
 generate or score job a page of its examples: source, reference and every variant's output side by side with its
 per-example scores, optionally ordered by how much two variants differ on a metric (`report --compare A B`)."""
 
@@ -9,7 +10,7 @@ from urllib.parse import urlencode
 from sqlalchemy.orm import Session
 
 from api.context import AppContext
-from api.jobs import describe, get_job, job_dict, variants_of
+from api.jobs import describe, get_job, job_full, variants_of
 from api.logs import read_job_log
 from api.render import comparison_sentence
 from api.report import ReportQuery, compare_runs
@@ -27,7 +28,7 @@ METRIC_ORDER = [name for names in METRIC_FAMILIES.values() for name in names]
 
 def job_view(ctx: AppContext, session: Session, job: Job, *, a: str | None, b: str | None, metric: str | None,
              order: str, page: int) -> dict:
-    return {"job": job_dict(job, full=True), "what": describe(job), "log": read_job_log(ctx, job.id, LOG_TAIL),
+    return {"job": job_full(session, job), "what": describe(job), "log": read_job_log(ctx, job.id, LOG_TAIL),
             "log_tail": LOG_TAIL, "has_loss": job.kind == JobKind.finetune and bool(job_loss_curve(session, job.id)),
             "examples": None if job.kind == JobKind.finetune else examples_view(
                 session, job, a=a, b=b, metric=metric, order=order if order in ORDERS else "abs", page=page)}
