@@ -567,6 +567,8 @@ def strategy_lines(summary: dict) -> list[str]:
                          + ", ".join(map(str, rungs)))
         lines.append(f"training steps: at most {summary['worst_case_steps']:,} (every point to the end), "
                      f"{summary['halving_steps']:,} when each rung keeps its best 1/{summary['reduction_factor']}")
+        lines.append("points are queued in a shuffled order (seed {}), as ASHA assumes".format(summary["seed"])
+                     if summary["order"] == "shuffled" else "points are queued in the file's order")
         return lines
     if summary["kind"] == "tpe":
         shown = ", ".join(f"{key} {_distribution_text(d)}" for key, d in summary["distributions"].items())

@@ -112,8 +112,21 @@ def enqueue_sweep(session: Session, broker, home: Path, plan: SweepPlan, submiss
         if study:
             drop_study(database_url, study)
         raise
-    release(session, broker, jobs, what=f"sweep {plan.name!r} ({len(jobs)} jobs)")
+    release(session, broker, queue_order(plan, jobs), what=f"sweep {plan.name!r} ({len(jobs)} jobs)")
     return sweep, jobs
+
+
+def queue_order(plan: SweepPlan, jobs: list[Job]) -> list[Job]:
+    """The order the sweep's jobs are published in: as staged, except an ASHA sweep's fine-tunes, shuffled with
+    the strategy's seed unless it says `order: as-written` (its decisions assume points arrive in random order)."""
+    strategy = plan.strategy
+    if getattr(strategy, "kind", None) != "asha" or strategy.order != "shuffled":
+        return jobs
+    import random
+
+    finetunes = [job for job in jobs if job.kind == JobKind.finetune]
+    random.Random(strategy.seed).shuffle(finetunes)
+    return finetunes + [job for job in jobs if job.kind != JobKind.finetune]
 
 
 def _store_sweep(session: Session, plan: SweepPlan, submission: Submission, notify_url: str | None,

@@ -53,6 +53,12 @@ class AshaStrategy(_Searched):
     reduction_factor: int = Field(3, ge=2, le=100, description="η: a rung keeps the top 1/η.")
     brackets: int = Field(1, ge=1, le=20, description="Successive-halving brackets (Hyperband): bracket s starts "
                                                      "its first rung at min_steps·η^s; points go round-robin.")
+    # Asynchronous successive halving promotes a point that is among the best so far at its rung; points that
+    # arrive sorted worst-first (a grid's learning rates written low to high) would all look best so far.
+    order: Literal["shuffled", "as-written"] = Field(
+        "shuffled", description="shuffled: points are queued in a seeded random order, as ASHA assumes; as-written: "
+                                "in the file's order.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds the shuffled order.")
 
     @model_validator(mode="after")
     def _rungs_fit(self):
