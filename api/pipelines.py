@@ -228,7 +228,8 @@ def retry_sweep(session: Session, broker, name: str, max_attempts: int = Submiss
     and every evaluation job that did not succeed or that waits for one of those fine-tunes; what succeeded is
     kept. Returns the re-queued jobs (none: nothing to retry).
 
-    A retried fine-tune starts over: its checkpoint went when it ended. An evaluation that had succeeded without
+    A retried fine-tune starts over: its checkpoint went when it ended (an ASHA point cancelled while queued
+    after a promotion keeps its rung checkpoint, and resumes from it). An evaluation that had succeeded without
     the retried points runs again as the same jobs: generate keeps the rows it wrote (one per variant and
     example) and writes only the missing adapters' rows, and score replaces its metric rows as a whole, so no row
     is duplicated. Each re-queued job may run `max_attempts` more times; its attempt count goes on from where it

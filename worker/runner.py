@@ -18,6 +18,7 @@ import time
 import traceback
 from dataclasses import replace
 
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from models.errors import InputError, JobCancelled, JobFailed, LeaseLost, TrialPromoted
@@ -157,6 +158,8 @@ def _promoted(session, runtime: WorkerRuntime, job: Job, lease: Lease, promoted:
     """The point passed its rung: back to the queue (its checkpoint stays) to train on wherever a worker is free."""
     job_id = lease.job_id
     session.rollback()
+    if session.scalar(select(Job.cancel_requested).where(Job.id == job_id)):  # asked to stop: it does not go on
+        return _end(session, runtime, lease, job.uid, JobStatus.cancelled, f"cancelled at step {promoted.step}")
     progress = {**(job.progress or {}), "step": promoted.step, "promoted_at_step": promoted.step}
     if not requeue_promoted(session, lease, progress):
         return _superseded(session, job_id, lease)

@@ -178,18 +178,40 @@ def waited_adapters(session: Session, evaluation: Job, adapters: list[str]) -> l
     return list(adapters) + [name for name in names if name and name not in adapters]
 
 
+MAX_REPEATS = 20  # proposals of an already tried point in a row before one is trained again anyway
+
+
 def ask_trial(database_url: str, tpe: TpeStrategy, study_name: str, distributions: dict, asked: int
               ) -> tuple[int, dict]:
     """(trial number, params) of a new trial sampled by TPE from `distributions` (Optuna's JSON form). The sampler's
-    seed moves on with every trial asked, so that two processes never replay the same random start."""
+    seed moves on with every trial asked, so that two processes never replay the same random start.
+
+    TPE over choices can propose a point the study has already tried; training it again would spend a trial on
+    nothing new. Such a proposal is told at once (the earlier trial's value when it has one, else failed), so the
+    sampler learns from it, and the sampler is asked again."""
     import optuna
     from optuna.distributions import json_to_distribution
+    from optuna.trial import TrialState
 
-    sampler = optuna.samplers.TPESampler(seed=tpe.seed + asked, n_startup_trials=tpe.n_startup, constant_liar=True)
-    study = optuna.load_study(study_name=study_name, storage=optuna_storage(database_url), sampler=sampler)
-    trial = study.ask({key: json_to_distribution(json.dumps(value)) for key, value in distributions.items()})
-    trial.set_user_attr("bracket", 0)
-    return trial.number, dict(trial.params)
+    space = {key: json_to_distribution(json.dumps(value)) for key, value in distributions.items()}
+    for repeat in range(MAX_REPEATS + 1):
+        sampler = optuna.samplers.TPESampler(seed=tpe.seed + asked + 100_003 * repeat, n_startup_trials=tpe.n_startup,
+                                             constant_liar=True)
+        study = optuna.load_study(study_name=study_name, storage=optuna_storage(database_url), sampler=sampler)
+        trial = study.ask(space)
+        trial.set_user_attr("bracket", 0)
+        params = dict(trial.params)
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number and t.params == params
+                   and not t.user_attrs.get("repeat_of")]
+        if not earlier or repeat == MAX_REPEATS:
+            return trial.number, params
+        done = next((t for t in earlier if t.state == TrialState.COMPLETE), None)
+        trial.set_user_attr("repeat_of", earlier[0].number)
+        study.tell(trial.number, done.value if done else None,
+                   state=TrialState.COMPLETE if done else TrialState.FAIL)
+        log.info("study %s: TPE proposed trial %s's point again; told it that trial's result", study_name,
+                 earlier[0].number)
+    raise AssertionError("unreachable")
 
 
 def point_spec(template: dict, params: dict, sweep_name: str, number: int, strategy, study: str,

@@ -276,6 +276,8 @@ def rung_check(run: Run) -> None:
     if run.checkpoints and step != run.resumed_from:
         write_checkpoint(run, "rung")
     decision = run.on_rung(step, lambda: rung_value_of(run))
+    if step != run.resumed_from:
+        run.faults.maybe_pause_after_rung()
     if decision.action == "prune":
         run.state.pruned = {"step": step, "reason": decision.reason, "value": decision.value}
     elif step != run.resumed_from:
