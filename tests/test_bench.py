@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -93,3 +95,42 @@ def test_bench_qlora_small():
     mixed = [line for line in lines if "mixed on 4bit" in line.get("ratio", "")][0]
     assert mixed["same_predictions"] == mixed["of"] == 8  # the hooks give PEFT's own predictions
     assert len([line for line in lines if "ratio" in line]) == 7
+
+
+@pytest.mark.slow
+def test_bench_asha_small():
+    """Grid, ASHA and TPE on a 2 × 2 × 2 space of 9 steps, each once (no pairs): the table's structure, every
+    point's steps against its rungs, and ASHA training fewer steps than the grid (its figures are not timings)."""
+    result = subprocess.run([sys.executable, "bench/asha.py", "--tiny"], cwd=REPO, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    header = lines[0]
+    assert header["points"] == 8 and header["max_steps"] == 9 and header["asha"]["rungs"] == [1, 3, 9]
+    assert "each search runs once" in header["repeats"]
+    searches = {line["search"]: line for line in lines if "points_trained" in line}
+    assert list(searches) == ["grid", "asha", "tpe"]
+    grid, asha, tpe = searches["grid"], searches["asha"], searches["tpe"]
+    assert grid["points_trained"] == grid["points_to_max_steps"] == grid["points_evaluated"] == 8
+    assert grid["steps"] == 8 * 9 and grid["promotions"] == 0
+    assert asha["points_trained"] == 8 and asha["points_evaluated"] == asha["points_to_max_steps"] < 8
+    assert asha["steps"] < grid["steps"] and asha["promotions"] > 0
+    assert tpe["points_trained"] == tpe["points_evaluated"] == 3 and tpe["steps"] == 3 * 9
+    for line in searches.values():
+        assert line["wall_s"] > 0 and 0 <= line["best_rouge1"] <= 1 and set(line["best_point"]) == {
+            "learning_rate", "lora_r", "lora_alpha"}
+    points = [line for line in lines if line.get("search") == "asha" and "point" in line]
+    assert sum(p["steps"] for p in points) == asha["steps"]
+    for point in points:  # each point's last rung is where it stopped: pruned at 1 or 3, or complete at 9
+        last_step, last = point["rungs"][-1].split(":")
+        assert int(last_step) == point["steps"]
+        assert (point["status"], last) in (("pruned", "prune"), ("succeeded", "complete"))
+        assert (point["test_rouge1"] is None) == (point["status"] == "pruned")  # evaluated: those reaching 9
+    ratios = {line["ratio"]: line for line in lines if "ratio" in line}
+    assert set(ratios) == {"asha / grid", "tpe / grid"}
+    assert ratios["asha / grid"]["steps_fraction"] == round(asha["steps"] / grid["steps"], 3)
+    assert ratios["asha / grid"]["best_rouge1_gap"] == round(asha["best_rouge1"] - grid["best_rouge1"], 4)
+    assert all(isinstance(r["met"], bool) and r["runs"] == 1 for r in ratios.values())
+    assert lines[-1]["figure"] == "machine"
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in table[1:]] == ["grid", "asha", "tpe"]
