@@ -8,9 +8,10 @@ LoRA alpha, 3 values each, LoRA on q,v, tiny-t5 on synthetic-dialogsum) searched
   time so that every proposal sees every earlier result; each trial trained to max_steps). 9 by default: a third of
   the grid, so that TPE spends what a good halving run spends (nothing of a TPE trial is stopped early).
 
-The points are queued in the order the file's lists expand (learning rate first, each list as written); one worker
-takes them in that order, and an asynchronous rung decision compares a point only with those that reached the rung
-before it, so ASHA's saving depends on that order: `--order reversed` writes every list backwards.
+An asynchronous rung decision compares a point only with those that reached the rung before it, so ASHA's saving
+depends on the order its points arrive in: ASHA queues them in a seeded shuffled order by default (strategy.order;
+`--asha-order as-written` takes them as the file's lists expand, learning rate first, and `--order reversed` writes
+every list backwards, which the grid and TPE see too).
 
 Each is a real `manage.py sweep` of the same sweep file (only its strategy block differs) drained by one `manage.py
 worker --burst`, then `manage.py report --sweep NAME --format json`, in a fresh TUNEQUEUE_HOME, SQLite database and
@@ -74,7 +75,8 @@ def sweep_file(search: str, args, space: dict) -> dict:
         base["max_steps"] = args.max_steps
     elif search == "asha":
         sweep["strategy"] = {"kind": "asha", "metric": "eval_loss", "min_steps": args.max_steps // ETA ** 2,
-                             "max_steps": args.max_steps, "reduction_factor": ETA}
+                             "max_steps": args.max_steps, "reduction_factor": ETA, "order": args.asha_order,
+                             "seed": 0}
     else:
         base["max_steps"] = args.max_steps
         sweep["strategy"] = {"kind": "tpe", "metric": "eval_loss", "n": args.tpe_trials, "parallel": 1,
@@ -206,12 +208,16 @@ def main() -> None:
     parser.add_argument("--order", choices=("as-written", "reversed"), default="as-written",
                         help="the order of each list in the space, which is the order the points are queued in "
                              "(the grid expands learning rate first); reversed: every list backwards")
+    parser.add_argument("--asha-order", choices=("shuffled", "as-written"), default=None,
+                        help="ASHA's strategy.order: its points queued in a seeded shuffled order (the default) or "
+                             "as the lists expand [shuffled; tiny as-written, so the smoke run prunes on any machine]")
     parser.add_argument("--searches", default=",".join(SEARCHES), help="which to run, grid first [grid,asha,tpe]")
     parser.add_argument("--show-report", action="store_true", help="print each sweep's report table on stderr")
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (printed)")
     args = parser.parse_args()
     defaults = dict(max_steps=(9, 72), train_limit=(64, 2000), eval_limit=(8, 100), test_limit=(4, 100),
                     tpe_trials=(3, 9))
+    defaults["asha_order"] = ("as-written", "shuffled")
     for key, (tiny, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
@@ -231,6 +237,7 @@ def main() -> None:
     try:
         ensure_builtin("tiny-t5", root / "model-home")
         emit(figure="asha", model="tiny-t5", dataset="synthetic-dialogsum", space=space, order=args.order,
+             asha_order=args.asha_order,
              points=math.prod(len(v) for v in space.values()), max_steps=args.max_steps,
              asha={"reduction_factor": ETA, "min_steps": m, "rungs": [m, m * ETA, args.max_steps],
                    "metric": "eval_loss"},
