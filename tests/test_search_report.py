@@ -9,7 +9,6 @@ watches the events."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -17,8 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +29,7 @@ from sqlalchemy import select
 from manage import cli as manage_cli
 from models.jobs import Job, JobKind
 from models.search import Rung
+from tests.test_flower import flower_get as flower_get_as
 from tests.conftest import (REDIS_URL, REPO, RUN_ID, create_token, free_port, session_of, start_api, start_worker,
                             wait_until)
 
@@ -69,16 +67,7 @@ def run_json(env: dict, *args: str):
 
 
 def flower_get(port: int, path: str):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    request.add_header("Authorization", "Basic " + base64.b64encode(FLOWER_AUTH.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            body = response.read().decode()
-            return response.status, json.loads(body) if body.startswith(("{", "[")) else body
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return 0, None
+    return flower_get_as(port, path, FLOWER_AUTH)
 
 
 @pytest.fixture(scope="module")
