@@ -194,13 +194,15 @@ def given(options: dict) -> dict:
 def submit_and_show(ctx: AppContext, data: dict, *, wait: bool, as_json: bool, priority, max_attempts,
                     model_given: bool = True) -> None:
     """Submit, print the job (or its JSON), then wait if asked."""
-    from api.jobs import job_dict, submit
+    from api.jobs import job_dicts, submit
 
     job = submit(ctx, given(data), submission_of(priority, max_attempts), model_given=model_given)
+    shown = job_dicts(ctx.broker, [job])[0]
     if as_json and not wait:
-        echo_json(job_dict(job))
+        echo_json(shown)
     elif not as_json:
-        click.echo(f"job {job.id} queued ({job.kind.value})")
+        reason = f"; waiting: {shown['waiting_reason']}" if shown["waiting_reason"] else ""
+        click.echo(f"job {job.id} queued ({job.kind.value}){reason}")
     if wait:
         wait_and_show(ctx, job.id, as_json)
 
@@ -345,9 +347,10 @@ class JobStatusChoice(click.Choice):
 @table_options
 @pass_ctx
 def jobs_list(ctx: AppContext, status, limit, as_json, wide, fmt):
-    """The newest jobs first; a job still waiting for the jobs it follows shows `waiting (N jobs)`, a sweep point
-    promoted at a rung and queued to train on `queued (promoted at step N)`."""
-    from api.jobs import describe, job_dict, latest_jobs, shown_progress, status_label, waiting_counts
+    """The newest jobs first; a job still waiting for the jobs it follows shows `waiting (N jobs)`, one that no live
+    worker can run (its --require / --min-gpu-mem) `waiting: no live worker has CUDA`, a sweep point promoted at a
+    rung and queued to train on `queued (promoted at step N)`."""
+    from api.jobs import describe, job_dicts, latest_jobs, shown_progress, status_label, wait_reasons, waiting_counts
     from api.render import Col
     from models.jobs import JobStatus
 
@@ -355,15 +358,16 @@ def jobs_list(ctx: AppContext, status, limit, as_json, wide, fmt):
         found = latest_jobs(session, limit, JobStatus(status) if status else None)
         waiting = waiting_counts(session, found)
     if as_json or fmt != "table":
-        echo_records([job_dict(j) for j in found], "json" if as_json else fmt)
+        echo_records(job_dicts(ctx.broker, found), "json" if as_json else fmt)
         return
+    reasons = wait_reasons(ctx.broker, found)
     cols = [Col("id", name=True, justify="right"), Col("kind", drop=1), Col("status"), Col("what", name=True),
             Col("attempts", drop=3, justify="right"), Col("queue wait", drop=5, justify="right"),
             Col("duration", drop=4, justify="right"), Col("progress", drop=2, justify="right")]
     rows = []
     for job in found:
         progress = shown_progress(job)
-        rows.append([str(job.id), job.kind.value, status_label(job, waiting), describe(job), str(job.attempts),
+        rows.append([str(job.id), job.kind.value, status_label(job, waiting, reasons), describe(job), str(job.attempts),
                      f"{job.queue_wait_s:.2f}s" if job.queue_wait_s is not None else "",
                      f"{job.duration_s:.1f}s" if job.duration_s else "",
                      f"{progress.get('step', '')}/{progress.get('total_steps', '')}" if progress else ""])
@@ -380,7 +384,7 @@ def jobs_show(ctx: AppContext, job_id, as_json):
     from api.jobs import get_job, job_full
 
     with ctx.session() as session:
-        data = job_full(session, get_job(session, job_id))
+        data = job_full(session, get_job(session, job_id), ctx.broker)
     if as_json:
         echo_json(data)
         return
@@ -840,6 +844,9 @@ def worker(ctx: AppContext, burst, loglevel, gpu, gpus, name):
     if gpus is not None and name is not None:
         raise InputError("--name names one worker; with --gpus each worker is named tunequeue-gpuN@host")
     settings = ctx.settings  # a bad setting is one line here, not one per child
+    from worker.launch import check_shared_database
+
+    check_shared_database(settings)  # a SQLite file with a broker on another machine: refused, one line
     if gpus is not None:
         indices = resolve_gpus(gpus)
         sys.exit(supervise(indices, ["--loglevel", loglevel] + (["--burst"] if burst else []), burst=burst))
@@ -858,7 +865,8 @@ def worker(ctx: AppContext, burst, loglevel, gpu, gpus, name):
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def workers(ctx: AppContext, as_json):
-    """Running workers of this queue: CUDA, loaded base models, current job (from their Redis records)."""
+    """Running workers of this queue: capabilities (CUDA, GPU, free memory, bf16, bitsandbytes), loaded base models,
+    current job (from their Redis records)."""
     from models.settings import mask_url
 
     url = mask_url(ctx.settings.redis_url)  # a bad setting is its own one-line error, not a registry failure
@@ -874,10 +882,12 @@ def workers(ctx: AppContext, as_json):
     if not found:
         click.echo(f"no worker is running on queue {ctx.settings.queue!r}")
         return
+    from worker.capabilities import describe
+
     for w in found:  # plain lines: hostnames and model paths are long, a table would cut them
-        cuda = {True: w.get("gpu") or "yes", False: "no"}.get(w.get("cuda"), "?")
-        click.echo(f"{w['hostname']}  pid {w['pid']}  cuda {cuda}  job {w['current_job'] or '-'}  "
-                   f"bases {', '.join(w['loaded_bases']) or '-'}  (seen {w['updated_at']})")
+        click.echo(f"{w['hostname']}  pid {w['pid']}  {describe(w.get('capabilities'))}  "
+                   f"job {w['current_job'] or '-'}  bases {', '.join(w['loaded_bases']) or '-'}  "
+                   f"(seen {w['updated_at']})")
 
 
 @cli.command()

@@ -139,16 +139,43 @@ def find_jobs(session: Session, *, status: JobStatus | None = None, kind: JobKin
     return page, total
 
 
-def job_details(session: Session, job: Job) -> dict:
+def job_details(session: Session, job: Job, broker=None) -> dict:
     """Everything about one job (`job_full`, what `jobs show --json` prints) and the name of the API token that
     submitted it."""
     token = session.scalar(select(ApiToken.name).where(ApiToken.id == job.token_id)) if job.token_id else None
-    return {**job_full(session, job), "submitted_by": token}
+    return {**job_full(session, job, broker), "submitted_by": token}
 
 
-def job_full(session: Session, job: Job) -> dict:
-    """Everything about one job: `job_dict(full=True)` and `search` (`search_view`; None for a job with none)."""
-    return {**job_dict(job, full=True), "search": search_view(session, job)}
+def job_full(session: Session, job: Job, broker=None) -> dict:
+    """Everything about one job: `job_dict(full=True)` (with its `waiting_reason` when `broker` is given) and
+    `search` (`search_view`; None for a job with none)."""
+    reason = wait_reasons(broker, [job]).get(job.id) if broker is not None else None
+    return {**job_dict(job, full=True, waiting_reason=reason), "search": search_view(session, job)}
+
+
+def job_dicts(broker, jobs: list[Job]) -> list[dict]:
+    """`job_dict` of each job, with its `waiting_reason` (`wait_reasons`)."""
+    reasons = wait_reasons(broker, jobs)
+    return [job_dict(job, waiting_reason=reasons.get(job.id)) for job in jobs]
+
+
+def wait_reasons(broker, jobs: list[Job]) -> dict[int, str]:
+    """Why each queued job with needs (worker/capabilities.py) can be taken by no live worker: "no live worker has
+    CUDA", "no live worker has 40 GiB free (largest: 24 GiB on host-b)". Computed from the live workers' records
+    now, read once and only when such a job is among `jobs`; a broker that does not answer gives no reasons (the
+    listing must not fail for it)."""
+    from worker.capabilities import needs_of, unmet_reason
+
+    needs = {job.id: needs_of(job.spec) for job in jobs if job.status == JobStatus.queued}
+    needs = {job_id: wanted for job_id, wanted in needs.items() if wanted}
+    if not needs:
+        return {}
+    try:
+        workers = broker.live_workers()
+    except Unavailable:
+        return {}
+    reasons = {job_id: unmet_reason(wanted, workers) for job_id, wanted in needs.items()}
+    return {job_id: reason for job_id, reason in reasons.items() if reason}
 
 
 def search_view(session: Session, job: Job) -> dict | None:
@@ -201,13 +228,16 @@ def waiting_counts(session: Session, jobs: list[Job]) -> dict[int, int]:
     return {job_id: count for job_id, count in counts.items() if count}
 
 
-def status_label(job: Job, waiting: dict[int, int]) -> str:
+def status_label(job: Job, waiting: dict[int, int], reasons: dict[int, str] | None = None) -> str:
     """The status for people: `waiting (3 jobs)` for a queued job still waiting for its parents (from
-    `waiting_counts`), `queued (promoted at step 12)` for a sweep point that passed a rung and waits to train on,
-    else the status itself (machine output keeps the raw status)."""
+    `waiting_counts`), `waiting: no live worker has CUDA` for one no live worker can take (from `wait_reasons`),
+    `queued (promoted at step 12)` for a sweep point that passed a rung and waits to train on, else the status
+    itself (machine output keeps the raw status)."""
     count = waiting.get(job.id)
     if count:
         return f"waiting ({count} job{'s' if count != 1 else ''})"
+    if reasons and reasons.get(job.id):
+        return f"waiting: {reasons[job.id]}"
     promoted = (job.progress or {}).get("promoted_at_step")
     if job.status == JobStatus.queued and promoted is not None:
         return f"queued (promoted at step {promoted})"
@@ -250,10 +280,12 @@ def reconcile(ctx: AppContext, stale_after: Optional[float] = None) -> dict:
         return reconcile_jobs(session, ctx.broker, ctx.settings.stale_seconds if stale_after is None else stale_after)
 
 
-def job_dict(job: Job, full: bool = False) -> dict:
-    """The job as JSON-ready data, the same for `--json` and the HTTP API."""
+def job_dict(job: Job, full: bool = False, waiting_reason: str | None = None) -> dict:
+    """The job as JSON-ready data, the same for `--json` and the HTTP API; `waiting_reason` (from `wait_reasons`,
+    where the caller computed it) says why a queued job finds no live worker that can run it."""
     data = {
-        "id": job.id, "kind": job.kind.value, "status": job.status.value, "parent_id": job.parent_id,
+        "id": job.id, "kind": job.kind.value, "status": job.status.value, "waiting_reason": waiting_reason,
+        "parent_id": job.parent_id,
         "waits_for": job.waits_for_ids,
         "attempts": job.attempts, "worker_host": job.worker_host, "created_at": job.created_at,
         "started_at": job.started_at, "finished_at": job.finished_at, "duration_s": job.duration_s,

@@ -434,7 +434,9 @@ def _point(index: int, varied: dict, sweep_name: str, blocks: dict, score_fields
             "text_column": finetune.text_column, "summary_column": finetune.summary_column,
             "label_column": finetune.label_column, "dataset_config": finetune.dataset_config,
             "data_format": finetune.data_format, "model_kind": finetune.model_kind,
-            "prompt_template": finetune.prompt_template, "seed": finetune.seed, **eval_fields})
+            "prompt_template": finetune.prompt_template, "seed": finetune.seed,
+            # the evaluation loads the same base: it needs what the fine-tunes need
+            "requires": finetune.requires, "min_gpu_mem": finetune.min_gpu_mem, **eval_fields})
         ScoreSpec.model_validate({"generate_job_id": 1, **score_fields})
     except ValueError as exc:
         message = one_line(exc) if hasattr(exc, "errors") else str(exc)

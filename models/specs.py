@@ -12,12 +12,14 @@ import re
 import reprlib
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from models.builtins import (BUILTIN_DATASETS, DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_PROMPT_TEMPLATE,
                              builtin_datasets_help, builtin_models_help)
 from models.errors import InputError
 from models.metrics import DEFAULT_BERTSCORE_MODEL, EVALUATE_PREFIX, METRIC_FAMILIES, METRIC_NEEDS, is_evaluate
+from models.settings import parse_bytes
 
 # fullmatch, never match + `$`: `$` also matches before a trailing newline, so "name\n" would pass
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -117,6 +119,32 @@ class _DataFields(_Spec):
         return self.model_copy(update=update)
 
 
+def _size(value):
+    """A size given as text (`40GiB`, `500MB`) becomes bytes; a number is taken as bytes."""
+    return parse_bytes(value) if isinstance(value, str) else value
+
+
+# bytes, or a size as text; typed str on the command line (the option's type is not a plain int)
+ByteSize = Annotated[int, BeforeValidator(_size), Field(gt=0, le=2**60)]
+
+
+class _WorkerNeeds(_Spec):
+    """What a job needs of the worker that runs it (worker/capabilities.py routes it to a queue only capable workers
+    consume). Spec fields, so the command line, a sweep file's base block and the HTTP API give them alike."""
+
+    requires: list[Literal["cuda", "bf16", "bitsandbytes"]] = option(
+        [], "Run only on a worker that has this, repeatable: cuda, bf16 (a GPU with bfloat16), bitsandbytes. Implied "
+        "needs are added: bitsandbytes for qlora, --load-in-8bit and the 8-bit optimizers; cuda for --min-gpu-mem.",
+        "--require", repeat=True)
+    min_gpu_mem: Optional[ByteSize] = option(
+        None, "Run only on a CUDA worker with this much free GPU memory (e.g. 40GiB; stored in bytes).")
+
+    @field_validator("requires")
+    @classmethod
+    def _distinct(cls, value):
+        return sorted(set(value), key=["cuda", "bf16", "bitsandbytes"].index)
+
+
 MAX_TRIALS = 1000
 
 
@@ -146,7 +174,7 @@ class SearchSpec(_Spec):
         return self.rungs[:-1]
 
 
-class FinetuneSpec(_DataFields):
+class FinetuneSpec(_DataFields, _WorkerNeeds):
     kind: Literal["finetune"] = "finetune"
     model: str = option(DEFAULT_MODEL, f"Base model: a built-in ({builtin_models_help()}), a local folder saved "
                                        "with save_pretrained, or a hub id (e.g. google/flan-t5-base).")
@@ -262,7 +290,7 @@ class FinetuneSpec(_DataFields):
 GENERATE_BATCH_TOKENS = 16384
 
 
-class GenerateSpec(_DataFields):
+class GenerateSpec(_DataFields, _WorkerNeeds):
     kind: Literal["generate"] = "generate"
     model: str = option(DEFAULT_MODEL, "Base model.", shown=f"the adapter's base, else {DEFAULT_MODEL}")
     adapter: Optional[str] = option(None, "Name of a trained adapter; without it the base model alone.")

@@ -114,11 +114,16 @@ class Broker:
         return [self.queue] + members
 
     def register_queue(self, queue: str) -> None:
-        """Record a base queue; when it is new, tell the deployment's running workers to consume it now."""
+        """Record a base queue; when it is new, tell the deployment's running workers that meet its needs
+        (worker/routing.py) to consume it now."""
+        from worker.capabilities import meets
+        from worker.routing import needs_of_queue
+
         with self.reaching():
             if queue == self.queue or not self.redis.sadd(self.key("queues"), queue):
                 return
-            hosts = [w["hostname"] for w in self.live_workers()]
+            needs = needs_of_queue(queue)
+            hosts = [w["hostname"] for w in self.live_workers() if meets(w.get("capabilities"), needs)]
             if hosts:  # only this deployment's workers: other deployments may share the broker
                 self.app.control.add_consumer(queue, destination=hosts, reply=False)
 
@@ -133,9 +138,9 @@ class Broker:
                     return 0
                 raise
 
-    def pending_messages(self) -> int:
-        """Messages waiting in the default queue and every registered base queue."""
-        return sum(self.queue_length(queue) for queue in self.known_queues())
+    def pending_messages(self, queues: list[str] | None = None) -> int:
+        """Messages waiting in `queues` (default: the default queue and every registered base queue)."""
+        return sum(self.queue_length(queue) for queue in (self.known_queues() if queues is None else queues))
 
     def waiting_job_ids(self, queues: list[str]) -> set[int]:
         """Job ids of the messages waiting in the queues' priority lists or delivered but not yet acknowledged."""

@@ -1,11 +1,12 @@
 """The live-worker registry: each worker keeps a short-lived Redis record of itself, so that the CLI can see who runs.
 
-A record holds the worker's Celery hostname, pid, whether CUDA is available (torch is imported lazily, in the worker
-only; `null` until known), its `CUDA_VISIBLE_DEVICES` (set by `worker --gpu N`), the loaded bases, the current job
+A record holds the worker's Celery hostname, pid, its `capabilities` (worker/capabilities.py: CUDA, GPU name, total
+and free GPU memory, bf16, bitsandbytes; free memory measured again at every refresh) with `cuda` and `gpu` (its
+name) also at the top level, its `CUDA_VISIBLE_DEVICES` (set by `worker --gpu N`), the loaded bases, the current job
 and the queues consumed. It expires a few refresh intervals after the last refresh, so a killed worker drops out
-by itself. `Broker.live_workers()` reads them; `manage.py workers`
-prints them. The same thread also makes sure the worker consumes every registered base queue, in case it missed an
-`add_consumer` broadcast while starting.
+by itself. `Broker.live_workers()` reads them; `manage.py workers` prints them. The same thread also makes sure the
+worker consumes every registered base queue whose needs it meets (in case it missed an `add_consumer` broadcast
+while starting, or its free memory grew) and stops consuming a needs queue it no longer meets.
 
 Node names are stable (`tunequeue@host`, `tunequeue-gpu1@host`) and never shared by two live workers: a worker
 claims its name in Redis before Celery starts (`claim_node_name`) and its record thread keeps the claim alive. The
@@ -119,28 +120,18 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def _cuda() -> tuple[bool | None, str | None]:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return True, torch.cuda.get_device_name(0)
-        return False, None
-    except Exception as exc:  # a broken torch install must not stop the worker from registering
-        log.warning("could not tell whether CUDA is available: %s", exc)
-        return None, None
-
-
 class WorkerRecord(threading.Thread):
-    """Writes this worker's record every `interval` seconds (and at once on `update()`); deletes it on stop."""
+    """Writes this worker's record every `interval` seconds (and at once on `update()`); deletes it on stop.
+    `runtime` (the worker's) gives the capabilities and which queues the worker may consume; without one (a test's
+    bare record) the capabilities are unknown and every registered queue counts."""
 
-    def __init__(self, consumer, broker: Broker, interval: float):
+    def __init__(self, consumer, broker: Broker, interval: float, runtime=None):
         super().__init__(daemon=True, name="tunequeue-registry")
-        self.consumer, self.broker, self.hostname = consumer, broker, consumer.hostname
+        self.consumer, self.broker, self.hostname, self.runtime = consumer, broker, consumer.hostname, runtime
         self.interval, self.ttl = interval, max(3 * interval, 10)
         self.key = broker.key(f"worker.{self.hostname}")
         self.claim_key = node_claim_key(self.hostname)
-        self.state = {"hostname": self.hostname, "pid": os.getpid(), "cuda": None, "gpu": None,
+        self.state = {"hostname": self.hostname, "pid": os.getpid(), "cuda": None, "gpu": None, "capabilities": None,
                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "loaded_bases": [],
                       "current_job": None, "started_at": _now()}
         self.lock = threading.Lock()
@@ -160,6 +151,8 @@ class WorkerRecord(threading.Thread):
             return
         with self.lock:
             record = {**self.state, "queues": self.consumed(), "updated_at": _now()}
+        if self.runtime is not None and self.runtime.capabilities:
+            record.update(_capability_fields(self.runtime.capabilities))
         try:  # waits at most BROKER_TIMEOUT_S (worker/celery_app.py) for a hung broker, then the next round tries again
             with self.broker.reaching(), self.broker.redis.pipeline() as pipe:
                 pipe.set(self.key, json.dumps(record), ex=int(self.ttl + 0.999))
@@ -171,16 +164,29 @@ class WorkerRecord(threading.Thread):
         except Exception as exc:  # the broker may be briefly away; the next round writes again
             log.warning("could not write the worker record: %s", exc)
 
+    def refresh_capabilities(self) -> None:
+        """Measure free GPU memory again (worker/capabilities.py `refresh`) and put it in the record."""
+        from worker.capabilities import refresh
+
+        if self.runtime is not None and self.runtime.capabilities:
+            self.runtime.capabilities = refresh(self.runtime.capabilities)
+
     def sync_queues(self) -> None:
-        missing = [q for q in self.broker.known_queues() if q not in self.consumed()]
-        for queue in missing:
-            self.broker.app.control.add_consumer(queue, destination=[self.hostname], reply=False)
+        """Consume every registered queue this worker meets the needs of; stop consuming those it no longer meets."""
+        known = self.broker.known_queues()
+        wanted = self.runtime.consumable(known) if self.runtime is not None else known
+        consumed = self.consumed()
+        control = self.broker.app.control
+        for queue in [q for q in wanted if q not in consumed]:
+            control.add_consumer(queue, destination=[self.hostname], reply=False)
+        for queue in [q for q in consumed if q in known and q not in wanted]:
+            log.info("no longer meeting the needs of %s: not consuming it", queue)
+            control.cancel_consumer(queue, destination=[self.hostname], reply=False)
 
     def run(self) -> None:
         self.write()
-        cuda, gpu = _cuda()
-        self.update(cuda=cuda, gpu=gpu)
         while not self.stopped.wait(self.interval):
+            self.refresh_capabilities()
             self.write()
             try:
                 self.sync_queues()
@@ -197,6 +203,10 @@ class WorkerRecord(threading.Thread):
                 pipe.execute()
         except Exception as exc:  # the record expires by itself
             log.warning("could not delete the worker record: %s", exc)
+
+
+def _capability_fields(capabilities: dict) -> dict:
+    return {"capabilities": capabilities, "cuda": capabilities.get("cuda"), "gpu": capabilities.get("gpu_name")}
 
 
 def _now() -> str:
@@ -216,7 +226,7 @@ def registry_step(runtime) -> type[bootsteps.StartStopStep]:
 
         def start(self, c):
             if self.record is None:
-                self.record = WorkerRecord(c, runtime.broker, runtime.settings.heartbeat_seconds)
+                self.record = WorkerRecord(c, runtime.broker, runtime.settings.heartbeat_seconds, runtime)
                 runtime.record = self.record
                 self.record.start()
 

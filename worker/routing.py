@@ -13,6 +13,12 @@ cycle (fixed order) with the queues of the loaded bases moved first (the last jo
 queue, then the other bases. A job's priority therefore still beats affinity; among equal priorities a worker takes
 work for a base it holds before paying for a load.
 
+Needs: a job that needs something of its worker (worker/capabilities.py: CUDA, bf16, bitsandbytes, free GPU memory)
+goes to its base queue with the needs appended, `{queue}.base.{slug}.needs-cuda-mem40g`. A worker consumes such a
+queue only while it meets its needs (`needs_of_queue`): the registry's `add_consumer` broadcast reaches only the
+live workers whose records meet them, and each worker's record thread starts or stops consuming a needs queue as its
+capabilities (free memory) change. Affinity is unchanged: a base's needs queues rank with its plain queue.
+
 Idle workers: with nothing waiting, Redis hands a new message to whichever worker has been blocked longest, whatever
 it has loaded. Affinity acts on backlogs (sweeps), which is where reloads add up.
 """
@@ -24,20 +30,40 @@ import re
 
 from kombu.utils.scheduling import priority_cycle
 
+from worker.capabilities import Needs, needs_of
+
+NEEDS_MARK = ".needs-"
+
 
 def base_queue(default_queue: str, model: str) -> str:
     # Queue names must not contain ":" (the transport's priority separator); refs that needed cleaning up or
-    # shortening (paths, hub ids) get a hash so two different refs never share a queue.
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.")[-48:]
+    # shortening (paths, hub ids) get a hash so two different refs never share a queue. No slug holds NEEDS_MARK, so
+    # a plain base queue is never read as one with needs.
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).replace(NEEDS_MARK, "-needs-").strip("-.")[-48:]
     if slug != model:
         slug = f"{slug}-{hashlib.sha1(model.encode()).hexdigest()[:8]}"
     return f"{default_queue}.base.{slug}"
 
 
 def route(default_queue: str, spec: dict) -> str:
-    """The queue a job with this spec is published to."""
+    """The queue a job with this spec is published to: its base's, with its needs appended when it has any."""
     model = spec.get("model")
-    return base_queue(default_queue, model) if model else default_queue
+    if not model:
+        return default_queue
+    needs = needs_of(spec)
+    return base_queue(default_queue, model) + (NEEDS_MARK + "-".join(needs.tokens()) if needs else "")
+
+
+def needs_of_queue(queue: str) -> Needs:
+    """What a worker must have to consume `queue` (nothing, for the default queue and plain base queues)."""
+    return _split_needs(queue)[1]
+
+
+def _split_needs(queue: str) -> tuple[str, Needs]:
+    """(the queue without its needs suffix, the needs it encodes)."""
+    plain, mark, suffix = queue.rpartition(NEEDS_MARK)
+    needs = Needs.from_tokens(suffix.split("-")) if mark else None
+    return (plain, needs) if needs else (queue, Needs())
 
 
 class AffinityCycle(priority_cycle):
@@ -48,7 +74,7 @@ class AffinityCycle(priority_cycle):
     preferred: tuple[str, ...] = ()
 
     def consume(self, n):
-        rank = {queue: i for i, queue in enumerate(self.preferred)}
+        rank = _NeedsAwareRank({queue: i for i, queue in enumerate(self.preferred)})
         return sorted(self.items[:n], key=lambda queue: rank.get(queue, len(rank)))
 
 
@@ -58,3 +84,10 @@ def prefer(default_queue: str, loaded: list[str], last: str | None) -> tuple[str
     bases = ([last] if last in loaded else []) + [ref for ref in loaded if ref != last]
     AffinityCycle.preferred = (default_queue,) + tuple(base_queue(default_queue, ref) for ref in bases)
     return AffinityCycle.preferred
+
+
+class _NeedsAwareRank(dict):
+    """A rank lookup where `{base}.needs-...` ranks as `{base}` (a loaded base's needs queues are preferred too)."""
+
+    def get(self, queue, default=None):
+        return super().get(_split_needs(queue)[0], default)

@@ -1,6 +1,7 @@
 """The worker's long-lived state, one object per worker process: settings, broker handle, database sessions, the
-model cache and the worker's registry record. Built at worker start (worker/launch.py) and passed to the tasks,
-the runner, the reaper and the registry step; nothing is hung on the Celery app or kept in module globals.
+model cache, the worker's capabilities and its registry record. Built at worker start (worker/launch.py) and passed
+to the tasks, the runner, the reaper and the registry step; nothing is hung on the Celery app or kept in module
+globals.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from models import make_session_factory
 from models.settings import Settings
 from worker.broker import Broker
 from worker.faults import Faults, parse_faults
-from worker.routing import prefer
+from worker.capabilities import meets
+from worker.routing import needs_of_queue, prefer
 
 
 class WorkerRuntime:
@@ -20,6 +22,12 @@ class WorkerRuntime:
         self.broker = broker or Broker(settings)
         self.sessions = make_session_factory(settings.database_url)
         self.record = None  # the WorkerRecord, once the consumer has started (worker/registry.py)
+        # worker/capabilities.py `detect()`, set at start; the record thread refreshes the free memory
+        self.capabilities: dict = {}
+
+    def consumable(self, queues: list[str]) -> list[str]:
+        """The queues whose needs this worker meets now (worker/routing.py `needs_of_queue`)."""
+        return [queue for queue in queues if meets(self.capabilities, needs_of_queue(queue))]
 
     @cached_property
     def cache(self):

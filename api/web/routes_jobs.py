@@ -11,7 +11,7 @@ from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from api.jobs import cancel, find_jobs, get_job, job_details, job_dict, submit
+from api.jobs import cancel, find_jobs, get_job, job_details, job_dict, job_dicts, submit
 from api.logs import show_job_log
 from api.web.auth import api_token, api_writer, context
 from api.web.routes_common import JOB_BODY, MAX_JOB_BODY, json_body, submission_fields
@@ -37,9 +37,10 @@ async def submit_job(request: Request, token: ApiToken = Depends(api_writer)) ->
     if not isinstance(data, dict):
         raise InputError("the job must be a JSON object with 'kind': finetune, generate or score")
     submission = build(Submission, submission_fields(data))
-    job = await run_in_threadpool(submit, context(request), data, submission,
-                                  model_given=data.get("model") is not None, token_id=token.id)
-    return job_dict(job)
+    ctx = context(request)
+    job = await run_in_threadpool(submit, ctx, data, submission, model_given=data.get("model") is not None,
+                                  token_id=token.id)
+    return (await run_in_threadpool(job_dicts, ctx.broker, [job]))[0]
 
 
 @router.get("/jobs", summary="List jobs, newest first")
@@ -48,9 +49,10 @@ def list_jobs(request: Request, status: JobStatus | None = None, kind: JobKind |
               limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=MAX_ID)) -> dict:
     """One page of the jobs matching the filters, `total` of them in all; `next_offset` is the next page's offset
     (null on the last page)."""
-    with context(request).session() as session:
+    ctx = context(request)
+    with ctx.session() as session:
         page, total = find_jobs(session, status=status, kind=kind, sweep=sweep, limit=limit, offset=offset)
-        jobs = [job_dict(job) for job in page]
+        jobs = job_dicts(ctx.broker, page)
     following = offset + len(jobs)
     return {"total": total, "limit": limit, "offset": offset, "next_offset": following if following < total else None,
             "jobs": jobs}
@@ -59,9 +61,11 @@ def list_jobs(request: Request, status: JobStatus | None = None, kind: JobKind |
 @router.get("/jobs/{job_id}", summary="One job: spec, progress, attempts, errors")
 def show_job(request: Request, job_id: int) -> dict:
     """Everything `jobs show --json` prints, and `submitted_by`: the name of the token that submitted it (null: the
-    CLI). Poll it to follow a job, or use /jobs/{job_id}/events."""
-    with context(request).session() as session:
-        return job_details(session, get_job(session, job_id))
+    CLI). Poll it to follow a job, or use /jobs/{job_id}/events. `waiting_reason` says why a queued job that needs
+    something of its worker (`requires`, `min_gpu_mem`) finds no live worker that has it."""
+    ctx = context(request)
+    with ctx.session() as session:
+        return job_details(session, get_job(session, job_id), ctx.broker)
 
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, summary="A job's log as text")
