@@ -18,7 +18,7 @@ import click
 
 from api.context import AppContext
 from models.errors import TunequeueError
-from models.specs import MAX_ID, FinetuneSpec, GenerateSpec, ScoreSpec, Submission
+from models.specs import MAX_ID, NOT_OPTIONS, FinetuneSpec, GenerateSpec, ScoreSpec, Submission
 
 
 class CliError(click.ClickException):
@@ -256,7 +256,7 @@ def db_upgrade(ctx: AppContext, revision):
 
 # ------------------------------------------------------------------------------------------------ enqueueing
 @cli.command()
-@spec_options(FinetuneSpec, skip=("search",))
+@spec_options(FinetuneSpec, skip=NOT_OPTIONS)
 @template_file_option
 @submit_options
 @pass_ctx
@@ -813,11 +813,13 @@ def adapters_merge(ctx: AppContext, name, directory, dtype):
 def adapters_delete(ctx: AppContext, name, yes):
     """Remove the adapter's files and its row together (refused while a queued or running job uses it)."""
     from api.adapters import delete_adapter, get_adapter
+    from worker.store import store_for
 
     with ctx.session() as session:
         adapter = get_adapter(session, name)
         if not yes:
-            click.confirm(f"delete adapter {name} and its folder {ctx.settings.home / adapter.path}?", abort=True)
+            where = store_for(ctx.settings.home, ctx.settings).describe(adapter.path)
+            click.confirm(f"delete adapter {name} and its folder {where}?", abort=True)
         delete_adapter(session, ctx.settings.home, name)
     click.echo(f"adapter {name} deleted")
 

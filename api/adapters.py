@@ -1,11 +1,13 @@
 """Trained adapters as things a user manages: list, look up, export, merge into a full model, delete.
 
-Plain functions over the `adapters` table and the folders under `TUNEQUEUE_HOME` (manage.py's `adapters` group
+Plain functions over the `adapters` table and the artifact store (worker/store.py: folders under `TUNEQUEUE_HOME`
+by default, or a remote store whose folders are fetched into a verified local copy; manage.py's `adapters` group
 only formats). `merge` has the worker's code (worker/ml/merge.py) load the base in full precision (or `dtype`;
 never 4-bit, also for a qlora adapter), apply the PEFT adapter, refuse a result equal to the base, and write a whole
 model folder plus the base tokenizer, so plain `AutoModelFor...from_pretrained(DIR)` loads it. `delete` removes the
-folder and the row together: the folder is moved aside first and put back if the row cannot be deleted, so no row
-is ever left pointing at missing files.
+folder and the row together: in a local store the folder is moved aside first and put back if the row cannot be
+deleted; in a remote store the row goes first and then the objects; either way no row is ever left pointing at
+missing files.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from models.errors import InputError, NotFound
 from models.jobs import Job, JobKind, JobStatus
 from models.results import Adapter
 from models.specs import brief
+from worker.store import LocalStore, store_for
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -45,11 +48,12 @@ def get_adapter(session: Session, name: str) -> Adapter:
 
 
 def adapter_dict(adapter: Adapter, home: Path) -> dict:
-    folder = home / adapter.path
+    store = store_for(home)
     return {
         "name": adapter.name, "job_id": adapter.job_id, "base_model": adapter.base_model, "method": adapter.method,
         "model_kind": adapter.model_kind, "hyperparameters": adapter.hyperparameters, "path": adapter.path,
-        "folder": str(folder), "exists": folder.is_dir(), "size_bytes": adapter.size_bytes,
+        "folder": store.describe(adapter.path), "exists": store.exists(adapter.path),
+        "size_bytes": adapter.size_bytes,
         "trainable_params": adapter.trainable_params, "total_params": adapter.total_params,
         "percent_trainable": round(adapter.percent_trainable, 4), "is_full_model": adapter.is_full_model,
         "train_loss": adapter.train_loss, "eval_loss": adapter.eval_loss, "best_eval_loss": adapter.best_eval_loss,
@@ -57,11 +61,14 @@ def adapter_dict(adapter: Adapter, home: Path) -> dict:
     }
 
 
-def _folder(adapter: Adapter, home: Path) -> Path:
-    folder = home / adapter.path
-    if not folder.is_dir():
-        raise InputError(f"adapter {adapter.name!r} is recorded but its folder {folder} is missing")
-    return folder
+def adapter_folder(adapter: Adapter, home: Path) -> Path:
+    """The adapter's folder on this machine: in place in a local store, else a verified copy in the local cache."""
+    store = store_for(home)
+    try:
+        return store.fetch_folder(adapter.path)
+    except NotFound:
+        raise InputError(f"adapter {adapter.name!r} is recorded but its folder {store.describe(adapter.path)} is "
+                         "missing") from None
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -72,14 +79,18 @@ def check_destination(home: Path, directory) -> Path:
     """`directory` as an absolute path with symlinks resolved, if a folder can be written there: outside
     TUNEQUEUE_HOME (whatever is inside belongs to the store: 'adapters delete' or a later fine-tune would remove it),
     new or empty, and under a folder that exists or can be made. InputError otherwise; nothing is created."""
+    artifacts = store_for(home)
     try:
         target = Path(directory).expanduser().resolve()
-        store = Path(home).expanduser().resolve()
+        managed = [("TUNEQUEUE_HOME", Path(home).expanduser().resolve())]
+        if isinstance(artifacts, LocalStore):
+            managed.append(("the artifact store", artifacts.root.expanduser().resolve()))
     except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
         raise InputError(f"cannot use {str(directory)[:60]!r} as a destination: {exc}") from None
-    if _is_within(target, store):
-        raise InputError(f"{target} is inside TUNEQUEUE_HOME ({store}), which tunequeue manages; choose a folder "
-                         "outside it")
+    for what, folder in managed:
+        if _is_within(target, folder):
+            raise InputError(f"{target} is inside {what} ({folder}), which tunequeue manages; choose a folder "
+                             "outside it")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InputError(f"{target} already exists and is not an empty folder; choose a new directory")
     parent = target.parent
@@ -116,7 +127,7 @@ def _write_folder(target: Path, what: str, write) -> Path:
 
 def export_adapter(session: Session, home: Path, name: str, target: Path) -> Path:
     """Copy the adapter's folder (PEFT adapter, or whole model for method full) to `target`."""
-    folder = _folder(get_adapter(session, name), home)
+    folder = adapter_folder(get_adapter(session, name), home)
     target = check_destination(home, target)
     return _write_folder(target, "export", lambda staging: shutil.copytree(folder, staging))
 
@@ -137,7 +148,7 @@ def merge_adapter(session: Session, home: Path, name: str, target: Path, dtype: 
     used); InputError, and nothing written, when the merged model would equal the base."""
     adapter = get_adapter(session, name)
     check_mergeable(adapter, dtype)
-    folder = _folder(adapter, home)
+    folder = adapter_folder(adapter, home)
     target = check_destination(home, target)
 
     from worker.ml.merge import merge_into
@@ -162,7 +173,14 @@ def delete_adapter(session: Session, home: Path, name: str) -> None:
     if users:
         raise InputError(f"adapter {name!r} is used by queued or running job(s) "
                          f"{', '.join(str(j.id) for j in users)}; cancel them or wait until they finish")
-    folder = home / adapter.path
+    store = store_for(home)
+    if not isinstance(store, LocalStore):  # the row first: no row may point at objects already gone
+        key = adapter.path
+        session.delete(adapter)
+        session.commit()
+        store.delete(key)
+        return
+    folder = store.path(adapter.path)
     aside = folder.parent / f".{folder.name}.deleting-{os.getpid()}"
     moved = folder.is_dir()
     if moved:

@@ -9,7 +9,6 @@ Both read the sweep's jobs under locks held until their commit, so no worker cla
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -327,7 +326,7 @@ def delete_sweep(session: Session, broker, settings: Settings, name: str) -> dic
                                "cancel them or wait until they finish")
     removed = _contents(session, sweep, jobs, adapters)
     sweep_spec = sweep.spec
-    folders = [settings.resolve(adapter.path) for adapter in adapters]
+    keys = [adapter.path for adapter in adapters]
     queued = [job.celery_task_id for job in jobs if job.status == JobStatus.queued and job.celery_task_id]
     uids = [job.uid for job in jobs]
     generations = select(Generation.id).where(Generation.job_id.in_(ids))
@@ -347,7 +346,7 @@ def delete_sweep(session: Session, broker, settings: Settings, name: str) -> dic
     session.expunge_all()  # its objects are rows that are gone
     for task_id in queued:
         broker.revoke(task_id)  # best effort: SQLite may give a deleted job's id to the next job
-    _remove_files(settings, folders, uids, ids)
+    _remove_files(settings, keys, uids, ids)
     study = (sweep_spec.get("strategy") or {}).get("study") if isinstance(sweep_spec, dict) else None
     if study:
         from api.search import drop_study
@@ -356,14 +355,21 @@ def delete_sweep(session: Session, broker, settings: Settings, name: str) -> dic
     return removed
 
 
-def _remove_files(settings: Settings, folders: list[Path], uids: list[str], job_ids: list[int]) -> None:
+def _remove_files(settings: Settings, keys: list[str], uids: list[str], job_ids: list[int]) -> None:
+    """The deleted adapters' folders and the jobs' checkpoints, from the artifact store; the jobs' logs."""
     from worker.jobs.checkpoint import forget_checkpoints
     from worker.joblog import job_log_path
+    from worker.store import LocalStore, store_for
 
-    store = settings.adapters_dir.resolve()
-    for folder in folders:
-        if store in folder.resolve().parents:  # never anything outside the adapter store, whatever a row says
-            shutil.rmtree(folder, ignore_errors=True)
+    store = store_for(settings.home, settings)
+    for key in keys:
+        parts = key.split("/")
+        if len(parts) < 2 or parts[0] != "adapters" or ".." in parts:  # never anything else, whatever a row says
+            continue
+        if isinstance(store, LocalStore) and (store.root / "adapters").resolve() not in \
+                store.path(key).resolve().parents:
+            continue  # a link out of the store
+        store.delete(key)
     for uid in uids:
         forget_checkpoints(settings.home, uid)
     for job_id in job_ids:  # the next job given a reused id (SQLite) must not append to a deleted job's log

@@ -124,9 +124,16 @@ def _existing_adapter(session: Session, home: Path, name: str) -> Adapter:
     adapter = session.scalar(select(Adapter).where(Adapter.name == name))
     if adapter is None:
         raise NotFound(f"adapter {name!r} does not exist (see 'adapters list')")
-    folder = home / adapter.path
-    if not ((folder / "adapter_config.json").exists() or (folder / "config.json").exists()):
-        raise InputError(f"adapter {name!r} is recorded but its folder {folder} is missing")
+    from worker.store import LocalStore, store_for
+
+    store = store_for(home)
+    if isinstance(store, LocalStore):
+        folder = store.path(adapter.path)
+        found = (folder / "adapter_config.json").exists() or (folder / "config.json").exists()
+    else:  # a complete upload: its manifest is written last
+        found = store.exists(adapter.path)
+    if not found:
+        raise InputError(f"adapter {name!r} is recorded but its folder {store.describe(adapter.path)} is missing")
     return adapter
 
 

@@ -3,6 +3,9 @@
 `DATABASE_URL`, `REDIS_URL` and `TUNEQUEUE_HOME` are the settings users change; `TUNEQUEUE_QUEUE` names the Celery
 queue (tests use a fresh one per run so that runs never see each other's messages). `TUNEQUEUE_MODEL_CACHE_BYTES`
 caps the weights a worker keeps resident (`8GiB`, `500MB` or plain bytes); unset, the cache picks its default.
+`TUNEQUEUE_ARTIFACTS` is where adapters, full models and checkpoints are kept (worker/store.py): unset, the folder
+TUNEQUEUE_HOME itself; a folder; or any fsspec URL (`s3://bucket/prefix`, `gs://`, `az://` where their fsspec package
+is installed). `TUNEQUEUE_ARTIFACT_CACHE_BYTES` caps the worker-local copies of a remote store's files.
 
 Every value is checked when it is read: one that cannot be used is an `InputError` naming its variable (one line,
 exit 2 at the CLI), never a traceback from deep inside the first command that uses it. URLs are printed only
@@ -124,6 +127,42 @@ def check_database_url(url: str, variable: str = "DATABASE_URL") -> str:
     return url
 
 
+# fsspec protocols that are folders on this machine: the store is that folder, read in place
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def check_artifacts_url(url: str, variable: str = "TUNEQUEUE_ARTIFACTS") -> str:
+    """'' (the store is TUNEQUEUE_HOME), an absolute folder, or a URL of an fsspec protocol whose package is
+    installed and that names a bucket or folder; an InputError naming the variable otherwise. Nothing is imported
+    beyond fsspec's registry and nothing is contacted."""
+    url = url.strip()
+    if not url:
+        return ""
+    match = _SCHEME.fullmatch(url)
+    if not match:  # a plain folder
+        return str(Path(url).expanduser().resolve())
+    protocol, rest = match[1][:-3].lower(), match[2]
+    if protocol in LOCAL_PROTOCOLS:
+        if not rest.strip("/"):
+            raise _bad(variable, url, "names no folder")
+        return str(Path("/" + rest.lstrip("/")).resolve())
+    import importlib.util
+
+    from fsspec.registry import known_implementations, registry
+
+    known = registry.get(protocol) or known_implementations.get(protocol)
+    if known is None:
+        raise _bad(variable, url, f"unknown scheme {protocol[:20]!r}:// (write a folder, s3://BUCKET/PREFIX, "
+                                  "gs://BUCKET/PREFIX or az://CONTAINER/PREFIX)")
+    module = known if isinstance(known, type) else known["class"].split(".")[0]
+    if not isinstance(module, type) and importlib.util.find_spec(module) is None:
+        raise _bad(variable, url, f"the {protocol}:// store needs the Python package {module!r} "
+                                  f"(pip install {module})")
+    if not _split_userinfo(rest)[1].strip("/"):
+        raise _bad(variable, url, "names no bucket or folder")
+    return url
+
+
 def check_notify_url(url: str, variable: str = "TUNEQUEUE_NOTIFY_URL") -> str:
     """An http(s) URL with a host (or '' for none): notifications are JSON POSTs to it."""
     from urllib.parse import urlsplit
@@ -195,6 +234,8 @@ class Settings:
     judge_api_key: str = field(default="", repr=False)  # JUDGE_API_KEY: sent as a bearer token, never shown
     # TUNEQUEUE_API_EVALUATE=1: the HTTP API accepts `evaluate:` metrics, whose scripts run as code on the workers
     api_evaluate_metrics: bool = False
+    artifacts: str = ""  # TUNEQUEUE_ARTIFACTS, checked: '' (the home), a folder, or an fsspec URL
+    artifact_cache_bytes: int | None = None  # TUNEQUEUE_ARTIFACT_CACHE_BYTES; None: the store's default
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -210,11 +251,7 @@ class Settings:
         if stale <= heartbeat:
             raise InputError(f"TUNEQUEUE_STALE_SECONDS ({stale:g}) must be more than TUNEQUEUE_HEARTBEAT_SECONDS "
                              f"({heartbeat:g}), or every running job looks lost between two heartbeats")
-        cache = env.get("TUNEQUEUE_MODEL_CACHE_BYTES")
-        try:
-            model_cache_bytes = parse_bytes(cache) if cache and cache.strip() else None
-        except InputError as exc:
-            raise InputError(f"TUNEQUEUE_MODEL_CACHE_BYTES: {exc}") from None
+        artifacts, artifact_cache_bytes = artifact_settings(env)
         return cls(
             home=home,
             database_url=check_database_url(_normalise_database_url(database_url)),
@@ -223,12 +260,14 @@ class Settings:
             heartbeat_seconds=heartbeat,
             stale_seconds=stale,
             reap_seconds=_seconds(env, "TUNEQUEUE_REAP_SECONDS", 30.0, high=24 * 3600),
-            model_cache_bytes=model_cache_bytes,
+            model_cache_bytes=_bytes(env, "TUNEQUEUE_MODEL_CACHE_BYTES"),
             faults=env.get("TUNEQUEUE_FAULTS", ""),
             notify_url=check_notify_url(env.get("TUNEQUEUE_NOTIFY_URL") or ""),
             judge_base_url=check_notify_url(env.get("JUDGE_BASE_URL") or "", "JUDGE_BASE_URL"),
             judge_api_key=_api_key(env, "JUDGE_API_KEY"),
             api_evaluate_metrics=_flag(env, "TUNEQUEUE_API_EVALUATE"),
+            artifacts=artifacts,
+            artifact_cache_bytes=artifact_cache_bytes,
         )
 
     @property
@@ -247,6 +286,22 @@ class Settings:
     def resolve(self, relative: str) -> Path:
         """A path stored relative to the home, made absolute."""
         return self.home / relative
+
+
+def artifact_settings(env=None) -> tuple[str, int | None]:
+    """(TUNEQUEUE_ARTIFACTS, TUNEQUEUE_ARTIFACT_CACHE_BYTES) of `env` (default: os.environ), checked."""
+    env = os.environ if env is None else env
+    return (check_artifacts_url(env.get("TUNEQUEUE_ARTIFACTS") or ""),
+            _bytes(env, "TUNEQUEUE_ARTIFACT_CACHE_BYTES"))
+
+
+def _bytes(env, variable: str) -> int | None:
+    """A size in bytes from `env[variable]` (unset or empty: None)."""
+    raw = env.get(variable)
+    try:
+        return parse_bytes(raw) if raw and raw.strip() else None
+    except InputError as exc:
+        raise InputError(f"{variable}: {exc}") from None
 
 
 def _flag(env, variable: str) -> bool:

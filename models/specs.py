@@ -146,6 +146,7 @@ class _WorkerNeeds(_Spec):
 
 
 MAX_TRIALS = 1000
+NOT_OPTIONS = ("search",)  # spec fields no CLI flag sets: the sweep that queues the job writes them
 
 
 class SearchSpec(_Spec):
@@ -234,7 +235,7 @@ class FinetuneSpec(_DataFields, _WorkerNeeds):
                                                        le=MAX_SECONDS / 60)
     time_limit_s: Optional[float] = option(
         None, "Soft limit in seconds: checkpoint, then fail with the reason.", "--time-limit", gt=0, le=MAX_SECONDS)
-    # set by an ASHA or TPE sweep for each of its points (models/search.py), never by a flag
+    # set by an ASHA or TPE sweep for each of its points (models/search.py), never by a flag (NOT_OPTIONS)
     search: Optional[SearchSpec] = Field(None, description="A sweep point's search: its Optuna trial and rungs.")
 
     @model_validator(mode="before")

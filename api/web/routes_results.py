@@ -11,12 +11,13 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
-from api.adapters import adapter_dict, get_adapter, list_adapters
+from api.adapters import adapter_dict, adapter_folder, get_adapter, list_adapters
 from api.render import render_report
 from api.report import ReportQuery, report_rows
 from api.web.auth import api_token, context
 from models.errors import InputError, NotFound
 from models.specs import MAX_ID
+from worker.store import MANIFEST, VERIFIED, LocalStore, store_for
 
 router = APIRouter(dependencies=[Depends(api_token)])
 CHUNK_BYTES = 1024 * 1024
@@ -47,12 +48,16 @@ def download_adapter(request: Request, name: str) -> StreamingResponse:
     ctx = context(request)
     with ctx.session() as session:
         adapter = get_adapter(session, name)
-    home = ctx.settings.home.resolve()
-    folder = (home / adapter.path).resolve()
-    if not folder.is_relative_to(home):  # whatever a row says, nothing outside the home is served
-        raise InputError(f"adapter {adapter.name!r} is recorded at {adapter.path!r}, outside TUNEQUEUE_HOME")
-    if not folder.is_dir():
-        raise NotFound(f"adapter {adapter.name!r} is recorded but its folder {folder} is missing")
+    store = store_for(ctx.settings.home, ctx.settings)
+    if isinstance(store, LocalStore):  # whatever a row says, nothing outside the store is served
+        root = store.root.resolve()
+        folder = (root / adapter.path).resolve()
+        if not folder.is_relative_to(root) or folder == root:
+            raise InputError(f"adapter {adapter.name!r} is recorded at {adapter.path!r}, outside the artifact store")
+    try:
+        folder = adapter_folder(adapter, ctx.settings.home)  # a remote store's folder: its verified local copy
+    except InputError as exc:
+        raise NotFound(str(exc)) from None
     return StreamingResponse(_zipped(folder, adapter.name), media_type="application/zip",
                              headers={"Content-Disposition": f'attachment; filename="{adapter.name}.zip"'})
 
@@ -85,7 +90,7 @@ def _zipped(folder: Path, name: str):
             dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(root, d)))
             for file in sorted(files):
                 path = Path(root, file)
-                if path.is_symlink() or not path.is_file():
+                if path.is_symlink() or not path.is_file() or (Path(root) == folder and file in (MANIFEST, VERIFIED)):
                     continue
                 entry_info = zipfile.ZipInfo.from_file(path, f"{name}/{path.relative_to(folder).as_posix()}")
                 entry_info.compress_type = zipfile.ZIP_DEFLATED

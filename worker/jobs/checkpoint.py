@@ -1,9 +1,12 @@
 """Fine-tuning checkpoints: everything a run needs to resume where it stopped.
 
-One file per job, `TUNEQUEUE_HOME/checkpoints/UID/checkpoint.pt` (the job's random uid, so two databases that
-share a home never resume each other's runs), holding the weights the run trains, the optimizer, the scheduler,
-both RNG states, a `TrainState` (position in the data, step, evaluation history, curve) and a hash of the spec, which
-must match on resume. It is written atomically (`.tmp` + os.replace), so a crash mid-write keeps the previous one;
+One file per job, `checkpoints/UID/checkpoint.pt` in the artifact store (worker/store.py; the job's random uid, so
+two databases that share a store never resume each other's runs): with the default store the file
+`TUNEQUEUE_HOME/checkpoints/UID/checkpoint.pt` itself; with a remote one a file under TUNEQUEUE_HOME/cache/files,
+put to the store after each save (then removed) and fetched from it on resume, so a run resumes on any machine. It
+holds the weights the run trains, the optimizer, the scheduler, both RNG states, a `TrainState` (position in the
+data, step, evaluation history, curve) and a hash of the spec, which must match on resume. It is written atomically
+(`.tmp` + os.replace; one object replacing the last in a remote store), so a crash mid-write keeps the previous one;
 a full disk removes the `.tmp` and says so. A retry (a crash, a lost worker, a time limit) resumes from it; the
 runner removes it once the job has ended.
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from models.errors import DiskFull
+from worker.store import ArtifactStore, store_for
 
 log = logging.getLogger("tunequeue.train")
 
@@ -44,23 +48,43 @@ class TrainState:
     recent: list = field(default_factory=list)  # the step losses since the last log line, so a resumed run logs alike
 
 
-def checkpoint_dir(home: Path, job_uid: Optional[str]) -> Optional[Path]:
+@dataclass(frozen=True)
+class CheckpointPlace:
+    """Where one job's checkpoint lives: its key in the store, and the local file it is written to and read from."""
+
+    store: ArtifactStore
+    uid: str
+
+    @property
+    def key(self) -> str:
+        return f"checkpoints/{self.uid}/{CHECKPOINT_FILE}"
+
+    @property
+    def file(self) -> Path:
+        return self.store.local_path(self.key)
+
+
+def checkpoint_place(home: Path, job_uid: Optional[str]) -> Optional[CheckpointPlace]:
     """Where the job with uid `job_uid` keeps its checkpoint; None for a run outside a job, which never checkpoints."""
-    return home / "checkpoints" / job_uid if job_uid else None
+    return CheckpointPlace(store_for(home), job_uid) if job_uid else None
 
 
 def forget_checkpoints(home: Path, job_uid: str) -> None:
-    """A job that has ended never resumes: its checkpoint goes."""
-    shutil.rmtree(checkpoint_dir(home, job_uid), ignore_errors=True)
+    """A job that has ended never resumes: its checkpoint goes (from the store and any local copy)."""
+    store = store_for(home)
+    store.delete(f"checkpoints/{job_uid}")
+    if not store.is_local:
+        shutil.rmtree(store.local_path(f"checkpoints/{job_uid}"), ignore_errors=True)
 
 
 def spec_hash(spec) -> str:
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, rng: random.Random, state: TrainState,
+def save_checkpoint(place: CheckpointPlace, model, optimizer, scheduler, rng: random.Random, state: TrainState,
                     spec_digest: str) -> None:
-    """Adapter weights, optimizer, scheduler, RNG states and data position, written atomically."""
+    """Adapter weights, optimizer, scheduler, RNG states and data position, written atomically (and put to a remote
+    store, where one object replaces the last)."""
     import torch
 
     payload = {
@@ -69,11 +93,14 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, rng: random.Ra
         "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": asdict(state),
         "spec_hash": spec_digest,
     }
-    staging = directory / f"{CHECKPOINT_FILE}.tmp"
+    staging = place.file.with_name(f"{CHECKPOINT_FILE}.tmp")
     with writing(staging):
-        directory.mkdir(parents=True, exist_ok=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
         torch.save(payload, staging)
-        os.replace(staging, directory / CHECKPOINT_FILE)
+        os.replace(staging, place.file)
+    place.store.put_file(place.file, place.key)
+    if not place.store.is_local:  # the store's object is the checkpoint; no copy lingers on a machine that dies
+        place.file.unlink(missing_ok=True)
 
 
 class writing:
@@ -105,17 +132,20 @@ def _nearly_full(path: Path, margin: int = 1 << 20) -> bool:
     return folder is not None and shutil.disk_usage(folder).free < margin
 
 
-def load_checkpoint(directory: Optional[Path], model, optimizer, scheduler, rng: random.Random,
+def load_checkpoint(place: Optional[CheckpointPlace], model, optimizer, scheduler, rng: random.Random,
                     state: TrainState, spec_digest: str) -> int:
-    """Restore a checkpoint into the objects given; returns the step it resumes from (0: none). A checkpoint of
-    another spec is not used."""
+    """Restore a checkpoint (fetched from the store: it may have been written on another machine) into the objects
+    given; returns the step it resumes from (0: none). A checkpoint of another spec is not used."""
     import torch
 
-    if directory is None or not (directory / CHECKPOINT_FILE).exists():
+    path = place.store.fetch_file(place.key) if place is not None else None
+    if path is None:
         return 0
-    payload = torch.load(directory / CHECKPOINT_FILE, weights_only=False)
+    payload = torch.load(path, weights_only=False)
+    if not place.store.is_local:
+        path.unlink(missing_ok=True)
     if payload.get("spec_hash") != spec_digest:
-        log.warning("checkpoint in %s belongs to another spec; starting over", directory)
+        log.warning("checkpoint %s belongs to another spec; starting over", place.store.describe(place.key))
         return 0
     model.load_state_dict(payload["adapter"], strict=False)
     optimizer.load_state_dict(payload["optimizer"])

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,12 +36,13 @@ from models.specs import FinetuneSpec
 from worker.faults import Faults
 from worker.jobs import ProgressFn, rounded_timings, timed
 from worker.jobs.checkpoint import TrainState, writing
-from worker.jobs.finetune import (LOG_EVERY, Prepared, Run, epoch_batches, prepare, publish, record,
+from worker.jobs.finetune import (LOG_EVERY, Prepared, Run, epoch_batches, prepare, publish_and_record,
                                   untrained_eval_loss)
 from worker.ml.features import collate
 from worker.ml.kinds import resolve_model_kind
 from worker.ml.methods import check_method_supported, check_target_modules, checkpointing, peft_config
 from worker.ml.model_cache import ModelCache
+from worker.store import ArtifactStore, store_for
 
 log = logging.getLogger("tunequeue.train")
 
@@ -133,6 +132,7 @@ def train_adapters_together(specs: Sequence[FinetuneSpec], session: Session, cac
     check_target_modules(lead, loaded.model, lead.model_kind)
     configs = [peft_config(spec, lead.model_kind, loaded) for spec in specs]
     staging: dict[int, Path] = {}
+    store = store_for(home)
     with cache_lock(cache), checkpointing(loaded.model, lead.gradient_checkpointing):
         co = CoLora(loaded.model, configs, seed=lead.seed, mode=mode)
         try:
@@ -149,7 +149,7 @@ def train_adapters_together(specs: Sequence[FinetuneSpec], session: Session, cac
             with timed(timings, "save_s"):
                 for i, member in enumerate(members):
                     if not member.left:
-                        staging[i] = save_one(co, i, member.spec, home)
+                        staging[i] = save_one(co, i, member.spec, store)
         finally:
             co.remove()
             loaded.model.eval()
@@ -166,11 +166,8 @@ def train_adapters_together(specs: Sequence[FinetuneSpec], session: Session, cac
                           scheduler=None, rng=rng, state=member.state, counts=(trainable, base_total + trainable),
                           checkpoints=None, guard=guards[i], faults=Faults(), on_progress=None, started=started,
                           initial_eval=initial_eval, recent=member.recent)
-                with guards[i]():
-                    out_dir = publish(staging[i], home / "adapters" / member.spec.name)
-                    result = record(run, session, home, out_dir, job_id=job_ids[i], base_loads=cache.loads)
-                session.commit()
-                results.append(result)
+                results.append(publish_and_record(run, session, store, staging[i], guards[i], job_id=job_ids[i],
+                                                  base_loads=cache.loads))
         others = [m.spec.name for m in members]
         for result in results:
             if "failed" not in result and "cancelled" not in result:
@@ -322,9 +319,9 @@ def evaluate_together(co, members: list[Member], active: list[int], prepared: Pr
         state.last_eval = loss
 
 
-def save_one(co, i: int, spec: FinetuneSpec, home: Path) -> Path:
-    """Adapter i written into a staging folder beside `adapters/NAME` (as `finetune.save` does); returns it."""
-    staging = home / "adapters" / f".{spec.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def save_one(co, i: int, spec: FinetuneSpec, store: ArtifactStore) -> Path:
+    """Adapter i written into a staging folder (as `finetune.save` does); returns it."""
+    staging = store.staging_folder("adapters", spec.name)
     with writing(staging):
         staging.parent.mkdir(parents=True, exist_ok=True)
         co.save(i, staging)

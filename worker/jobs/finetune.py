@@ -7,8 +7,9 @@ summary). Checkpoint files are worker/jobs/checkpoint.py's.
 
 Batches are built from length-sorted windows with dynamic padding (labels padded with -100), so the loss is the
 target tokens' only and little compute goes to padding. A PEFT adapter is written in PEFT's own format
-(`adapter_config.json` + `adapter_model.safetensors`) under `TUNEQUEUE_HOME/adapters/NAME`; full fine-tuning writes
-a whole model folder there.
+(`adapter_config.json` + `adapter_model.safetensors`) into the artifact store (worker/store.py) as `adapters/NAME`
+(the folder `TUNEQUEUE_HOME/adapters/NAME` by default); full fine-tuning writes a whole model folder there. The
+adapter row, which holds the folder's key, is written only once the folder is in the store.
 """
 
 from __future__ import annotations
@@ -17,16 +18,14 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import random
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from models.errors import JobCancelled, JobFailed, JobTimeLimit, TrialPromoted
@@ -36,13 +35,14 @@ from models.specs import FinetuneSpec
 from worker.data.examples import examples_for
 from worker.faults import Faults
 from worker.jobs import ProgressFn, rounded_timings, timed
-from worker.jobs.checkpoint import (TrainState, checkpoint_dir, load_checkpoint, save_checkpoint, spec_hash,
-                                    trainable_state, writing)
+from worker.jobs.checkpoint import (CheckpointPlace, TrainState, checkpoint_place, load_checkpoint, save_checkpoint,
+                                    spec_hash, trainable_state, writing)
 from worker.ml.features import cached_encode, collate, label_tokens
 from worker.ml.kinds import resolve_model_kind
 from worker.ml.methods import (base_for, check_method_supported, classification_labels, parameter_counts, save_output,
                                trainable_model)
 from worker.ml.model_cache import LoadedModel, ModelCache
+from worker.store import ArtifactStore, folder_size, store_for
 
 log = logging.getLogger("tunequeue.train")
 LOG_EVERY = 10
@@ -84,7 +84,7 @@ class Run:
     rng: random.Random
     state: TrainState
     counts: tuple[int, int]  # trainable and total parameters
-    checkpoints: Optional[Path]
+    checkpoints: Optional[CheckpointPlace]
     guard: Callable[[], ContextManager]  # fences a write: it happens only while this attempt holds the job
     faults: Faults
     on_progress: Optional[ProgressFn]
@@ -124,7 +124,7 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
         with guard():
             session.execute(delete(LossPoint).where(LossPoint.job_id == job_id))  # a re-run draws its curve anew
         session.commit()
-    checkpoints = checkpoint_dir(home, session.get(Job, job_id).uid if job_id is not None else None)
+    checkpoints = checkpoint_place(home, session.get(Job, job_id).uid if job_id is not None else None)
     with trainable_model(spec, cache, prepared.loaded, spec.model_kind) as model:
         with timed(timings, "initial_eval_s"):  # optimizer, resume, and (mostly) the eval loss before training
             run = start_run(spec, prepared, model, checkpoints, guard, faults or Faults(), on_progress, started)
@@ -134,14 +134,12 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
         if spec.search is not None and not run.state.pruned:
             with timed(timings, "search_metric_s"):
                 run.search_value = rung_value_of(run)
+        store = store_for(home)
         with timed(timings, "save_s"):
-            staging = save(run, home)
+            staging = save(run, store)
     try:
         with timed(timings, "record_s"):
-            with guard():  # from here to the commit only the attempt holding the job publishes its adapter
-                out_dir = publish(staging, home / "adapters" / spec.name)
-                result = record(run, session, home, out_dir, job_id=job_id, base_loads=cache.loads)
-            session.commit()
+            result = publish_and_record(run, session, store, staging, guard, job_id=job_id, base_loads=cache.loads)
         return {**result, "timings": rounded_timings(timings)}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -434,30 +432,45 @@ def check_finite(run: Run) -> None:
                         f"{run.state.step}: lower the learning rate (or lora_alpha), or check the data")
 
 
-def save(run: Run, home: Path) -> Path:
-    """Write the adapter (or full model) into a staging folder of its own beside `adapters/NAME`, so that a crash
-    (or a full disk) never leaves a half-written folder under that name; returns the staging folder."""
+def save(run: Run, store: ArtifactStore) -> Path:
+    """Write the adapter (or full model) into a staging folder of its own (beside `adapters/NAME` in a local store),
+    so that a crash (or a full disk) never leaves a half-written folder under that name; returns the staging
+    folder."""
     if run.best_weights is not None:  # early stopping keeps the best evaluated weights
         run.model.load_state_dict(run.best_weights, strict=False)
     run.model.eval()
-    staging = home / "adapters" / f".{run.spec.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = store.staging_folder("adapters", run.spec.name)
     with writing(staging):
         staging.parent.mkdir(parents=True, exist_ok=True)
         save_output(run.spec, run.model, run.prepared.loaded, staging)
     return staging
 
 
-def publish(staging: Path, out_dir: Path) -> Path:
-    """Put the staged folder under its name, replacing the one there (a re-run, or --replace)."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return out_dir
+def publish_and_record(run: Run, session: Session, store: ArtifactStore, staging: Path, guard, *,
+                       job_id: Optional[int], base_loads: int) -> dict:
+    """Put the staged folder into the store, then write its row (committed): only the attempt holding the job
+    publishes. A local store renames the folder under its name inside the fence; a remote one uploads it first,
+    under a content-hashed key nothing points to yet, so an upload by an attempt that then loses the job is
+    harmless (and removed). Older versions of the name go once the new row is committed."""
+    size = folder_size(staging)
+    uploaded = None if store.is_local else store.put_folder(staging, "adapters", run.spec.name)
+    try:
+        with guard():
+            key = uploaded or store.put_folder(staging, "adapters", run.spec.name)
+            result = record(run, session, key, size, job_id=job_id, base_loads=base_loads)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if uploaded and session.scalar(select(Adapter.id).where(Adapter.path == uploaded)) is None:
+            store.delete(uploaded)
+        raise
+    store.delete_other_versions("adapters", run.spec.name, keep=key)
+    return result
 
 
-def record(run: Run, session: Session, home: Path, out_dir: Path, *, job_id: Optional[int], base_loads: int) -> dict:
-    """The Adapter row (replacing any of the same name: a re-run or --replace) and the loss curve's rows; returns
-    the job's summary."""
+def record(run: Run, session: Session, key: str, size_bytes: int, *, job_id: Optional[int], base_loads: int) -> dict:
+    """The Adapter row for the folder at store key `key` (replacing any of the same name: a re-run or --replace) and
+    the loss curve's rows; returns the job's summary."""
     spec, state, labels = run.spec, run.state, run.prepared.labels
     duration = time.monotonic() - run.started
     final_loss = final_train_loss(run)
@@ -465,8 +478,8 @@ def record(run: Run, session: Session, home: Path, out_dir: Path, *, job_id: Opt
     hyperparameters = {**spec.hyperparameters, **({"labels": labels} if labels else {})}
     session.execute(delete(Adapter).where(Adapter.name == spec.name))
     adapter = Adapter(name=spec.name, job_id=job_id, base_model=spec.model, method=spec.method,
-                      model_kind=spec.model_kind, hyperparameters=hyperparameters, path=str(out_dir.relative_to(home)),
-                      size_bytes=dir_size(out_dir), trainable_params=trainable, total_params=total,
+                      model_kind=spec.model_kind, hyperparameters=hyperparameters, path=key,
+                      size_bytes=size_bytes, trainable_params=trainable, total_params=total,
                       train_loss=final_loss, eval_loss=state.last_eval, best_eval_loss=state.best_eval,
                       duration_s=duration)
     session.add(adapter)
@@ -533,10 +546,6 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Ran
             batches.append(batch)
     rng.shuffle(batches)
     return batches
-
-
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def eval_loss(model, features: list[dict], pad_id: int, device: str, batch_size: int) -> float:

@@ -36,6 +36,7 @@ from worker.ml.features import attention_mask, pad
 from worker.ml.kinds import resolve_model_kind
 from worker.ml.methods import base_quantization, classification_labels
 from worker.ml.model_cache import LoadedModel, ModelCache
+from worker.store import store_for
 
 log = logging.getLogger("tunequeue.generate")
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
@@ -107,13 +108,15 @@ Rows = Callable[[list[str]], ContextManager[dict]]  # a batch's variants → ext
 def _pass_model(p: Pass, cache: ModelCache, spec: GenerateSpec, model_kind: str, home: Path,
                 labels: Optional[list[str]]) -> Iterator[tuple[object, LoadedModel, Optional[Rows]]]:
     adapter = p.variants[0][1]
+    # the pass's folders from the artifact store: in place, or verified copies in this worker's cache
+    folders = iter(store_for(home).fetch_folders([a.path for _, a in p.variants if a is not None]))
+    paths = [next(folders) if a is not None else None for _, a in p.variants]
     if adapter is not None and adapter.method == "full":  # a whole fine-tuned model: its own cache entry
-        loaded = cache.get(str(home / adapter.path), model_kind, labels=labels)
+        loaded = cache.get(str(paths[0]), model_kind, labels=labels)
         p.applied_by = "full model"
         yield loaded.model, loaded, None
         return
     loaded = cache.get(spec.model, model_kind, labels=labels, quantization=p.quantization)
-    paths = [home / a.path if a is not None else None for _, a in p.variants]
     names = [name for name, _ in p.variants]
     saved = [path for path in paths if path is not None]
     lora = all(a is None or a.method in ("lora", "qlora") for _, a in p.variants)
