@@ -134,3 +134,29 @@ def test_bench_asha_small():
     assert lines[-1]["figure"] == "machine"
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in table[1:]] == ["grid", "asha", "tpe"]
+
+
+@pytest.mark.slow
+def test_bench_affinity_small():
+    """Three workers, 12 generate jobs of two examples for two bases, a model cache that holds one base: both sides
+    run every job, the per-worker loads add up and each job's load marks agree with them (the counts are measured,
+    not asserted as a saving: each side runs once, and which worker takes what is up to Redis)."""
+    result = subprocess.run([sys.executable, "bench/affinity.py", "--tiny"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines[0]["figure"] == "setup" and lines[0]["jobs"] == 12 and lines[0]["workers"] == 3
+    sides = {line["side"]: line for line in lines if "side" in line}
+    assert list(sides) == ["affinity", "base-blind"]
+    for side in sides.values():
+        assert side["budget"] == "one base" and sum(side["jobs_per_worker"]) == 12
+        assert side["loads"] == sum(side["loads_per_worker"]) >= 2  # each base loaded at least once
+        taken = " ".join(side["taken"].values()).split()
+        assert len(taken) == 12 and sorted(t[0] for t in taken) == ["A"] * 6 + ["B"] * 6
+        assert sum(t.endswith("*") for t in taken) == side["loads"]
+        for worker, jobs in side["taken"].items():  # a one-base cache reloads whenever the base changes
+            bases = [t[0] for t in jobs.split()]
+            assert all(("*" in t) == (i == 0 or bases[i] != bases[i - 1]) for i, t in enumerate(jobs.split())), jobs
+    assert lines[-1]["figure"] == "machine"
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[2].strip() for row in table[1:]] == ["affinity", "base-blind"]
