@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator, Optional
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text, func, select, text, true, update
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text, select, text, true, update
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from models import sweeps  # noqa: F401 (jobs.sweep_id points at its table, which must be loaded)
@@ -202,6 +202,8 @@ def fail_attempt(session: Session, job_id: int, error: str, *, attempt: int | No
 
 def promotions(session: Session, job_id: int) -> int:
     """How many rungs the job passed: each re-queued it as a new attempt that is not a failure."""
+    from sqlalchemy import func
+
     from models.search import Rung
 
     return session.scalar(select(func.count()).select_from(Rung).where(Rung.job_id == job_id,
@@ -210,14 +212,9 @@ def promotions(session: Session, job_id: int) -> int:
 
 def requeue_promoted(session: Session, lease: Lease, progress: dict) -> bool:
     """A sweep point that passed its rung goes back to queued (guarded by its lease), to resume from its checkpoint
-    on whichever worker takes it next, one priority step ahead of its sweep's fresh points (at most 9): promoted
-    points go on depth first, so each rung sees its points in the order they were queued. (Breadth first, the
-    points promoted late under a stricter cutoff would reach the next rung last and each look best so far there.)
-    False when the attempt no longer holds the job."""
-    updated = session.execute(update(Job).where(*lease._mine()).values(
-        status=JobStatus.queued, progress=progress, error=None,
-        priority=func.min(Job.priority + 1, 9) if session.bind.dialect.name == "sqlite"
-        else func.least(Job.priority + 1, 9)))
+    on whichever worker takes it next; False when the attempt no longer holds the job."""
+    updated = session.execute(update(Job).where(*lease._mine()).values(status=JobStatus.queued, progress=progress,
+                                                                       error=None))
     session.commit()
     return updated.rowcount == 1
 

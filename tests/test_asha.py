@@ -499,10 +499,10 @@ def in_process(*args: str):
 
 @pytest.mark.slow
 def test_cancel_and_retry_an_asha_sweep(pg_env, tmp_path):
-    """`sweeps cancel` while point 2 is held after its promotion at step 4 (point 1 has finished: promoted points go
-    on depth first): point 2 is not re-queued by its promotion but ends cancelled, the queued points and the
-    evaluation are cancelled. `sweeps retry` re-queues them: point 2 starts over and at step 4 reads the decision
-    recorded there instead of taking it again, and the sweep ends as an uninterrupted run does."""
+    """`sweeps cancel` while point 3 is held after its prune: the queued points (two of them promoted at step 4) and
+    the evaluation are cancelled, the pruned point stays pruned. `sweeps retry` re-queues the cancelled ones: a
+    retried point reads the decision recorded at step 4 instead of taking it again, and the sweep ends as an
+    uninterrupted run does."""
     from optuna.trial import TrialState
 
     env = pg_env
@@ -512,25 +512,24 @@ def test_cancel_and_retry_an_asha_sweep(pg_env, tmp_path):
     log = tmp_path / "worker.log"
     worker = start_worker({**env, "TUNEQUEUE_FAULTS": "rung_metric_is_lr:1,rung_pause_s:3"}, log=log)
     try:
-        wait_until(lambda: job_has_row(env, "stopped", 2), 240, "point 2's decision", poll=0.05)
+        wait_until(lambda: job_has_row(env, "stopped", 3), 240, "point 3's decision", poll=0.05)
         cancelled_now = in_process("sweeps", "cancel", "stopped")
         assert cancelled_now.exit_code == 0, cancelled_now.output
         jobs = finetunes(env, "stopped")
-        assert jobs[1].status == JobStatus.succeeded, log_tail(log)  # promoted at 4, went on at once, done at 12
-        assert [jobs[p].status for p in (3, 4)] == [JobStatus.cancelled] * 2, log_tail(log)
-        assert jobs[2].status == JobStatus.running and jobs[2].cancel_requested  # held after its decision
-        wait_until(lambda: all_ended(env, "stopped"), 120, "point 2 to end")
-        assert finetunes(env, "stopped")[2].status == JobStatus.cancelled  # its promotion did not re-queue it
+        assert [jobs[p].status for p in (1, 2, 4)] == [JobStatus.cancelled] * 3, log_tail(log)
+        assert jobs[3].status == JobStatus.running and jobs[3].cancel_requested  # held after its decision
+        wait_until(lambda: all_ended(env, "stopped"), 120, "point 3 to end")
+        assert finetunes(env, "stopped")[3].status == JobStatus.pruned  # a decided prune stays a prune
         assert [j.status for j in sweep_jobs(env, "stopped") if j.kind != JobKind.finetune] == \
             [JobStatus.cancelled] * 2
         cancelled = row_record(env, "stopped")
-        assert sorted((key[0], key[1], decision) for key, (_, decision, *_) in cancelled.items()) == [
-            (jobs[1].id, 4, "promote"), (jobs[1].id, 12, "complete"), (jobs[2].id, 4, "promote")]
+        assert sorted((key[0], decision) for key, (_, decision, *_) in cancelled.items()) == [
+            (jobs[1].id, "promote"), (jobs[2].id, "promote"), (jobs[3].id, "prune")]
         assert [t.state for _, t in sorted(study_trials(env, "stopped").items())] == [
-            TrialState.COMPLETE, TrialState.RUNNING, TrialState.RUNNING, TrialState.RUNNING]  # open: a retry runs them
+            TrialState.RUNNING, TrialState.RUNNING, TrialState.PRUNED, TrialState.RUNNING]  # open: a retry runs them
 
         retried = json.loads(in_process("sweeps", "retry", "stopped", "--json").output)
-        assert retried["finetunes"] == [jobs[2].id, jobs[3].id, jobs[4].id]
+        assert retried["finetunes"] == [jobs[1].id, jobs[2].id, jobs[4].id]
         wait_until(lambda: all_ended(env, "stopped"), 240, "the retried sweep to finish")
     finally:
         stop(worker)
@@ -546,9 +545,9 @@ def test_cancel_and_retry_an_asha_sweep(pg_env, tmp_path):
     jobs = finetunes(env, "stopped")
     assert [jobs[p].status for p in (1, 2, 3, 4)] == [JobStatus.succeeded, JobStatus.succeeded, JobStatus.pruned,
                                                       JobStatus.succeeded]
-    # point 2 ended cancelled (its checkpoint gone), so the retry started it over: attempt 2 read the recorded
-    # promotion at step 4 and re-queued it, attempt 3 resumed there; points 1 and 4 took two attempts each
-    assert [jobs[p].attempts for p in (1, 2, 4)] == [2, 3, 2]
+    # cancelled while queued, points 1 and 2 kept their rung checkpoint: the retry resumed there (one more attempt);
+    # point 4 had not started, so it took its first decision after the retry and then resumed like the others
+    assert [jobs[p].attempts for p in (1, 2, 4)] == [2, 2, 2]
     assert all(jobs[p].result["resumed_from_step"] == 4 and jobs[p].result["steps"] == 12 for p in (1, 2, 4))
     assert not list((Path(env["TUNEQUEUE_HOME"]) / "checkpoints").glob("*/checkpoint.pt"))
     trials = study_trials(env, "stopped")
