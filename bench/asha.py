@@ -2,8 +2,9 @@
 LoRA alpha, 3 values each, LoRA on q,v, tiny-t5 on synthetic-dialogsum) searched
 
 - as a full grid: every point trained to max_steps;
-- by ASHA (strategy kind asha, η = 3, min_steps = max_steps / 9: rungs at m, 3m and 9m = max_steps, decided on the
-  validation loss, which every point computes at its rungs anyway; a pruned point stops where it is);
+- by ASHA (strategy kind asha, η = 3, `--rungs 4`: min_steps = max_steps / 27, rungs at m, 3m, 9m and 27m =
+  max_steps, the classic 27 → 9 → 3 → 1 halving of 27 points; decided on the validation loss, which every point
+  computes at its rungs anyway; a pruned point stops where it is);
 - by TPE (strategy kind tpe, the same three lists as categorical choices, `--tpe-trials` trials, one in flight at a
   time so that every proposal sees every earlier result; each trial trained to max_steps). 9 by default: a third of
   the grid, so that TPE spends what a good halving run spends (nothing of a TPE trial is stopped early).
@@ -74,7 +75,8 @@ def sweep_file(search: str, args, space: dict) -> dict:
     if search == "grid":
         base["max_steps"] = args.max_steps
     elif search == "asha":
-        sweep["strategy"] = {"kind": "asha", "metric": "eval_loss", "min_steps": args.max_steps // ETA ** 2,
+        sweep["strategy"] = {"kind": "asha", "metric": args.metric,
+                             "min_steps": args.max_steps // ETA ** (args.rungs - 1),
                              "max_steps": args.max_steps, "reduction_factor": ETA, "order": args.asha_order,
                              "seed": 0}
     else:
@@ -198,7 +200,7 @@ def table(rows: list[dict], grid: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a smoke run: a 2 × 2 × 2 space, 9 steps, few examples")
-    parser.add_argument("--max-steps", type=int, default=None, help="steps of a point trained to the end [72; tiny 9]")
+    parser.add_argument("--max-steps", type=int, default=None, help="steps of a point trained to the end [108; tiny 9]")
     parser.add_argument("--train-limit", type=int, default=None, help="training examples [2000; tiny 64]")
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="validation examples of the eval loss [100; tiny 8]")
@@ -208,6 +210,12 @@ def main() -> None:
     parser.add_argument("--order", choices=("as-written", "reversed"), default="as-written",
                         help="the order of each list in the space, which is the order the points are queued in "
                              "(the grid expands learning rate first); reversed: every list backwards")
+    parser.add_argument("--metric", default="eval_loss", choices=("eval_loss", "rouge1"),
+                        help="what ASHA decides on at its rungs: the validation loss, or the validation ROUGE-1 of "
+                             "greedy summaries (the figure the search is judged by, at a generation per rung)")
+    parser.add_argument("--rungs", type=int, default=None,
+                        help="ASHA's rungs, the last at max_steps: min_steps = max_steps / η^(rungs - 1) [4: the "
+                             "classic 27 → 9 → 3 → 1 halving of 27 points; tiny 3]")
     parser.add_argument("--asha-order", choices=("shuffled", "as-written"), default=None,
                         help="ASHA's strategy.order: its points queued in a seeded shuffled order (the default) or "
                              "as the lists expand [shuffled; tiny as-written, so the smoke run prunes on any machine]")
@@ -215,21 +223,23 @@ def main() -> None:
     parser.add_argument("--show-report", action="store_true", help="print each sweep's report table on stderr")
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (printed)")
     args = parser.parse_args()
-    defaults = dict(max_steps=(9, 72), train_limit=(64, 2000), eval_limit=(8, 100), test_limit=(4, 100),
+    defaults = dict(rungs=(3, 4), max_steps=(9, 108), train_limit=(64, 2000), eval_limit=(8, 100),
+                    test_limit=(4, 100),
                     tpe_trials=(3, 9))
     defaults["asha_order"] = ("as-written", "shuffled")
     for key, (tiny, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
-    if args.max_steps % ETA ** 2:
-        parser.error(f"--max-steps must be a multiple of {ETA ** 2} (min_steps = max_steps / 9)")
+    if args.max_steps % ETA ** (args.rungs - 1):
+        parser.error(f"--max-steps must be a multiple of {ETA ** (args.rungs - 1)} (min_steps = max_steps / "
+                     f"η^(rungs - 1))")
     searches = [s.strip() for s in args.searches.split(",") if s.strip()]
     if searches[:1] != ["grid"] or not set(searches) <= set(SEARCHES):
         parser.error("--searches: grid first, then any of asha, tpe")
     space = TINY_SPACE if args.tiny else SPACE
     if args.order == "reversed":
         space = {key: values[::-1] for key, values in space.items()}
-    m = args.max_steps // ETA ** 2
+    m = args.max_steps // ETA ** (args.rungs - 1)
     root = Path(tempfile.mkdtemp(prefix="tq-asha-"))
     from bench.night import cpu_model
     from worker.ml.builtin import ensure_builtin
@@ -239,8 +249,8 @@ def main() -> None:
         emit(figure="asha", model="tiny-t5", dataset="synthetic-dialogsum", space=space, order=args.order,
              asha_order=args.asha_order,
              points=math.prod(len(v) for v in space.values()), max_steps=args.max_steps,
-             asha={"reduction_factor": ETA, "min_steps": m, "rungs": [m, m * ETA, args.max_steps],
-                   "metric": "eval_loss"},
+             asha={"reduction_factor": ETA, "min_steps": m, "rungs": [m * ETA ** k for k in range(args.rungs)],
+                   "metric": args.metric},
              tpe={"trials": args.tpe_trials, "parallel": 1, "metric": "eval_loss"},
              train_limit=args.train_limit, eval_limit=args.eval_limit, test_limit=args.test_limit,
              cpu=cpu_model(), cpus=os.cpu_count(), load_avg_1_5_15_at_start=load(),
