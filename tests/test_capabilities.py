@@ -6,12 +6,12 @@ SQLite worker refusing a broker on another machine."""
 from __future__ import annotations
 
 import json
-import signal
 import time
 
 import pytest
 
 from models.errors import InputError
+from tests.test_affinity import stop
 from tests.conftest import (broker_of, check_rejected, cli, create_token, ok_json, settings_of, start_worker,
                             wait_until)
 
@@ -190,14 +190,6 @@ def test_needs_from_the_command_line_a_sweep_file_and_the_api(sqlite_env, tmp_pa
 
 
 # --------------------------------------------------------------------------------------------- real workers
-def stop(*workers) -> None:
-    for worker in workers:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-    for worker in workers:
-        worker.wait(timeout=60)
-
-
 def live(broker, count: int) -> list[dict]:
     """The records of `count` live workers that answer remote control."""
     def ready():
