@@ -37,6 +37,15 @@ def flower_get(port: int, path: str, credentials: str | None = CREDENTIALS) -> t
         return 0, None
 
 
+def stop_flower(flower: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 30 s."""
+    flower.send_signal(signal.SIGTERM)
+    try:
+        flower.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        flower.kill()
+
+
 def write_chats(path, rows: int) -> None:
     path.write_text("".join(json.dumps({"id": str(i), "dialogue": f"#Person1#: hello {i}\n#Person2#: hi",
                                         "summary": f"they greet {i}"}) + "\n" for i in range(rows)))
@@ -123,11 +132,7 @@ def test_flower_reports_each_job_as_the_database_does(make_env, tmp_path):
         # while the fine-tune ran, its task's result said how far it had got
         assert progress_seen and progress_seen.startswith("step "), progress_seen
     finally:
-        flower.send_signal(signal.SIGTERM)
-        try:
-            flower.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            flower.kill()
+        stop_flower(flower)
         flower_log.close()
     # the persistent state was written under the home, so a restarted Flower keeps the night
     assert any((env_home(env) / "flower").glob("flower.db*")), (tmp_path / "flower.log").read_text()[-2000:]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from sqlalchemy import select
 from manage import cli as manage_cli
 from models.jobs import Job, JobKind
 from models.search import Rung
-from tests.test_flower import flower_get as flower_get_as
+from tests.test_flower import flower_get as flower_get_as, stop_flower
 from tests.conftest import (REDIS_URL, REPO, RUN_ID, create_token, free_port, session_of, start_api, start_worker,
                             wait_until)
 
@@ -98,11 +97,7 @@ def searched(tmp_path_factory, builtin_home):
             jobs = {job.spec["name"]: job.id for job in session.scalars(select(Job)) if job.kind.value == "finetune"}
         yield Searched(env, home, port, queued.stdout.strip(), jobs)
     finally:
-        flower.send_signal(signal.SIGTERM)
-        try:
-            flower.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            flower.kill()
+        stop_flower(flower)
         client = redis.Redis.from_url(REDIS_URL)
         for key in client.scan_iter(f"*{queue}*"):
             client.delete(key)
