@@ -565,7 +565,10 @@ def strategy_lines(summary: dict) -> list[str]:
     """A dry run's account of an ASHA or TPE strategy: rungs and steps, or trials and distributions."""
     if summary["kind"] == "asha":
         lines = [f"ASHA on {summary['metric']} ({summary['mode']}), η = {summary['reduction_factor']}: a point "
-                 f"goes on past a rung only while it is in the best 1/{summary['reduction_factor']} there"]
+                 f"goes on past a rung only while it is in the best 1/{summary['reduction_factor']} there"
+                 + ("; it waits at the rung until it is, or is pruned once no more points can arrive (lazy "
+                    "promotion)" if summary.get("promotion") == "lazy" else
+                    "; decided the moment it arrives, against the points there before it (eager promotion)")]
         for bracket, rungs in summary["rungs"].items():
             lines.append(f"  bracket {bracket} ({summary['points_per_bracket'][bracket]} points): rungs at steps "
                          + ", ".join(map(str, rungs)))

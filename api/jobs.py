@@ -205,6 +205,8 @@ def search_state(job: Job, rungs: list[dict]) -> str | None:
         return pruned.get("reason") or (last or {}).get("reason")
     if last is None:
         return None
+    if last["decision"] == "prune" and job.status in (JobStatus.queued, JobStatus.running):
+        return f"{last['reason']}; its adapter is being kept at that step"
     if last["decision"] == "promote":
         if job.status == JobStatus.queued:
             return f"promoted at step {last['step']}; queued to train on"
@@ -231,7 +233,8 @@ def waiting_counts(session: Session, jobs: list[Job]) -> dict[int, int]:
 def status_label(job: Job, waiting: dict[int, int], reasons: dict[int, str] | None = None) -> str:
     """The status for people: `waiting (3 jobs)` for a queued job still waiting for its parents (from
     `waiting_counts`), `waiting: no live worker has CUDA` for one no live worker can take (from `wait_reasons`),
-    `queued (promoted at step 12)` for a sweep point that passed a rung and waits to train on, else the status
+    `queued (promoted at step 12)` for a sweep point that passed a rung and waits to train on, `waiting at its rung
+    (step 4)` for one whose rung has not decided yet (lazy ASHA), else the status
     itself (machine output keeps the raw status)."""
     count = waiting.get(job.id)
     if count:
@@ -241,6 +244,9 @@ def status_label(job: Job, waiting: dict[int, int], reasons: dict[int, str] | No
     promoted = (job.progress or {}).get("promoted_at_step")
     if job.status == JobStatus.queued and promoted is not None:
         return f"queued (promoted at step {promoted})"
+    held = (job.progress or {}).get("held_at_step")
+    if job.status == JobStatus.queued and held is not None:
+        return f"waiting at its rung (step {held})"
     return job.status.value
 
 

@@ -204,7 +204,7 @@ class SweepPlan:
         if isinstance(strategy, AshaStrategy):
             brackets = {b: strategy.rungs(b) for b in range(strategy.brackets)}
             out.update(metric=strategy.metric, mode=strategy.direction, reduction_factor=strategy.reduction_factor,
-                       order=strategy.order, seed=strategy.seed,
+                       order=strategy.order, seed=strategy.seed, promotion=strategy.promotion,
                        rungs=brackets, worst_case_steps=strategy.worst_case_steps(len(self.points)),
                        halving_steps=strategy.halving_steps(len(self.points)),
                        points_per_bracket={b: len(range(b, len(self.points), strategy.brackets)) for b in brackets})

@@ -4,7 +4,7 @@ LoRA alpha, 3 values each, LoRA on q,v, tiny-t5 on synthetic-dialogsum) searched
 - as a full grid: every point trained to max_steps;
 - by ASHA (strategy kind asha, η = 3, `--rungs 4`: min_steps = max_steps / 27, rungs at m, 3m, 9m and 27m =
   max_steps, the classic 27 → 9 → 3 → 1 halving of 27 points; decided on the validation loss, which every point
-  computes at its rungs anyway; a pruned point stops where it is);
+  computes at its rungs anyway; a pruned point stops where it is; `--promotion`: lazy, the default, or eager);
 - by TPE (strategy kind tpe, the same three lists as categorical choices, `--tpe-trials` trials, one in flight at a
   time so that every proposal sees every earlier result; each trial trained to max_steps). 9 by default: a third of
   the grid, so that TPE spends what a good halving run spends (nothing of a TPE trial is stopped early).
@@ -78,7 +78,7 @@ def sweep_file(search: str, args, space: dict) -> dict:
         sweep["strategy"] = {"kind": "asha", "metric": args.metric,
                              "min_steps": args.max_steps // ETA ** (args.rungs - 1),
                              "max_steps": args.max_steps, "reduction_factor": ETA, "order": args.asha_order,
-                             "seed": 0}
+                             "promotion": args.promotion, "seed": 0}
     else:
         base["max_steps"] = args.max_steps
         sweep["strategy"] = {"kind": "tpe", "metric": "eval_loss", "n": args.tpe_trials, "parallel": 1,
@@ -219,6 +219,10 @@ def main() -> None:
     parser.add_argument("--asha-order", choices=("shuffled", "as-written"), default=None,
                         help="ASHA's strategy.order: its points queued in a seeded shuffled order (the default) or "
                              "as the lists expand [shuffled; tiny as-written, so the smoke run prunes on any machine]")
+    parser.add_argument("--promotion", choices=("lazy", "eager"), default="lazy",
+                        help="ASHA's strategy.promotion: lazy (a point waits at its rung until it is in the best 1/η "
+                             "there, ASHA as published; the default) or eager (Optuna's SuccessiveHalvingPruner "
+                             "decides as it arrives)")
     parser.add_argument("--searches", default=",".join(SEARCHES), help="which to run, grid first [grid,asha,tpe]")
     parser.add_argument("--show-report", action="store_true", help="print each sweep's report table on stderr")
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (printed)")
@@ -250,7 +254,7 @@ def main() -> None:
              asha_order=args.asha_order,
              points=math.prod(len(v) for v in space.values()), max_steps=args.max_steps,
              asha={"reduction_factor": ETA, "min_steps": m, "rungs": [m * ETA ** k for k in range(args.rungs)],
-                   "metric": args.metric},
+                   "metric": args.metric, "promotion": args.promotion},
              tpe={"trials": args.tpe_trials, "parallel": 1, "metric": "eval_loss"},
              train_limit=args.train_limit, eval_limit=args.eval_limit, test_limit=args.test_limit,
              cpu=cpu_model(), cpus=os.cpu_count(), load_avg_1_5_15_at_start=load(),

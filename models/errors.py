@@ -68,6 +68,15 @@ def first_line(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text.splitlines()[0]}" if text else exc.__class__.__name__
 
 
+class TrialHeld(TunequeueError):
+    """A sweep point waits at its rung (lazy ASHA) for the results that decide it: checkpointed, it goes back to
+    queued without a message, and is published once its rung promotes or prunes it."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step, self.reason = step, reason
+
+
 class TrialPromoted(TunequeueError):
     """A sweep point passed its rung: checkpointed, it is queued again to resume from that step on any worker."""
 

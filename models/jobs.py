@@ -201,21 +201,27 @@ def fail_attempt(session: Session, job_id: int, error: str, *, attempt: int | No
 
 
 def promotions(session: Session, job_id: int) -> int:
-    """How many rungs the job passed: each re-queued it as a new attempt that is not a failure."""
+    """How many rungs re-queued the job as a new attempt that is not a failure: each it passed, and under lazy
+    promotion each it waited at (promoted or pruned there later, or still waiting: it resumes there)."""
     from sqlalchemy import func
 
     from models.search import Rung
 
+    lazy = ((session.scalar(select(Job.spec).where(Job.id == job_id)) or {}).get("search") or {}).get(
+        "promotion") == "lazy"
+    requeued = ("promote", "prune", "wait") if lazy else ("promote",)
     return session.scalar(select(func.count()).select_from(Rung).where(Rung.job_id == job_id,
-                                                                       Rung.decision == "promote")) or 0
+                                                                       Rung.decision.in_(requeued))) or 0
 
 
-def requeue_promoted(session: Session, lease: Lease, progress: dict) -> bool:
-    """A sweep point that passed its rung goes back to queued (guarded by its lease), to resume from its checkpoint
-    on whichever worker takes it next; False when the attempt no longer holds the job."""
+def requeue_promoted(session: Session, lease: Lease, progress: dict, *, publish_later: bool = False) -> bool:
+    """A sweep point that passed its rung (or waits there, `publish_later`: the caller commits) goes back to queued
+    (guarded by its lease), to resume from its checkpoint on whichever worker takes it next; False when the attempt
+    no longer holds the job."""
     updated = session.execute(update(Job).where(*lease._mine()).values(status=JobStatus.queued, progress=progress,
                                                                        error=None))
-    session.commit()
+    if not publish_later or updated.rowcount != 1:
+        session.commit()
     return updated.rowcount == 1
 
 
@@ -267,6 +273,12 @@ def parent_ids(session: Session, job: Job) -> list[int]:
 
 def readiness(session: Session, job: Job) -> tuple[str, str]:
     """("ready" | "wait" | "skip", reason): a job runs when all its parents have finished and one succeeded."""
+    if job.kind == JobKind.finetune and ((job.spec or {}).get("search") or {}).get("promotion") == "lazy":
+        from models.search import Rung
+
+        last = session.scalar(select(Rung.decision).where(Rung.job_id == job.id).order_by(Rung.step.desc()).limit(1))
+        if last == "wait":
+            return "wait", "waits at its rung"
     ids = parent_ids(session, job)
     if not ids:
         return "ready", ""

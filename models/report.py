@@ -152,7 +152,7 @@ def comparison(session: Session, metrics: list[str], split: str = "test", varian
 
 
 SEARCH_FIELDS = ("last_rung", "steps", "decision", "rung_metric", "rung_value")
-DECISION_WORDS = {"prune": "pruned", "promote": "promoted", "complete": "complete"}
+DECISION_WORDS = {"prune": "pruned", "promote": "promoted", "complete": "complete", "wait": "waiting"}
 
 
 def search_points(session: Session, sweep: Sweep) -> list[dict]:

@@ -59,6 +59,12 @@ class AshaStrategy(_Searched):
         "shuffled", description="shuffled: points are queued in a seeded random order, as ASHA assumes; as-written: "
                                 "in the file's order.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds the shuffled order.")
+    # Optuna's SuccessiveHalvingPruner decides the moment a point arrives, against the points before it: early
+    # arrivals face a lenient cutoff, so weak points are promoted early and reach the next rung first (bench/asha.py).
+    promotion: Literal["lazy", "eager"] = Field(
+        "lazy", description="lazy (ASHA as published): a point waits at its rung until it is in the top 1/η of the "
+                            "results there (then it trains on) or no more can arrive (then it is pruned); eager: "
+                            "Optuna's SuccessiveHalvingPruner decides the moment it arrives, never waiting.")
 
     @model_validator(mode="after")
     def _rungs_fit(self):

@@ -162,6 +162,7 @@ class SearchSpec(_Spec):
     bracket: int = Field(0, ge=0, le=20)
     reduction_factor: int = Field(3, ge=2, le=100)
     min_steps: int = Field(1, gt=0, le=MAX_STEPS)
+    promotion: Literal["lazy", "eager"] = "eager"  # ASHA: see models.search.AshaStrategy (specs before it: eager)
 
     @model_validator(mode="after")
     def _increasing(self):

@@ -38,6 +38,15 @@ NINE_DECISIONS = [(1, 4, "promote"), (1, 12, "promote"), (1, 36, "complete"),
                   (4, 4, "promote"), (4, 12, "promote"), (4, 36, "complete"),
                   (5, 4, "prune"), (6, 4, "prune"), (7, 4, "prune"), (8, 4, "prune"), (9, 4, "prune")]
 # a smaller sweep for the crash, broker and cancel tests: rungs at 4 and the end (12)
+# the same 9 points under lazy promotion (ASHA as published): a point waits at its rung until it is in the best
+# ⌊n/3⌋ of the n results there; when no more can arrive, the rest are pruned. At step 4: point 2 goes on when the
+# third result arrives, 4 at the fourth, 6 at the ninth (the rung's best three, as synchronous halving keeps); the six
+# others are pruned then, each resuming once to keep its adapter at step 4. At step 12 (2, 4, 6 arrive in their
+# promotion order, rung closed at once): 4 goes on, 2 and 6 are pruned.
+LAZY_DECISIONS = [(1, 4, "prune"), (2, 4, "promote"), (2, 12, "prune"), (3, 4, "prune"),
+                  (4, 4, "promote"), (4, 12, "promote"), (4, 36, "complete"),
+                  (5, 4, "prune"), (6, 4, "promote"), (6, 12, "prune"), (7, 4, "prune"), (8, 4, "prune"),
+                  (9, 4, "prune")]
 FOUR = [5e-3, 2e-3, 8e-3, 1e-3]
 FOUR_DECISIONS = [(1, 4, "promote"), (1, 12, "complete"), (2, 4, "promote"), (2, 12, "complete"), (3, 4, "prune"),
                   (4, 4, "promote"), (4, 12, "complete")]
@@ -45,10 +54,11 @@ FOUR_DECISIONS = [(1, 4, "promote"), (1, 12, "complete"), (2, 4, "promote"), (2,
 
 def sweep_file(tmp_path: Path, name: str, rates: list[float], max_steps: int, include_pruned: int = 0,
                **strategy) -> str:
-    """An ASHA sweep over `rates` whose points are queued in the order written (the decisions depend on it)."""
+    """An ASHA sweep over `rates` whose points are queued in the order written (the decisions depend on it); eager
+    promotion (Optuna's rule) unless `promotion` says otherwise."""
     data = {"name": name, "base": BASE, "grid": {"learning_rate": rates},
             "strategy": {"kind": "asha", "metric": "eval_loss", "min_steps": 4, "max_steps": max_steps,
-                         "reduction_factor": 3, "order": "as-written", **strategy},
+                         "reduction_factor": 3, "order": "as-written", "promotion": "eager", **strategy},
             "eval": {"split": "test", "limit": EVAL_EXAMPLES, "max_new_tokens": 8,
                      **({"include_pruned": include_pruned} if include_pruned else {})}}
     path = tmp_path / f"{name}.yaml"
@@ -195,16 +205,17 @@ def fresh_env(tmp_path: Path, builtin_home: Path, backend: str) -> tuple[dict, C
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def forced_run(request, tmp_path_factory, builtin_home):
-    """One burst worker with the metric forced to the learning rate runs two sweeps: `forced` (the 9 points above;
-    on PostgreSQL its evaluation also covers the 2 best pruned points) and `promoted` (one point, always promoted,
-    rungs 4 / 12 / 27). Yields (environment, backend, worker log)."""
+    """One burst worker with the metric forced to the learning rate runs three sweeps: `forced` (the 9 points above;
+    on PostgreSQL its evaluation also covers the 2 best pruned points), `promoted` (one point, always promoted,
+    rungs 4 / 12 / 27) and `lazy` (the 9 points under lazy promotion). Yields (environment, backend, worker log)."""
     backend = request.param
     tmp_path = tmp_path_factory.mktemp(f"forced-{backend}")
     env, cleanup = fresh_env(tmp_path, builtin_home, backend)
     try:
         include = 2 if backend == "postgresql" else 0
         for path in (sweep_file(tmp_path, "forced", NINE, 36, include_pruned=include),
-                     sweep_file(tmp_path, "promoted", [3e-3], 27)):
+                     sweep_file(tmp_path, "promoted", [3e-3], 27),
+                     sweep_file(tmp_path, "lazy", NINE, 36, promotion="lazy")):
             queued = cli(env, "sweep", path)
             assert queued.returncode == 0, queued.stderr
         log = tmp_path / "worker.log"
@@ -277,6 +288,55 @@ def test_forced_decisions_through_a_worker(forced_run):
     evaluation = [job for job in sweep_jobs(env, "forced") if job.kind != JobKind.finetune]
     assert [job.status for job in evaluation] == [JobStatus.succeeded] * 2
     assert sorted(evaluation[0].result["left_out_adapters"]) == [f"forced-{p:02d}" for p in pruned if p not in extra]
+
+
+@pytest.mark.slow
+def test_lazy_promotion_through_a_worker(forced_run):
+    """The 9 points under lazy promotion: exactly the rung's best third goes on (2, 4, 6 at step 4; 4 at step 12),
+    each decision taken when the result that settles it arrives, with its reason; a point that waited and was
+    pruned resumed once to keep its adapter at its rung; Optuna's trials and the evaluation agree."""
+    from optuna.trial import TrialState
+
+    env, _, log = forced_run
+    assert decisions(env, "lazy") == LAZY_DECISIONS, log_tail(log)
+    jobs = finetunes(env, "lazy")
+    rows = {(point, row.step): row for point in jobs for row in rung_rows(env, "lazy") if row.job_id == jobs[point].id}
+    assert rows[(6, 4)].reason == "promoted at step 4: eval_loss 0.003, 3rd of 9 at this rung (rung median 0.005; "                                   "the best 3 go on)"
+    assert rows[(1, 4)].reason == ("pruned at step 4: eval_loss 0.005, 5th of 9 at this rung (rung median 0.005, "
+                                   "cutoff 0.003; the best 3 went on)")
+    assert rows[(2, 12)].reason.startswith("pruned at step 12: eval_loss 0.002, 2nd of 3 at this rung")
+    # a decision is taken when the result that settles it arrives: 2's when 3 arrived, 4's at once, 6's (and the
+    # prunings) when 9 arrived, which closed the rung
+    by_time = sorted((row.decided_at, point) for (point, step), row in rows.items() if step == 4)
+    assert [point for _, point in by_time][:2] == [2, 4], by_time
+    assert {point for _, point in by_time[2:]} == {1, 3, 5, 6, 7, 8, 9}
+
+    # jobs: pruned points kept their adapter at their rung; 4 trained to the end resuming from its checkpoints
+    assert jobs[4].status == JobStatus.succeeded and jobs[4].result["steps"] == 36, jobs[4].error
+    assert jobs[4].result["resumed_from_step"] == 12
+    for point in (1, 3, 5, 7, 8, 9):
+        job = jobs[point]
+        assert job.status == JobStatus.pruned and job.result["steps"] == 4, (point, job.status, job.error)
+        assert job.result["pruned"]["reason"] == rows[(point, 4)].reason
+        # waited (attempt 1), then resumed from its rung checkpoint to save the adapter (the last point, 9, was
+        # pruned as it arrived: one attempt)
+        assert job.attempts == (1 if point == 9 else 2), (point, job.attempts)
+    for point in (2, 6):
+        assert jobs[point].status == JobStatus.pruned and jobs[point].result["steps"] == 12
+    steps = sum(job.result["steps"] for job in jobs.values())
+    assert steps == 9 * 4 + 3 * 8 + 24  # synchronous halving's budget: 9 → 3 → 1
+    with session_of(env) as session:
+        adapters = {a.name for a in session.scalars(select(Adapter))}
+    assert {f"lazy-{p:02d}" for p in range(1, 10)} <= adapters
+    assert not list((Path(env["TUNEQUEUE_HOME"]) / "checkpoints").glob("*/checkpoint.pt"))
+
+    trials = study_trials(env, "lazy")
+    assert trials[4].state == TrialState.COMPLETE and trials[4].value == pytest.approx(1e-3)
+    assert all(trials[p].state == TrialState.PRUNED for p in jobs if p != 4)
+    assert trials[2].intermediate_values == pytest.approx({4: 2e-3, 12: 2e-3})
+    assert evaluated_variants(env, "lazy") == {"base": EVAL_EXAMPLES, "lazy-04": EVAL_EXAMPLES}
+    shown = cli(env, "jobs", "show", str(jobs[1].id))
+    assert "pruned at step 4: eval_loss 0.005, 5th of 9" in shown.stdout, shown.stdout + shown.stderr
 
 
 # ------------------------------------------------------------------------------ promotion resumes exactly (worker)
@@ -440,6 +500,66 @@ def test_workers_killed_mid_rung_change_no_decision(pg_env, tmp_path):
     assert [trials[p].state for p in (1, 2, 3)] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
     assert [trials[p].intermediate_values for p in (1, 2, 3)] == [{4: 2e-3}, {4: 8e-3}, {4: 5e-3}]
     assert evaluated_variants(env, "crash") == {"base": EVAL_EXAMPLES, "crash-01": EVAL_EXAMPLES}
+
+
+# lazy promotion over FOUR: 1 and 2 wait; 3's result promotes 2 (the best of three); 4 is the best of four and
+# closes the rung, which prunes 1 and 3
+LAZY_FOUR_DECISIONS = [(1, 4, "prune"), (2, 4, "promote"), (2, 12, "complete"), (3, 4, "prune"),
+                       (4, 4, "promote"), (4, 12, "complete")]
+
+
+@pytest.mark.slow
+def test_lazy_waiting_points_survive_reconcile_and_a_killed_worker(pg_env, tmp_path):
+    """Lazy promotion: point 1 waits at its rung back in the queue without a message, which `jobs reconcile`
+    leaves alone and `jobs list` shows; worker A is then killed (SIGKILL) right after point 2's result is recorded
+    as waiting, before the point is put back. Worker B's reaper re-queues point 2, the later results settle every
+    point as in an uninterrupted run, and each waiting point resumes from its rung checkpoint: 2 to train on, 1 to
+    keep its adapter at step 4."""
+    env = {**pg_env, **FAST_REAPER}
+    queued = cli(env, "sweep", sweep_file(tmp_path, "lazykill", FOUR, 12, promotion="lazy"))
+    assert queued.returncode == 0, queued.stderr
+    paused = {**env, "TUNEQUEUE_FAULTS": "rung_metric_is_lr:1,rung_pause_s:5"}
+    worker = start_worker(paused, log=tmp_path / "a.log")
+    try:
+        def held() -> bool:
+            job = finetunes(env, "lazykill")[1]
+            return job.status == JobStatus.queued and (job.progress or {}).get("held_at_step") == 4
+        wait_until(held, 240, "point 1 back in the queue, waiting at its rung")
+        first = finetunes(env, "lazykill")[1]
+        (row,) = [r for r in rung_rows(env, "lazykill") if r.job_id == first.id]
+        assert (row.step, row.decision, row.value) == (4, "wait", pytest.approx(5e-3))
+        assert row.reason.startswith("waiting at step 4: eval_loss 0.005, 1st of 1 at this rung")
+        reconciled = cli(env, "jobs", "reconcile")
+        assert reconciled.returncode == 0 and "0 queued jobs re-published" in reconciled.stdout, reconciled.stdout
+        listed = cli(env, "jobs", "list")
+        assert "waiting at its rung (step 4)" in listed.stdout, listed.stdout
+        wait_until(lambda: job_has_row(env, "lazykill", 2), 240, "point 2's result")
+    finally:
+        kill(worker)
+    second = finetunes(env, "lazykill")[2]
+    assert second.status == JobStatus.running, (second.status, log_tail(tmp_path / "a.log"))  # killed mid-rung
+    assert [r.decision for r in rung_rows(env, "lazykill") if r.job_id == second.id] == ["wait"]
+
+    worker = start_worker({**env, **FORCED}, log=tmp_path / "b.log")
+    try:
+        wait_until(lambda: all_ended(env, "lazykill"), 300, "the sweep to finish")
+    finally:
+        stop(worker)
+    log = log_tail(tmp_path / "b.log")
+    assert decisions(env, "lazykill") == LAZY_FOUR_DECISIONS, log
+    jobs = finetunes(env, "lazykill")
+    first, second = jobs[1], jobs[2]
+    assert first.status == JobStatus.pruned and first.attempts == 2 and not first.attempt_errors, log
+    assert first.result["steps"] == 4 and first.result["resumed_from_step"] == 4
+    assert second.status == JobStatus.succeeded and second.attempts == 2, (second.error, log)
+    assert [e["error"].split(":")[0] for e in second.attempt_errors] == ["worker lost"]
+    assert second.result["resumed_from_step"] == 4 and second.result["steps"] == 12
+    rows = {(r.job_id, r.step): r for r in rung_rows(env, "lazykill")}
+    assert rows[(first.id, 4)].reason.startswith("pruned at step 4: eval_loss 0.005, 3rd of 4")
+    assert rows[(second.id, 4)].reason.startswith("promoted at step 4: eval_loss 0.002, 1st of 3")
+    assert [jobs[p].status for p in (3, 4)] == [JobStatus.pruned, JobStatus.succeeded]
+    assert evaluated_variants(env, "lazykill") == {v: EVAL_EXAMPLES for v in ("base", "lazykill-02",
+                                                                              "lazykill-04")}
 
 
 @pytest.mark.slow
@@ -610,7 +730,7 @@ def test_dry_run_prints_rungs_and_step_counts(sqlite_env, tmp_path):
     path.write_text(yaml.safe_dump(sweep_data("plan", grid={"learning_rate": NINE})))
     one = ok_json(cli(sqlite_env, "sweep", str(path), "--dry-run", "--json"))["strategy"]
     assert one == {"kind": "asha", "metric": "eval_loss", "mode": "min", "reduction_factor": 3, "order": "shuffled",
-                   "seed": 0, "rungs": {"0": [4, 12, 36]}, "worst_case_steps": 9 * 36,
+                   "seed": 0, "promotion": "lazy", "rungs": {"0": [4, 12, 36]}, "worst_case_steps": 9 * 36,
                    "halving_steps": 9 * 4 + 3 * (12 - 4) + 1 * (36 - 12), "points_per_bracket": {"0": 9}}
     two = ok_json(cli(sqlite_env, "sweep", str(path), "strategy.brackets=2", "--dry-run", "--json"))
     assert two["strategy"]["rungs"] == {"0": [4, 12, 36], "1": [12, 36]}
@@ -621,6 +741,11 @@ def test_dry_run_prints_rungs_and_step_counts(sqlite_env, tmp_path):
     assert [p["adapter"] for p in two["points"]] == [f"plan-{i:02d}" for i in range(1, 10)]
     text = cli(sqlite_env, "sweep", str(path), "--dry-run")
     assert text.returncode == 0 and "4, 12, 36" in text.stdout, text.stdout + text.stderr
+    assert "waits at the rung until it is" in text.stdout
+    eager = cli(sqlite_env, "sweep", str(path), "strategy.promotion=eager", "--dry-run")
+    assert "decided the moment it arrives" in eager.stdout, eager.stdout + eager.stderr
+    bad = cli(sqlite_env, "sweep", str(path), "strategy.promotion=sometimes", "--dry-run")
+    assert bad.returncode != 0 and "promotion" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert job_count(sqlite_env) == 0 and queue_length(sqlite_env) == 0
 
 

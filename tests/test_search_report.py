@@ -40,7 +40,7 @@ name: asha-rep
 base: {{model: tiny-t5, train_limit: 200, eval_limit: 20, per_device_train_batch_size: 8, target_modules: [q, v]}}
 grid: {{learning_rate: [{", ".join(f"{r:g}" for r in RATES)}]}}
 strategy: {{kind: asha, metric: eval_loss, mode: min, min_steps: 4, max_steps: 36, reduction_factor: 3,
-           order: as-written}}
+           order: as-written, promotion: eager}}
 eval: {{split: test, limit: 20}}
 """
 

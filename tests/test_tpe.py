@@ -324,7 +324,7 @@ def test_asha_decided_on_rouge1_keeps_the_higher_values(sqlite_env, tmp_path):
     data = {"name": "rouge", "base": {**TINY, "eval_limit": 8, "max_target_length": 24},
             "grid": {"learning_rate": [1e-4, 3e-2, 3e-3]},
             "strategy": {"kind": "asha", "metric": "rouge1", "min_steps": 3, "max_steps": 9, "reduction_factor": 3,
-                         "order": "as-written"},
+                         "order": "as-written", "promotion": "eager"},
             "eval": {"split": "test", "limit": 6}}
     data["base"].pop("max_steps")
     ok_json(cli(env, "sweep", write(tmp_path, data), "--json"))

@@ -34,6 +34,15 @@ def publish(session: Session, broker: Broker, job: Job) -> None:
                 title=title, retries=job.attempts)
 
 
+def release(session: Session, broker: Broker, job_ids) -> None:
+    """Publish the sweep points their rung has just promoted or pruned (lazy ASHA) that wait in the queue; a point
+    still running when it was decided publishes itself (worker/runner.py `_held`)."""
+    for job_id in job_ids:
+        job = session.get(Job, job_id, populate_existing=True)
+        if job is not None and job.status == JobStatus.queued:
+            publish(session, broker, job)
+
+
 def skip(session: Session, job_id: int, reason: str) -> bool:
     done = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
                            .values(status=JobStatus.skipped, error=reason, finished_at=utcnow()))

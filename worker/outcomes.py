@@ -9,6 +9,7 @@ The job's row in the SQL database is the record; the task's state mirrors it:
     job cancelled / row gone          → REVOKED, with the reason
     sweep point pruned (ASHA)         → PRUNED (an event and state of tunequeue's own), result: the reason
     sweep point promoted at a rung    → PROMOTED; the job goes on as a new task from its checkpoint
+    sweep point waiting at its rung   → HELD (lazy ASHA); a new task once its rung promotes or prunes it
     duplicate delivery of the task    → nothing: the delivery that runs the job reports for it
 
 Progress while a job runs is sent as repeated `task-started` events carrying the original start time and a
@@ -99,14 +100,14 @@ def end_task(task, outcome: Outcome):
         raise Retry(outcome.message, exc=JobFailure(outcome.message))
     if outcome.word == "duplicate":
         raise Ignore()
-    if outcome.word in ("pruned", "promoted"):
+    if outcome.word in ("pruned", "promoted", "held"):
         end_as(task, outcome.word.upper(), outcome.message)
     revoke(task, outcome.message)  # cancelled, missing, not-queued
 
 
 def end_as(task, state: str, message: str) -> None:
     """End the task in a state of tunequeue's own (PRUNED: successive halving stopped the point; PROMOTED: it passed
-    its rung and is queued again as a new task): the `task-pruned` / `task-promoted` event gives Flower that state
+    its rung and is queued again as a new task; HELD: it waits at its rung): the `task-pruned` / `task-promoted` event gives Flower that state
     (Celery's event state takes an unknown event's name as the state), and the result backend records it."""
     from celery.exceptions import Ignore
 

@@ -19,7 +19,7 @@ from models.jobs import Job, JobStatus, fail_attempt, readiness, stale_running
 from worker import notify
 from worker.broker import Broker
 from worker.jobs.checkpoint import forget_checkpoints
-from worker.lifecycle import publish, settle_children, skip
+from worker.lifecycle import publish, release, settle_children, skip
 
 log = logging.getLogger("tunequeue.reaper")
 
@@ -69,8 +69,28 @@ def republish_lost_messages(session: Session, broker: Broker) -> list[int]:
     return lost
 
 
+def settle_waiting_points(session: Session, broker: Broker) -> list[int]:
+    """Sweeps with points waiting at a rung (lazy ASHA) are settled again: a point cancelled or failed outside a
+    worker's run (or a worker that died between ending a point and settling) may have closed a rung."""
+    from models.search import Rung
+    from worker.search import settle_sweep
+
+    sweeps = set(session.scalars(select(Job.sweep_id).join(Rung, Rung.job_id == Job.id)
+                                 .where(Rung.decision == "wait", Job.status == JobStatus.queued).distinct()))
+    session.commit()
+    released = []
+    for sweep_id in sorted(s for s in sweeps if s is not None):
+        decided = settle_sweep(session, sweep_id)
+        release(session, broker, decided)
+        released += decided
+    if released:
+        log.warning("settled %d sweep points waiting at their rungs: %s", len(released), released)
+    return released
+
+
 def reconcile(session: Session, broker: Broker, stale_seconds: float) -> dict:
     return {"requeued_or_failed": reap_lost_workers(session, broker, stale_seconds),
+            "settled": settle_waiting_points(session, broker),
             "republished": republish_lost_messages(session, broker)}
 
 

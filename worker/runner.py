@@ -21,14 +21,14 @@ from dataclasses import replace
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from models.errors import InputError, JobCancelled, JobFailed, LeaseLost, TrialPromoted
+from models.errors import InputError, JobCancelled, JobFailed, LeaseLost, TrialHeld, TrialPromoted
 from models.jobs import (Job, JobKind, JobStatus, Lease, claim, fail_attempt, finish, heartbeat, report_progress,
                          requeue_promoted, unfinished_outputs)
 from models.specs import parse_spec
 from worker import notify
 from worker.jobs.checkpoint import forget_checkpoints
 from worker.joblog import job_logging
-from worker.lifecycle import publish, settle_children
+from worker.lifecycle import publish, release, settle_children
 from worker.outcomes import Outcome, end_task, retry_can_help, send_progress
 from worker.runtime import WorkerRuntime
 from worker.tasks import JOBS, TASK_NAMES
@@ -120,6 +120,8 @@ def _attempt(task, runtime: WorkerRuntime, session, job: Job, lease: Lease, func
         return _end(session, runtime, lease, uid, JobStatus.cancelled, str(exc))
     except TrialPromoted as exc:
         return _promoted(session, runtime, job, lease, exc)
+    except TrialHeld as exc:
+        return _held(session, runtime, job, lease, exc)
     except Exception as exc:
         session.rollback()
         trace = traceback.format_exc()
@@ -168,6 +170,30 @@ def _promoted(session, runtime: WorkerRuntime, job: Job, lease: Lease, promoted:
     return Outcome("promoted", job_id, f"job {job_id} {promoted.reason}; it trains on from its checkpoint")
 
 
+def _held(session, runtime: WorkerRuntime, job: Job, lease: Lease, held: TrialHeld) -> Outcome:
+    """The point waits at its rung (lazy ASHA): back to queued without a message, its checkpoint kept. Under the
+    sweep's lock, so that a settling that decided it meanwhile is seen here (and it is published at once) or sees
+    it queued (and publishes it)."""
+    from models.search import Rung
+    from worker.search import WAIT, lock_sweep
+
+    job_id = lease.job_id
+    session.rollback()
+    if session.scalar(select(Job.cancel_requested).where(Job.id == job_id)):
+        return _end(session, runtime, lease, job.uid, JobStatus.cancelled, f"cancelled at step {held.step}")
+    progress = {**(job.progress or {}), "step": held.step, "held_at_step": held.step}
+    progress.pop("promoted_at_step", None)
+    lock_sweep(session, job.sweep_id)
+    if not requeue_promoted(session, lease, progress, publish_later=True):
+        return _superseded(session, job_id, lease)
+    decided = session.scalar(select(Rung.decision).where(Rung.job_id == job_id, Rung.step == held.step))
+    session.commit()
+    if decided != WAIT:
+        publish(session, runtime.broker, session.get(Job, job_id))
+    log.info("job %s: %s", job_id, held.reason)
+    return Outcome("held", job_id, f"job {job_id} {held.reason}")
+
+
 def _search_step(runtime: WorkerRuntime, session, job_id: int) -> None:
     """A sweep point of an ASHA or TPE search ended: Optuna is told, and a TPE sweep gets its next trials (before
     its evaluation's join is settled, so the evaluation waits for them too)."""
@@ -179,6 +205,8 @@ def _search_step(runtime: WorkerRuntime, session, job_id: int) -> None:
 
     try:
         search.trial_ended(runtime.settings, session, job)
+        if job.sweep_id is not None:  # a point that ended may close a rung others wait at
+            release(session, runtime.broker, search.settle_sweep(session, job.sweep_id))
         if job.sweep_id is not None:
             for trial in search.next_trials(runtime.settings, session, job.sweep_id):
                 publish(session, runtime.broker, trial)

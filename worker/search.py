@@ -1,10 +1,18 @@
 """The worker's side of ASHA and TPE sweeps: decide at a rung, close a trial, propose the next TPE trials.
 
 Optuna keeps the study (trials, their params, intermediate and final values, states) in tunequeue's database
-(models/search.py `optuna_storage`) and takes the pruning decision (`SuccessiveHalvingPruner`) and the sampling
-(`TPESampler`); tunequeue records each decision with its reason in the `rungs` table, in the attempt's fenced
-transaction, and reads it back on a re-run, so a crash or a broker restart never takes a decision twice or
-differently. A decision is taken when the point's rung result arrives, never waiting for other points.
+(models/search.py `optuna_storage`) and takes the pruning decision (`SuccessiveHalvingPruner`, for `promotion: eager`) and the
+sampling (`TPESampler`); tunequeue records each decision with its reason in the `rungs` table, in the attempt's
+fenced transaction, and reads it back on a re-run, so a crash or a broker restart never takes a decision twice or
+differently.
+
+ASHA's default `promotion: lazy` is the published algorithm (Li et al., "A System for Massively Parallel
+Hyperparameter Tuning"): a point arriving at a rung waits there (`wait`: its job goes back to queued, unpublished,
+its checkpoint kept) unless it is in the top ⌊n/η⌋ of the n results at that rung; each new result there promotes the
+waiting points that have entered that top set, and once no more points can arrive (every point of the bracket
+reached the rung or stopped below it) the rest are pruned (`settle_rungs`). Optuna's pruner decides the moment a
+point arrives instead, against a cutoff that only tightens as results come in, so weak early arrivals pass it.
+Every settling runs under a lock on the sweep row and is derived from the `rungs` table alone.
 
 A SQLite file has one writer at a time: every read of tunequeue's session is committed before Optuna (another
 connection) writes.
@@ -15,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -22,6 +31,7 @@ from typing import Callable, Optional
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from models.base import utcnow
 from models.jobs import Job, JobKind, JobStatus, JobWait, Lease
 from models.search import Rung, TpeStrategy, optuna_storage
 from models.settings import Settings
@@ -31,11 +41,15 @@ from models.sweeps import Sweep
 log = logging.getLogger("tunequeue.search")
 
 
+WAIT = "wait"  # a lazy ASHA point waiting at its rung for the results that decide it
+
+
 @dataclass(frozen=True)
 class Decision:
-    action: str  # promote | prune
+    action: str  # promote | prune | wait
     reason: str
     value: Optional[float]
+    released: tuple = ()  # other points this result promoted or pruned (lazy promotion): to be published
 
 
 def rung_decision(settings: Settings, session: Session, lease: Lease, search: SearchSpec, step: int,
@@ -47,6 +61,8 @@ def rung_decision(settings: Settings, session: Session, lease: Lease, search: Se
     if recorded is not None:
         return Decision(recorded.decision, recorded.reason, recorded.value)
     value = float(value_of())
+    if search.promotion == "lazy":
+        return _arrive(settings, session, lease, search, step, value)
     prune, reason = _decide(settings, search, step, value)
     action = "prune" if prune else "promote"
     with lease.held(session):
@@ -54,6 +70,115 @@ def rung_decision(settings: Settings, session: Session, lease: Lease, search: Se
                          value=value, decision=action, reason=reason))
     log.info("job %s: %s", lease.job_id, reason)
     return Decision(action, reason, value)
+
+
+def _arrive(settings: Settings, session: Session, lease: Lease, search: SearchSpec, step: int,
+            value: float) -> Decision:
+    """Lazy promotion: record the point's result as `wait`, then settle the sweep's rungs in the same fenced
+    transaction (which may promote or prune this point at once, and release points waiting before it). The
+    released points are in `Decision.released` for the caller to publish."""
+    _record_intermediate(settings, search, step, value)
+    with lease.held(session):
+        sweep_id = session.scalar(select(Job.sweep_id).where(Job.id == lease.job_id))
+        lock_sweep(session, sweep_id)
+        row = Rung(job_id=lease.job_id, rung=search.rungs.index(step), step=step, metric=search.metric, value=value,
+                   decision=WAIT, reason="")
+        session.add(row)
+        session.flush()
+        released = settle_rungs(session, sweep_id)
+        own = session.scalar(select(Rung).where(Rung.job_id == lease.job_id, Rung.step == step))
+        decision = Decision(own.decision, own.reason, value,
+                            tuple(job_id for job_id in released if job_id != lease.job_id))
+    log.info("job %s: %s", lease.job_id, decision.reason)
+    return decision
+
+
+def _record_intermediate(settings: Settings, search: SearchSpec, step: int, value: float) -> None:
+    """The value in Optuna's study record (its dashboards and `study.trials` show it); the decision is ours."""
+    import optuna
+
+    storage = optuna_storage(settings.database_url)
+    study = optuna.load_study(study_name=search.study, storage=storage)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, search.trial)
+    storage.set_trial_intermediate_value(trial_id, step, value)
+
+
+def lock_sweep(session: Session, sweep_id: int) -> None:
+    """Serialize the settling of one sweep's rungs: a no-op write to its row, which locks the row on PostgreSQL
+    and the database file on SQLite until the transaction ends."""
+    session.execute(update(Sweep).where(Sweep.id == sweep_id).values(trials_asked=Sweep.trials_asked))
+
+
+def settle_sweep(session: Session, sweep_id: int) -> list[int]:
+    """`settle_rungs` in a transaction of its own under the sweep's lock (a point ended, or the reaper's round);
+    the ids of the points it decided, to publish."""
+    lock_sweep(session, sweep_id)
+    try:
+        released = settle_rungs(session, sweep_id)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return released
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def settle_rungs(session: Session, sweep_id: int) -> list[int]:
+    """Lazy promotion over the whole sweep, in the caller's transaction (hold `lock_sweep` first): at each rung of
+    each bracket, the waiting points among the top ⌊n/η⌋ of the n results there are promoted; once the rung is
+    closed (every point of the bracket has a result there or has finished below it), the top max(1, ⌊n/η⌋) are
+    promoted and the other waiting points pruned. Lower rungs first: a point pruned there no longer counts as one
+    that may arrive higher up. Returns the ids of the jobs whose decision changed."""
+    from models.jobs import JobStatus as S
+
+    jobs = {job_id: (status, (spec or {}).get("search") or {}) for job_id, status, spec in session.execute(
+        select(Job.id, Job.status, Job.spec).where(Job.sweep_id == sweep_id, Job.kind == JobKind.finetune))}
+    lazy = {job_id: search for job_id, (_, search) in jobs.items()
+            if search.get("strategy") == "asha" and search.get("promotion") == "lazy"}
+    if not lazy:
+        return []
+    rows = list(session.scalars(select(Rung).where(Rung.job_id.in_(lazy))))
+    at: dict[tuple[int, int], list[Rung]] = {}
+    for row in rows:
+        at.setdefault((lazy[row.job_id].get("bracket", 0), row.step), []).append(row)
+    pruned_at = {row.job_id: row.step for row in rows if row.decision == "prune"}
+    released = []
+    for (bracket, step), results in sorted(at.items()):
+        if not any(row.decision == WAIT for row in results):
+            continue
+        members = [job_id for job_id, search in lazy.items() if search.get("bracket", 0) == bracket]
+        arrived = {row.job_id for row in results}
+        # closed: no point can still arrive (each has, or has finished, or was pruned at an earlier rung)
+        closed = all(job_id in arrived or S(jobs[job_id][0]).finished or pruned_at.get(job_id, step) < step
+                     for job_id in members)
+        sample = lazy[results[0].job_id]
+        eta, better_high = sample.get("reduction_factor", 3), sample.get("direction") == "max"
+        ranked = sorted(results, key=lambda row: (math.isnan(row.value), -row.value if better_high else row.value))
+        keep = max(1, len(ranked) // eta) if closed else len(ranked) // eta
+        values = [row.value for row in ranked]
+        for place, row in enumerate(ranked, 1):
+            if row.decision != WAIT or S(jobs[row.job_id][0]).finished:
+                continue
+            where = (f"{row.metric} {row.value:.4g}, {_ordinal(place)} of {len(ranked)} at this rung "
+                     f"(rung median {statistics.median(values):.4g}")
+            if place <= keep:
+                row.decision = "promote"
+                row.reason = f"promoted at step {step}: {where}; the best {keep} go on)"
+            elif closed:
+                row.decision, pruned_at[row.job_id] = "prune", step
+                row.reason = (f"pruned at step {step}: {where}, cutoff {values[keep - 1]:.4g}; the best {keep} "
+                              "went on)")
+            else:
+                row.reason = (f"waiting at step {step}: {where}; the best {keep} go on for now, the best 1/{eta} "
+                              f"once every point has reached the rung)")
+                continue
+            row.decided_at = utcnow()
+            released.append(row.job_id)
+    session.flush()
+    return released
 
 
 class _BracketView:
@@ -220,7 +345,8 @@ def point_spec(template: dict, params: dict, sweep_name: str, number: int, strat
     search = SearchSpec(study=study, trial=number, strategy=strategy.kind, metric=strategy.metric,
                         direction=strategy.direction, rungs=rungs or [], bracket=bracket,
                         reduction_factor=getattr(strategy, "reduction_factor", 3),
-                        min_steps=getattr(strategy, "min_steps", 1))
+                        min_steps=getattr(strategy, "min_steps", 1),
+                        promotion=getattr(strategy, "promotion", "eager"))
     return FinetuneSpec.model_validate({**template, **params, "name": f"{sweep_name}-{number + 1:02d}",
                                         "search": search.model_dump()})
 

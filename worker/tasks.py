@@ -17,7 +17,12 @@ def _finetune(spec, session, runtime, lease, on_progress) -> dict:
     from worker.search import rung_decision
 
     def on_rung(step, value_of):  # an ASHA point at a rung: the decision recorded in the database
-        return rung_decision(runtime.settings, session, lease, spec.search, step, value_of)
+        decision = rung_decision(runtime.settings, session, lease, spec.search, step, value_of)
+        if decision.released:  # points waiting at a rung that this result decided
+            from worker.lifecycle import release
+
+            release(session, runtime.broker, decision.released)
+        return decision
 
     return train_adapter(spec, session, runtime.cache, runtime.settings.home, job_id=lease.job_id, lease=lease,
                          on_progress=on_progress, faults=runtime.faults(), on_rung=on_rung if spec.search else None)

@@ -28,7 +28,7 @@ from typing import Any, Callable, ContextManager, Optional
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from models.errors import JobCancelled, JobFailed, JobTimeLimit, TrialPromoted
+from models.errors import JobCancelled, JobFailed, JobTimeLimit, TrialHeld, TrialPromoted
 from models.jobs import Job, Lease
 from models.results import Adapter, LossPoint
 from models.specs import FinetuneSpec
@@ -108,8 +108,9 @@ def train_adapter(spec: FinetuneSpec, session: Session, cache: ModelCache, home:
 
     A sweep point with a search (`spec.search`, ASHA) stops at each of its rungs: it checkpoints, and `on_rung`
     decides. Promoted, it raises TrialPromoted (the runner re-queues it; the next attempt resumes from that
-    checkpoint and trains on); pruned, it saves its adapter as it is at that step and returns, the summary saying
-    `pruned`."""
+    checkpoint and trains on); held (lazy promotion: its rung has not decided yet), it raises TrialHeld (the runner
+    puts it back to queued unpublished; its rung publishes it once decided); pruned, it saves its adapter as it is
+    at that step and returns, the summary saying `pruned`."""
     import torch
 
     started = time.monotonic()
@@ -278,6 +279,8 @@ def rung_check(run: Run) -> None:
         run.faults.maybe_pause_after_rung()
     if decision.action == "prune":
         run.state.pruned = {"step": step, "reason": decision.reason, "value": decision.value}
+    elif decision.action == "wait":  # on a re-run too: it waits until its rung decides
+        raise TrialHeld(step, decision.reason)
     elif step != run.resumed_from:
         raise TrialPromoted(step, decision.reason)
 
