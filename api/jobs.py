@@ -251,9 +251,9 @@ def status_label(job: Job, waiting: dict[int, int], reasons: dict[int, str] | No
 
 
 def shown_progress(job: Job) -> dict:
-    """The progress to show: the job's own, or for a pruned sweep point (which reports none at its end) the step it
-    stopped at out of its total."""
-    if job.status == JobStatus.pruned and not job.progress and job.result:
+    """The progress to show: the job's own, or for a pruned sweep point (which reports none at its end, and one that
+    waited at its rung none at all) the step it stopped at out of its total."""
+    if job.status == JobStatus.pruned and job.result and not (job.progress or {}).get("total_steps"):
         return {"step": job.result.get("steps"), "total_steps": job.result.get("total_steps")}
     return job.progress or {}
 
