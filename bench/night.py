@@ -5,7 +5,8 @@ LoRA on q,v, one epoch, tiny-t5 on synthetic-dialogsum, 100 test examples) run
   per point that runs bench/peer_recipe.py (load, `datasets.map`, `Seq2SeqTrainer.train()`, reload, `predict` with
   generation, `rouge_score`), each point printing where its time went;
 - tunequeue's way: `manage.py sweep` of the same points, one `manage.py worker --burst`, then `manage.py report`,
-  the split of time read from the job rows (queued / started / finished, and the timings in each job's result).
+  the split of time read from the job rows (queued / started / finished, and the timings in each job's result);
+  once per `--cotrain` value (TUNEQUEUE_COTRAIN: 1 trains the points one by one, 8 up to 8 in one pass).
 
 Each side runs in a fresh home of its own (tunequeue: a fresh TUNEQUEUE_HOME, SQLite database and queue name on the
 local Redis; the peers: a fresh Hugging Face cache and output folders); both read the same model folder and the
@@ -125,13 +126,13 @@ def run_peers(root: Path, model: Path, data: Path, points: list[dict], args) -> 
 
 
 # ------------------------------------------------------------------------------------------------ tunequeue's way
-def run_tunequeue(root: Path, model_home: Path, model_name: str, points: list[dict], args) -> dict:
-    home = root / "tunequeue"
+def run_tunequeue(root: Path, model_home: Path, model_name: str, points: list[dict], args, cotrain: int = 1) -> dict:
+    home = root / f"tunequeue-{cotrain}"
     home.mkdir()
     shutil.copytree(model_home / "builtin", home / "builtin")  # the built-ins exist, as after the first night
     queue = f"tq-night-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "TUNEQUEUE_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'tunequeue.db'}",
-           "TUNEQUEUE_QUEUE": queue}
+           "TUNEQUEUE_QUEUE": queue, "TUNEQUEUE_COTRAIN": str(cotrain)}
     from models.migrate import upgrade
     from models.settings import Settings
 
@@ -145,10 +146,10 @@ def run_tunequeue(root: Path, model_home: Path, model_name: str, points: list[di
              "eval": {"split": "test", "limit": args.test_limit, "max_new_tokens": MAX_NEW_TOKENS}}
     if len(points) != math.prod(len(values) for values in sweep["grid"].values()):
         raise SystemExit(f"--points {len(points)} is not a whole grid; use 2, 4 or 8")
-    (root / "night.yaml").write_text(json.dumps(sweep))  # JSON is YAML
+    (home / "night.yaml").write_text(json.dumps(sweep))  # JSON is YAML
     manage = [sys.executable, str(REPO / "manage.py")]
     started = time.time()
-    enqueue = _run(manage + ["sweep", str(root / "night.yaml")], env)
+    enqueue = _run(manage + ["sweep", str(home / "night.yaml")], env)
     worker_launched = time.time()
     _run(manage + ["worker", "--burst", "--loglevel", "WARNING"], env)
     worker_ended = time.time()
@@ -193,8 +194,11 @@ def job_split(env: dict, worker_launched: float, worker_ended: float) -> dict:
         if failed:
             raise SystemExit(f"tunequeue jobs {failed} did not succeed")
         rouge = dict(session.execute(select(Metric.variant, Metric.value).where(Metric.name == "rouge1")).all())
+        # a point trained in another job's co-trained pass: its time is that job's (the pass's timings are shared)
+        passengers = [{"kind": j.kind.value, "co_trained_in_job": j.result["co_trained_in_job"]}
+                      for j in jobs if (j.result or {}).get("co_trained_in_job")]
         rows = [(j.kind, _epoch(j.queued_at), _epoch(j.started_at), _epoch(j.finished_at), j.result or {})
-                for j in jobs]
+                for j in jobs if not (j.result or {}).get("co_trained_in_job")]
     parts = dict.fromkeys(PARTS, 0.0)
     names = {"read_data_s": "data_tokenize", "tokenize_s": "data_tokenize", "model_load_s": "model_load",
              "initial_eval_s": "train", "train_s": "train", "generate_s": "generate", "save_s": "other",
@@ -221,7 +225,7 @@ def job_split(env: dict, worker_launched: float, worker_ended: float) -> dict:
     parts["queue_idle"] += worker_ended - previous_end  # the burst worker noticing the queues are empty, exiting
     points = sorted((v, value) for v, value in rouge.items() if v != "base")
     return {"parts": parts, "rouge1": [value for _, value in points], "base_rouge1": rouge.get("base"),
-            "jobs": jobs_out}
+            "jobs": jobs_out + passengers}
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -241,10 +245,19 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the FLAN-T5-base architecture, random weights")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="train both sides at this batch size [each side's default: the Trainer's 8, tunequeue's 16]")
+    parser.add_argument("--cotrain", default="1,8",
+                        help="tunequeue's TUNEQUEUE_COTRAIN values, one night each after the peers' [1,8: points "
+                             "trained one by one, then up to 8 in one pass]")
     parser.add_argument("--show-report", action="store_true", help="print tunequeue's report on stderr")
     parser.add_argument("--keep", action="store_true", help="keep the night's folder (printed)")
     args = parser.parse_args()
     points = sweep_points(args.points)
+    try:
+        cotrains = [int(k) for k in args.cotrain.split(",")]
+    except ValueError:
+        parser.error("--cotrain: whole numbers separated by commas, e.g. 1,8")
+    if not cotrains or any(not 1 <= k <= 64 for k in cotrains):
+        parser.error("--cotrain: each value from 1 to 64")
     root = Path(tempfile.mkdtemp(prefix="tq-night-"))
     try:
         model, data, model_name = prepare(root, args.full)
@@ -256,19 +269,21 @@ def main() -> None:
              repeats="each side runs once, one after the other (a night is too long to repeat 5 times); "
                      "not interleaved pairs")
         peers = run_peers(root, model, data, points, args)
-        ours = run_tunequeue(root, root / "model-home", model_name, points, args)
-        for name, side in (("peers", peers), ("tunequeue", ours)):
+        ours = {f"tunequeue" + (f", co-training {k}" if k > 1 else ""):
+                run_tunequeue(root, root / "model-home", model_name, points, args, cotrain=k) for k in cotrains}
+        for name, side in (("peers", peers), *ours.items()):
             extra = {"jobs": side["jobs"], "commands_s": side["commands_s"],
-                     "base_rouge1": side["base_rouge1"]} if name == "tunequeue" else {}
+                     "base_rouge1": side["base_rouge1"]} if name != "peers" else {}
             emit(side=name, wall_s=sig(side["wall_s"]), runs=1,
                  rouge1_mean=round(statistics.mean(side["rouge1"]), 4), rouge1_max=round(max(side["rouge1"]), 4),
                  parts_s={k: sig(v) for k, v in side["parts"].items()},
                  unaccounted_s=sig(side["wall_s"] - sum(side["parts"].values())), **extra)
-        gap = statistics.mean(ours["rouge1"]) - statistics.mean(peers["rouge1"])
-        holds = gap >= -QUALITY_MARGIN
-        emit(ratio="night wall: peers / tunequeue", value=sig(peers["wall_s"] / ours["wall_s"]), runs=1,
-             target=3, rouge1_mean_difference=round(gap, 4), quality_holds=holds,
-             counts=holds, note="one run of each side, not pairs: compare with the machine line's load")
+        for name, side in ours.items():
+            gap = statistics.mean(side["rouge1"]) - statistics.mean(peers["rouge1"])
+            holds = gap >= -QUALITY_MARGIN
+            emit(ratio=f"night wall: peers / {name}", value=sig(peers["wall_s"] / side["wall_s"]), runs=1,
+                 target=3, rouge1_mean_difference=round(gap, 4), quality_holds=holds,
+                 counts=holds, note="one run of each side, not pairs: compare with the machine line's load")
         emit_machine()
     finally:
         if args.keep:

@@ -159,6 +159,21 @@ def claim(session: Session, job_id: int, task_id: str | None, host: str) -> Leas
     return None if attempt is None else Lease(job_id, attempt)
 
 
+def claim_sibling(session: Session, job_id: int, host: str, lead_id: int) -> Lease | None:
+    """Claim a queued fine-tune that never ran for the co-trained pass job `lead_id` runs (its message stays in the
+    broker, and finds the job taken); None when it is no longer queued or has run before."""
+    now = utcnow()
+    attempt = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued, Job.attempts == 0, Job.cancel_requested.is_(False))
+        .values(status=JobStatus.running, started_at=now, heartbeat_at=now, worker_host=host,
+                attempts=Job.attempts + 1, error=None, progress={"co_trained_in_job": lead_id})
+        .returning(Job.attempts)
+    ).scalar()
+    session.commit()
+    return None if attempt is None else Lease(job_id, attempt)
+
+
 def finish(session: Session, lease: Lease, status: JobStatus, *, error: str | None = None,
            result: dict | None = None, traceback: str | None = None) -> bool:
     """Record the outcome of the attempt `lease` holds (guarded: only that running attempt can finish the job)."""

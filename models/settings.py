@@ -236,6 +236,8 @@ class Settings:
     api_evaluate_metrics: bool = False
     artifacts: str = ""  # TUNEQUEUE_ARTIFACTS, checked: '' (the home), a folder, or an fsspec URL
     artifact_cache_bytes: int | None = None  # TUNEQUEUE_ARTIFACT_CACHE_BYTES; None: the store's default
+    # TUNEQUEUE_COTRAIN=K: a worker trains up to K compatible queued LoRA points of one sweep in one pass (1: off)
+    cotrain: int = 1
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -268,6 +270,7 @@ class Settings:
             api_evaluate_metrics=_flag(env, "TUNEQUEUE_API_EVALUATE"),
             artifacts=artifacts,
             artifact_cache_bytes=artifact_cache_bytes,
+            cotrain=_count(env, "TUNEQUEUE_COTRAIN", 1, high=64),
         )
 
     @property
@@ -302,6 +305,16 @@ def _bytes(env, variable: str) -> int | None:
         return parse_bytes(raw) if raw and raw.strip() else None
     except InputError as exc:
         raise InputError(f"{variable}: {exc}") from None
+
+
+def _count(env, variable: str, default: int, high: int) -> int:
+    """A whole number from 1 to `high` from `env[variable]` (unset or empty: `default`)."""
+    raw = (env.get(variable) or "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= high:
+        raise _bad(variable, raw, f"must be a whole number from 1 to {high}")
+    return int(raw)
 
 
 def _flag(env, variable: str) -> bool:

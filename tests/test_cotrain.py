@@ -265,3 +265,57 @@ def test_bench_cotrain_small():
     assert figures["one_by_one"]["steps_per_point"] == figures["together"]["steps_per_point"] == 3
     ratios = [line for line in lines if "ratio" in line]
     assert len(ratios) == 2 and abs(ratios[0]["eval_loss_mean_difference"]) < 1e-4
+
+
+# ------------------------------------------------------------------------------------ in a worker (TUNEQUEUE_COTRAIN)
+@pytest.mark.slow
+def test_a_worker_co_trains_a_sweeps_points(pg_env, tmp_path):
+    """TUNEQUEUE_COTRAIN=3 and a 4-point LoRA sweep: the worker's first fine-tune takes two queued siblings into its
+    pass (each an attempt of its own job, succeeded, with its adapter, loss curve and `co_trained_in_job`), the fourth
+    runs alone (the limit), the siblings' own Celery tasks end SUCCESS saying where they were trained, and the sweep's
+    evaluation covers all four. A bad TUNEQUEUE_COTRAIN is one line naming the variable."""
+    import json
+
+    import yaml
+
+    from models.jobs import Job, JobStatus
+    from models.settings import Settings
+    from tests.conftest import cli, session_of, start_worker
+    from worker.celery_app import make_app
+
+    env = {**pg_env, "TUNEQUEUE_COTRAIN": "3"}
+    data = {"name": "co", "base": {"model": "tiny-t5", "train_limit": 64, "eval_limit": 8, "max_steps": 6,
+                                   "per_device_train_batch_size": 8, "target_modules": ["q", "v"]},
+            "grid": {"learning_rate": [1e-3, 3e-3], "lora_r": [4, 8]},
+            "eval": {"split": "test", "limit": 4, "max_new_tokens": 8}}
+    path = tmp_path / "co.yaml"
+    path.write_text(yaml.safe_dump(data))
+    queued = cli(env, "sweep", str(path))
+    assert queued.returncode == 0, queued.stderr
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, "--burst", log=log)
+    assert worker.wait(timeout=400) == 0, log.read_text()[-3000:]
+
+    with session_of(env) as session:
+        jobs = list(session.scalars(select(Job).order_by(Job.id)))
+        adapters = {a.name: a for a in session.scalars(select(Adapter))}
+        curves = {job.id: session.scalar(select(LossPoint.step).where(LossPoint.job_id == job.id)
+                                         .order_by(LossPoint.step.desc()).limit(1)) for job in jobs}
+    finetunes = [job for job in jobs if job.kind == JobKind.finetune]
+    assert [job.status for job in jobs] == [JobStatus.succeeded] * 6, [(j.id, j.status, j.error) for j in jobs]
+    lead, first, second, alone = finetunes
+    assert sorted(lead.result["co_trained_with"]) == sorted([first.spec["name"], second.spec["name"]])
+    for sibling in (first, second):
+        assert sibling.result["co_trained_in_job"] == lead.id and sibling.attempts == 1
+        assert lead.spec["name"] in sibling.result["co_trained_with"] and sibling.result["steps"] == 6
+        state = make_app(Settings.from_env(env)).AsyncResult(sibling.celery_task_id)
+        assert state.state == "SUCCESS" and f"co-trained in job {lead.id}'s pass" in str(state.result)
+    assert "co_trained_with" not in alone.result and "co_trained_in_job" not in alone.result
+    assert {job.spec["name"] for job in finetunes} <= set(adapters) and all(curves[job.id] == 6 for job in finetunes)
+    evaluation = next(job for job in jobs if job.kind == JobKind.generate)
+    assert sorted(evaluation.spec["adapters"]) == sorted(["base"] + [job.spec["name"] for job in finetunes])
+    shown = json.loads(cli(env, "jobs", "show", str(first.id), "--json").stdout)
+    assert shown["result"]["co_trained_in_job"] == lead.id
+
+    bad = cli({**pg_env, "TUNEQUEUE_COTRAIN": "many"}, "jobs", "list")
+    assert bad.returncode != 0 and "TUNEQUEUE_COTRAIN" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

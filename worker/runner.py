@@ -97,6 +97,13 @@ def _not_claimed(task, job: Job) -> Outcome:
         return Outcome("cancelled", job.id, f"job {job.id} was cancelled before it started")
     if job.status == JobStatus.skipped:
         return Outcome("not-queued", job.id, f"job {job.id} was skipped: {job.error or ''}".strip())
+    lead = (job.result or {}).get("co_trained_in_job") or (job.progress or {}).get("co_trained_in_job")
+    if lead and job.celery_task_id == task.request.id:  # its own message, after another task trained it
+        if job.status == JobStatus.succeeded:
+            return Outcome("succeeded", job.id, f"job {job.id} succeeded: co-trained in job {lead}'s pass")
+        if job.status == JobStatus.failed:
+            return Outcome("failed", job.id, f"job {job.id} failed in job {lead}'s co-trained pass: {job.error}")
+        return Outcome("not-queued", job.id, f"job {job.id} is {job.status.value}: co-trained in job {lead}'s pass")
     if job.celery_task_id == task.request.id:  # a redelivery of the task that runs (or ran) the job
         return Outcome("duplicate", job.id)
     return Outcome("not-queued", job.id, f"job {job.id} is {job.status.value} under task {job.celery_task_id}; "

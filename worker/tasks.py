@@ -16,6 +16,13 @@ def _finetune(spec, session, runtime, lease, on_progress) -> dict:
     from worker.jobs.finetune import train_adapter
     from worker.search import rung_decision
 
+    if runtime.settings.cotrain > 1:  # compatible queued points of its sweep trained in the same pass
+        from worker.cotrain_run import train_with_siblings
+
+        together = train_with_siblings(spec, session, runtime, lease, on_progress)
+        if together is not None:
+            return together
+
     def on_rung(step, value_of):  # an ASHA point at a rung: the decision recorded in the database
         decision = rung_decision(runtime.settings, session, lease, spec.search, step, value_of)
         if decision.released:  # points waiting at a rung that this result decided
