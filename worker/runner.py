@@ -182,7 +182,7 @@ def _held(session, runtime: WorkerRuntime, job: Job, lease: Lease, held: TrialHe
     sweep's lock, so that a settling that decided it meanwhile is seen here (and it is published at once) or sees
     it queued (and publishes it)."""
     from models.search import Rung
-    from worker.search import WAIT, lock_sweep
+    from worker.search import WAIT, lock_sweep, settle_rungs
 
     job_id = lease.job_id
     session.rollback()
@@ -193,8 +193,11 @@ def _held(session, runtime: WorkerRuntime, job: Job, lease: Lease, held: TrialHe
     lock_sweep(session, job.sweep_id)
     if not requeue_promoted(session, lease, progress, publish_later=True):
         return _superseded(session, job_id, lease)
+    # settled again: a re-run that found its wait recorded (a retry of a cancelled point) may meet a closed rung
+    released = [other for other in settle_rungs(session, job.sweep_id) if other != job_id]
     decided = session.scalar(select(Rung.decision).where(Rung.job_id == job_id, Rung.step == held.step))
     session.commit()
+    release(session, runtime.broker, released)
     if decided != WAIT:
         publish(session, runtime.broker, session.get(Job, job_id))
     log.info("job %s: %s", job_id, held.reason)
