@@ -443,6 +443,16 @@ def job_has_row(env: dict, name: str, point: int) -> bool:
     return any(row.job_id == job.id for row in rung_rows(env, name))
 
 
+def finish_sweep(env: dict, name: str, log: Path) -> str:
+    """A worker with the forced metric runs until every job of the sweep has ended; returns its log's tail."""
+    worker = start_worker({**env, **FORCED}, log=log)
+    try:
+        wait_until(lambda: all_ended(env, name), 300, "the sweep to finish")
+    finally:
+        stop(worker)
+    return log_tail(log)
+
+
 def row_record(env: dict, name: str) -> dict:
     """Each recorded decision as it is stored, by (job, step): a decision taken again would change its row."""
     return {(row.job_id, row.step): (row.id, row.decision, row.value, row.reason, row.decided_at)
@@ -472,12 +482,7 @@ def test_workers_killed_mid_rung_change_no_decision(pg_env, tmp_path):
     before = row_record(env, "crash")
     assert [decision for _, decision, *_ in before.values()] == ["promote", "prune"]
 
-    last = start_worker({**env, **FORCED}, log=tmp_path / "c.log")
-    try:
-        wait_until(lambda: all_ended(env, "crash"), 300, "the sweep to finish")
-    finally:
-        stop(last)
-    log = log_tail(tmp_path / "c.log")
+    log = finish_sweep(env, "crash", tmp_path / "c.log")
     assert decisions(env, "crash") == CRASH_DECISIONS, log
     check_rule(env, "crash")
     after = row_record(env, "crash")
@@ -540,12 +545,7 @@ def test_lazy_waiting_points_survive_reconcile_and_a_killed_worker(pg_env, tmp_p
     assert second.status == JobStatus.running, (second.status, log_tail(tmp_path / "a.log"))  # killed mid-rung
     assert [r.decision for r in rung_rows(env, "lazykill") if r.job_id == second.id] == ["wait"]
 
-    worker = start_worker({**env, **FORCED}, log=tmp_path / "b.log")
-    try:
-        wait_until(lambda: all_ended(env, "lazykill"), 300, "the sweep to finish")
-    finally:
-        stop(worker)
-    log = log_tail(tmp_path / "b.log")
+    log = finish_sweep(env, "lazykill", tmp_path / "b.log")
     assert decisions(env, "lazykill") == LAZY_FOUR_DECISIONS, log
     jobs = finetunes(env, "lazykill")
     first, second = jobs[1], jobs[2]
