@@ -676,6 +676,40 @@ def test_cancel_and_retry_an_asha_sweep(pg_env, tmp_path):
     assert evaluated_variants(env, "stopped") == {v: EVAL_EXAMPLES for v in ("base", "stopped-01", "stopped-02",
                                                                              "stopped-04")}
 
+@pytest.mark.slow
+def test_cancel_and_retry_a_lazy_asha_sweep(pg_env, tmp_path):
+    """Lazy promotion: `sweeps cancel` while point 1 waits at its rung (queued, no message) and point 2 is held just
+    after its result: both end cancelled with their `wait` rows, the rest of the sweep is cancelled. `sweeps retry`
+    re-queues them; each retried point reads that it waits, and the later results settle all four as an
+    uninterrupted run does."""
+    env = pg_env
+    queued = cli(env, "sweep", sweep_file(tmp_path, "lazystop", FOUR, 12, promotion="lazy"))
+    assert queued.returncode == 0, queued.stderr
+    assert in_process("sweeps", "list").exit_code == 0
+    log = tmp_path / "worker.log"
+    worker = start_worker({**env, "TUNEQUEUE_FAULTS": "rung_metric_is_lr:1,rung_pause_s:3"}, log=log)
+    try:
+        wait_until(lambda: job_has_row(env, "lazystop", 2), 240, "point 2's result", poll=0.05)
+        cancelled_now = in_process("sweeps", "cancel", "lazystop")
+        assert cancelled_now.exit_code == 0, cancelled_now.output
+        wait_until(lambda: all_ended(env, "lazystop"), 120, "the cancelled sweep to end")
+        jobs = finetunes(env, "lazystop")
+        assert [jobs[p].status for p in (1, 2, 3, 4)] == [JobStatus.cancelled] * 4, log_tail(log)
+        assert decisions(env, "lazystop") == [(1, 4, "wait"), (2, 4, "wait")]
+        retried = json.loads(in_process("sweeps", "retry", "lazystop", "--json").output)
+        assert retried["finetunes"] == [jobs[p].id for p in (1, 2, 3, 4)]
+        wait_until(lambda: all_ended(env, "lazystop"), 240, "the retried sweep to finish")
+    finally:
+        stop(worker)
+    assert decisions(env, "lazystop") == LAZY_FOUR_DECISIONS, log_tail(log)
+    jobs = finetunes(env, "lazystop")
+    assert [jobs[p].status for p in (1, 2, 3, 4)] == [JobStatus.pruned, JobStatus.succeeded, JobStatus.pruned,
+                                                      JobStatus.succeeded], log_tail(log)
+    assert jobs[2].result["steps"] == 12 and jobs[1].result["steps"] == 4
+    assert evaluated_variants(env, "lazystop") == {v: EVAL_EXAMPLES for v in ("base", "lazystop-02",
+                                                                              "lazystop-04")}
+
+
 # ------------------------------------------------------------------------------------------- strategy validation
 ASHA = {"kind": "asha", "metric": "eval_loss", "min_steps": 4, "max_steps": 36, "reduction_factor": 3}
 
