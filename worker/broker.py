@@ -91,7 +91,7 @@ class Broker:
              retries: int = 0) -> None:
         """Publish job `job_id` of `kind` to `queue`; tunequeue's priority grows with urgency, Redis serves 0 first.
         `title` is the name monitors show (Celery's shadow name), `retries` the attempts made before this one."""
-        from worker.tasks import TASK_NAMES
+        from worker.task_names import TASK_NAMES
 
         with self.reaching():
             self.app.send_task(TASK_NAMES[kind], args=[job_id], queue=queue, priority=MAX_PRIORITY - priority,

@@ -71,7 +71,7 @@ def train_with_siblings(spec: FinetuneSpec, session: Session, runtime, lease: Le
     if not claimed:
         return None
     log.info("job %s: co-training with jobs %s", lead.id, [job.id for job, _ in claimed])
-    from worker.runner import Heartbeat
+    from worker.heartbeat import Heartbeat
 
     beats = [Heartbeat(runtime.sessions, sibling_lease, settings.heartbeat_seconds) for _, sibling_lease in claimed]
     for beat in beats:

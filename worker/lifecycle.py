@@ -16,12 +16,12 @@ from models.jobs import Job, JobStatus, children, readiness
 from models.sweeps import Sweep
 from worker.broker import Broker
 from worker.routing import route
-from worker.tasks import task_title
+from worker.task_names import task_title
 
 
 def publish(session: Session, broker: Broker, job: Job) -> None:
     """Send the job's id to the queue of its base model (worker/routing.py); every (re)publish goes through here.
-    The message carries a readable task name for Flower (`worker.tasks.task_title`) and, for a retry, the number of
+    The message carries a readable task name for Flower (`worker.task_names.task_title`) and, for a retry, the number of
     attempts made so far."""
     from celery.utils import uuid
 

@@ -13,46 +13,27 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 import traceback
 from dataclasses import replace
 
 from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
 
 from models.errors import InputError, JobCancelled, JobFailed, LeaseLost, TrialHeld, TrialPromoted
-from models.jobs import (Job, JobKind, JobStatus, Lease, claim, fail_attempt, finish, heartbeat, report_progress,
+from models.jobs import (Job, JobKind, JobStatus, Lease, claim, fail_attempt, finish, report_progress,
                          requeue_promoted, unfinished_outputs)
 from models.specs import parse_spec
 from worker import notify
+from worker.heartbeat import Heartbeat
 from worker.jobs.checkpoint import forget_checkpoints
 from worker.joblog import job_logging
 from worker.lifecycle import publish, release, settle_children
 from worker.outcomes import Outcome, end_task, retry_can_help, send_progress
 from worker.runtime import WorkerRuntime
-from worker.tasks import JOBS, TASK_NAMES
+from worker.task_names import TASK_NAMES
+from worker.tasks import JOBS
 
 log = logging.getLogger("tunequeue.worker")
-
-
-class Heartbeat(threading.Thread):
-    """Touches the running job's row every few seconds, even while one long step runs, so the reaper can tell a
-    slow job from a dead worker."""
-
-    def __init__(self, sessions: sessionmaker, lease: Lease, interval: float):
-        super().__init__(daemon=True, name=f"heartbeat-{lease.job_id}")
-        self.sessions, self.lease, self.interval = sessions, lease, interval
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            try:
-                with self.sessions() as session:
-                    if not heartbeat(session, self.lease):
-                        return  # the attempt lost the job: the job's next step finds out and stops
-            except Exception as exc:
-                log.warning("heartbeat of job %s failed: %s", self.lease.job_id, exc)
 
 
 def register_tasks(app, runtime: WorkerRuntime) -> None:
