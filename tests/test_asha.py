@@ -617,6 +617,24 @@ def in_process(*args: str):
     return CliRunner().invoke(manage_cli, list(args))
 
 
+def cancel_at_result(env: dict, tmp_path: Path, name: str, point: int, **strategy):
+    """FOUR as sweep `name`, a worker with the forced metric pausing 3 s after each rung, and `sweeps cancel` the
+    moment point `point` has its rung row (the point is still held in its pause). Returns (worker, its log)."""
+    queued = cli(env, "sweep", sweep_file(tmp_path, name, FOUR, 12, **strategy))
+    assert queued.returncode == 0, queued.stderr
+    assert in_process("sweeps", "list").exit_code == 0  # imports done before the moment that counts
+    log = tmp_path / "worker.log"
+    worker = start_worker({**env, "TUNEQUEUE_FAULTS": "rung_metric_is_lr:1,rung_pause_s:3"}, log=log)
+    try:
+        wait_until(lambda: job_has_row(env, name, point), 240, f"point {point}'s rung row", poll=0.05)
+        cancelled_now = in_process("sweeps", "cancel", name)
+        assert cancelled_now.exit_code == 0, cancelled_now.output
+    except BaseException:
+        stop(worker)
+        raise
+    return worker, log
+
+
 @pytest.mark.slow
 def test_cancel_and_retry_an_asha_sweep(pg_env, tmp_path):
     """`sweeps cancel` while point 3 is held after its prune: the queued points (two of them promoted at step 4) and
@@ -626,15 +644,8 @@ def test_cancel_and_retry_an_asha_sweep(pg_env, tmp_path):
     from optuna.trial import TrialState
 
     env = pg_env
-    queued = cli(env, "sweep", sweep_file(tmp_path, "stopped", FOUR, 12))
-    assert queued.returncode == 0, queued.stderr
-    assert in_process("sweeps", "list").exit_code == 0  # imports done before the moment that counts
-    log = tmp_path / "worker.log"
-    worker = start_worker({**env, "TUNEQUEUE_FAULTS": "rung_metric_is_lr:1,rung_pause_s:3"}, log=log)
+    worker, log = cancel_at_result(env, tmp_path, "stopped", 3)
     try:
-        wait_until(lambda: job_has_row(env, "stopped", 3), 240, "point 3's decision", poll=0.05)
-        cancelled_now = in_process("sweeps", "cancel", "stopped")
-        assert cancelled_now.exit_code == 0, cancelled_now.output
         jobs = finetunes(env, "stopped")
         assert [jobs[p].status for p in (1, 2, 4)] == [JobStatus.cancelled] * 3, log_tail(log)
         assert jobs[3].status == JobStatus.running and jobs[3].cancel_requested  # held after its decision
@@ -683,15 +694,8 @@ def test_cancel_and_retry_a_lazy_asha_sweep(pg_env, tmp_path):
     re-queues them; each retried point reads that it waits, and the later results settle all four as an
     uninterrupted run does."""
     env = pg_env
-    queued = cli(env, "sweep", sweep_file(tmp_path, "lazystop", FOUR, 12, promotion="lazy"))
-    assert queued.returncode == 0, queued.stderr
-    assert in_process("sweeps", "list").exit_code == 0
-    log = tmp_path / "worker.log"
-    worker = start_worker({**env, "TUNEQUEUE_FAULTS": "rung_metric_is_lr:1,rung_pause_s:3"}, log=log)
+    worker, log = cancel_at_result(env, tmp_path, "lazystop", 2, promotion="lazy")
     try:
-        wait_until(lambda: job_has_row(env, "lazystop", 2), 240, "point 2's result", poll=0.05)
-        cancelled_now = in_process("sweeps", "cancel", "lazystop")
-        assert cancelled_now.exit_code == 0, cancelled_now.output
         wait_until(lambda: all_ended(env, "lazystop"), 120, "the cancelled sweep to end")
         jobs = finetunes(env, "lazystop")
         assert [jobs[p].status for p in (1, 2, 3, 4)] == [JobStatus.cancelled] * 4, log_tail(log)
