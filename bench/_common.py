@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,6 +56,14 @@ def setup(args) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def leave(root: Path, keep: bool) -> None:
+    """A run's scratch folder at its end: kept with its path printed (`--keep`), else removed."""
+    if keep:
+        print(f"kept {root}", file=sys.stderr)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def emit_machine() -> None:

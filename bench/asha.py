@@ -49,7 +49,7 @@ import time  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench._common import REPO, emit, emit_machine, sig  # noqa: E402
+from bench._common import REPO, emit, emit_machine, leave, sig  # noqa: E402
 
 SPACE = {"learning_rate": [1e-3, 3e-3, 1e-2], "lora_r": [4, 8, 16], "lora_alpha": [8, 16, 32]}
 # the smoke run's points come best-first (the higher learning rate first), so that its later points arrive worse at
@@ -279,10 +279,7 @@ def main() -> None:
         emit_machine()
         print(table(rows, grid))
     finally:
-        if args.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        leave(root, args.keep)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import uuid  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench._common import FLAN_T5_BASE, REPO, emit, emit_machine, sig  # noqa: E402
+from bench._common import FLAN_T5_BASE, REPO, emit, emit_machine, leave, sig  # noqa: E402
 
 GRID = {"learning_rate": [1e-3, 2e-3, 3e-3, 5e-3], "lora_r": [8, 16]}
 FIXED = {"lora_alpha": 32, "num_train_epochs": 1, "max_source_length": 256,
@@ -286,10 +286,7 @@ def main() -> None:
                  counts=holds, note="one run of each side, not pairs: compare with the machine line's load")
         emit_machine()
     finally:
-        if args.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        leave(root, args.keep)
 
 
 if __name__ == "__main__":
