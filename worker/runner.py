@@ -196,9 +196,9 @@ def _search_step(runtime: WorkerRuntime, session, job_id: int) -> None:
 
     try:
         search.trial_ended(runtime.settings, session, job)
-        if job.sweep_id is not None:  # a point that ended may close a rung others wait at
-            release(session, runtime.broker, search.settle_sweep(session, job.sweep_id))
         if job.sweep_id is not None:
+            # a point that ended may close a rung others wait at (lazy ASHA)
+            release(session, runtime.broker, search.settle_sweep(session, job.sweep_id))
             for trial in search.next_trials(runtime.settings, session, job.sweep_id):
                 publish(session, runtime.broker, trial)
     except Exception as exc:  # the job's own outcome stands; a TPE sweep goes on with the trials it has
