@@ -301,7 +301,8 @@ def test_lazy_promotion_through_a_worker(forced_run):
     assert decisions(env, "lazy") == LAZY_DECISIONS, log_tail(log)
     jobs = finetunes(env, "lazy")
     rows = {(point, row.step): row for point in jobs for row in rung_rows(env, "lazy") if row.job_id == jobs[point].id}
-    assert rows[(6, 4)].reason == "promoted at step 4: eval_loss 0.003, 3rd of 9 at this rung (rung median 0.005; "                                   "the best 3 go on)"
+    assert rows[(6, 4)].reason == ("promoted at step 4: eval_loss 0.003, 3rd of 9 at this rung (rung median 0.005; "
+                                   "the best 3 go on)")
     assert rows[(1, 4)].reason == ("pruned at step 4: eval_loss 0.005, 5th of 9 at this rung (rung median 0.005, "
                                    "cutoff 0.003; the best 3 went on)")
     assert rows[(2, 12)].reason.startswith("pruned at step 12: eval_loss 0.002, 2nd of 3 at this rung")

@@ -107,8 +107,9 @@ def end_task(task, outcome: Outcome):
 
 def end_as(task, state: str, message: str) -> None:
     """End the task in a state of tunequeue's own (PRUNED: successive halving stopped the point; PROMOTED: it passed
-    its rung and is queued again as a new task; HELD: it waits at its rung): the `task-pruned` / `task-promoted` event gives Flower that state
-    (Celery's event state takes an unknown event's name as the state), and the result backend records it."""
+    its rung and is queued again as a new task; HELD: it waits at its rung): the `task-pruned` / `task-promoted` /
+    `task-held` event gives Flower that state (Celery's event state takes an unknown event's name as the state), and
+    the result backend records it."""
     from celery.exceptions import Ignore
 
     request = task.request

@@ -1,10 +1,10 @@
 """The worker's side of ASHA and TPE sweeps: decide at a rung, close a trial, propose the next TPE trials.
 
 Optuna keeps the study (trials, their params, intermediate and final values, states) in tunequeue's database
-(models/search.py `optuna_storage`) and takes the pruning decision (`SuccessiveHalvingPruner`, for `promotion: eager`) and the
-sampling (`TPESampler`); tunequeue records each decision with its reason in the `rungs` table, in the attempt's
-fenced transaction, and reads it back on a re-run, so a crash or a broker restart never takes a decision twice or
-differently.
+(models/search.py `optuna_storage`) and takes the pruning decision (`SuccessiveHalvingPruner`, for `promotion:
+eager`) and the sampling (`TPESampler`); tunequeue records each decision with its reason in the `rungs` table, in
+the attempt's fenced transaction, and reads it back on a re-run, so a crash or a broker restart never takes a
+decision twice or differently.
 
 ASHA's default `promotion: lazy` is the published algorithm (Li et al., "A System for Massively Parallel
 Hyperparameter Tuning"): a point arriving at a rung waits there (`wait`: its job goes back to queued, unpublished,
