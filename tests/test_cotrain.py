@@ -201,6 +201,34 @@ def test_a_point_that_cancels_leaves_the_pass_and_the_others_train_on(runs):
     assert [p[0] for p in curve(session, jobs[0])] == [10, 15, 20]
 
 
+@pytest.mark.slow
+def test_a_point_stopped_mid_pass_resumes_alone_from_its_checkpoint(runs):
+    """Each point of a pass writes its job's checkpoint as a run alone would: both points stopped at step 20 (after
+    their checkpoint at 15), each resumed alone by `train_adapter` ends where its uninterrupted run alone ended."""
+    session, cache, home = runs["session"], runs["cache"], runs["home"]
+    specs = [spec(f"ck-{key}", checkpoint_every_steps=15, **point) for key, point in POINTS.items()]
+    jobs = [new_job(session, JobKind.finetune, s) for s in specs]
+    stop_at_20 = lambda progress: progress["step"] >= 20  # noqa: E731 - the pass's points leave there
+    stopped = train_adapters_together(specs, session, cache, home, job_ids=[j.id for j in jobs],
+                                      on_progress=[stop_at_20, stop_at_20])
+    assert all("cancelled" in result for result in stopped)
+    for job in jobs:
+        assert (home / "checkpoints" / job.uid / "checkpoint.pt").exists()
+    for key, s, job in zip(POINTS, specs, jobs):
+        resumed = train_adapter(s, session, cache, home, job_id=job.id)
+        assert resumed["resumed_from_step"] == 15 and resumed["steps"] == 30
+        assert resumed["eval_loss"] == pytest.approx(runs["alone"][key]["eval_loss"], rel=LOSS_RTOL)
+        alone = curve(session, runs["jobs"][f"alone-{key}"])
+        assert [p[0] for p in curve(session, job.id)] == [p[0] for p in alone]
+        for (step, *losses_alone), (_, *losses_resumed) in zip(alone, curve(session, job.id)):
+            for loss_a, loss_r in zip(losses_alone, losses_resumed):
+                assert loss_r == (pytest.approx(loss_a, rel=LOSS_RTOL) if loss_a is not None else None), step
+        solo, back = weights(home, f"alone-{key}"), weights(home, f"ck-{key}")
+        for name, tensor in solo.items():
+            scale = float(tensor.abs().max()) or 1.0
+            assert float((back[name] - tensor).abs().max()) <= WEIGHT_RTOL * scale, name
+
+
 def test_hook_forms_agree_and_start_as_peft_starts(builtin_home):
     """The batched-matmul and per-block forms give the same outputs and gradients, with ranks and dropouts that
     differ; and an adapter starts where get_peft_model starts it after the same seed."""
@@ -319,3 +347,61 @@ def test_a_worker_co_trains_a_sweeps_points(pg_env, tmp_path):
 
     bad = cli({**pg_env, "TUNEQUEUE_COTRAIN": "many"}, "jobs", "list")
     assert bad.returncode != 0 and "TUNEQUEUE_COTRAIN" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_killed_co_trained_pass_resumes_each_point_from_its_checkpoint(make_env, tmp_path):
+    """kill -9 of a worker in the middle of a co-trained pass, once each point has checkpointed: the next worker finds
+    the three jobs lost, and each resumes alone from its own checkpoint (nothing trained is lost) to the same end."""
+    import signal
+    from pathlib import Path
+
+    import yaml
+
+    from models.jobs import Job, JobStatus
+    from tests.conftest import cli, session_of, start_worker, wait_until
+    from tests.test_faults import FAST_REAPER, stop
+
+    env = {**make_env("postgresql"), **FAST_REAPER, "TUNEQUEUE_COTRAIN": "3"}
+    data = {"name": "co-kill", "base": {"model": "tiny-t5", "train_limit": 64, "eval_limit": 8, "max_steps": 240,
+                                        "per_device_train_batch_size": 8, "target_modules": ["q", "v"],
+                                        "checkpoint_every_steps": 20},
+            "grid": {"learning_rate": [1e-3, 2e-3, 3e-3]}, "eval": {"split": "test", "limit": 4, "max_new_tokens": 8}}
+    path = tmp_path / "co.yaml"
+    path.write_text(yaml.safe_dump(data))
+    queued = cli(env, "sweep", str(path))
+    assert queued.returncode == 0, queued.stderr
+    with session_of(env) as session:
+        uids = [job.uid for job in session.scalars(select(Job).where(Job.kind == JobKind.finetune).order_by(Job.id))]
+    files = [Path(env["TUNEQUEUE_HOME"]) / "checkpoints" / uid / "checkpoint.pt" for uid in uids]
+    first = start_worker(env, log=tmp_path / "first.log")
+    try:
+        wait_until(lambda: all(f.exists() for f in files), 180, "each point's checkpoint")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        stop(first)
+    with session_of(env) as session:
+        jobs = list(session.scalars(select(Job).where(Job.kind == JobKind.finetune)))
+        assert all(job.status == JobStatus.running and job.attempts == 1 for job in jobs), [
+            (job.id, job.status) for job in jobs]
+    second = start_worker(env, log=tmp_path / "second.log")
+    try:
+        def ended():
+            with session_of(env) as session:
+                jobs = list(session.scalars(select(Job).where(Job.kind == JobKind.finetune).order_by(Job.id)))
+            return all(job.status.finished for job in jobs) and jobs
+        jobs = wait_until(ended, 300, "the three points")
+    finally:
+        stop(second)
+    logs = (tmp_path / "second.log").read_text()[-3000:]
+    for job in jobs:
+        assert job.status == JobStatus.succeeded and job.attempts == 2, (job.id, job.error, logs)
+        assert job.attempt_errors[0]["error"].startswith("worker lost: no heartbeat")
+        assert job.result["resumed_from_step"] >= 20 and job.result["steps"] == 240
+        assert "co_trained_in_job" not in job.result  # a retry trains alone
+    assert not any(f.exists() for f in files)
+    with session_of(env) as session:
+        for job in jobs:
+            steps = session.scalars(select(LossPoint.step).where(LossPoint.job_id == job.id)).all()
+            assert len(steps) == len(set(steps)) and max(steps) == 240

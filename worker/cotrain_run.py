@@ -6,8 +6,8 @@ and schedule; their own learning rate, rank, alpha, warm-up, clipping), and trai
 `train_adapters_together` (worker/jobs/cotrain.py) on its resident base: each adapter ends as it would alone, to
 float rounding. Each claimed point is an attempt of its own job: its heartbeat, its progress and cancel flag, its
 outcome recorded as a run alone records it (succeeded; failed when its loss stops being a number; cancelled), its
-children settled. A pass writes no checkpoints: the points of a pass that fails, or whose worker dies, are retried
-one by one from the start. Each point's own Celery message, delivered later, finds it taken and ends its task with
+children settled. Each point checkpoints into its own job's checkpoint file as a run alone does: the points of a pass
+that fails, or whose worker dies, are retried one by one, each resuming alone from its last checkpoint. Each point's own Celery message, delivered later, finds it taken and ends its task with
 the job's outcome (worker/runner.py `_not_claimed`).
 """
 
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from models.errors import JobCancelled, JobFailed
 from models.jobs import Job, JobKind, JobStatus, Lease, claim_sibling, fail_attempt, finish, report_progress
 from models.specs import FinetuneSpec
+from worker.jobs.checkpoint import forget_checkpoints
 
 log = logging.getLogger("tunequeue.cotrain")
 
@@ -128,6 +129,7 @@ def _end_sibling(session: Session, runtime, job: Job, lease: Lease, result: dict
     if not finish(session, lease, status, error=error, result=recorded):
         log.warning("job %s: lost before its co-trained outcome was recorded", job.id)
         return
+    forget_checkpoints(runtime.settings.home, job.uid)
     log.info("job %s (finetune) %s in job %s's co-trained pass", job.id, status.value, lead_id)
     _settle(session, runtime, job.id)
 

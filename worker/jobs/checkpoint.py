@@ -87,12 +87,18 @@ def save_checkpoint(place: CheckpointPlace, model, optimizer, scheduler, rng: ra
     store, where one object replaces the last)."""
     import torch
 
-    payload = {
+    write_checkpoint_file(place, {
         "adapter": trainable_state(model),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": asdict(state),
         "spec_hash": spec_digest,
-    }
+    })
+
+
+def write_checkpoint_file(place: CheckpointPlace, payload: dict) -> None:
+    """`payload` (save_checkpoint's keys) written atomically to the job's checkpoint, and put to a remote store."""
+    import torch
+
     staging = place.file.with_name(f"{CHECKPOINT_FILE}.tmp")
     with writing(staging):
         staging.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +152,11 @@ def load_checkpoint(place: Optional[CheckpointPlace], model, optimizer, schedule
         path.unlink(missing_ok=True)
     if payload.get("spec_hash") != spec_digest:
         log.warning("checkpoint %s belongs to another spec; starting over", place.store.describe(place.key))
+        return 0
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(payload["adapter"]) != trained:  # never half-load weights under names this model does not train
+        log.warning("checkpoint %s holds other weights than this run trains; starting over",
+                    place.store.describe(place.key))
         return 0
     model.load_state_dict(payload["adapter"], strict=False)
     optimizer.load_state_dict(payload["optimizer"])

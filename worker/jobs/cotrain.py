@@ -11,7 +11,9 @@ its solo run (`train_adapter`) to float rounding.
 
 Each adapter is recorded as its own run would be (`finetune.record`: Adapter row, LossPoint rows per job, the same
 summary), plus `co_trained_with`. One adapter whose loss stops being a number, or whose job asks to cancel, leaves
-the pass; the others train on. A co-trained run writes no checkpoints: a retry trains from the start.
+the pass; the others train on. Each point of a pass run for a job checkpoints on its own schedule into its job's
+checkpoint file, in the format of a run alone (its weights under PEFT's names, its own optimizer group and state, its
+schedule, the shared data position and random states): a retry after a crash resumes that point alone from there.
 
 `compatible(specs)` says why specs cannot be trained together (None when they can).
 """
@@ -23,19 +25,20 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from models.jobs import Lease
+from models.jobs import Job, Lease
 from models.results import LossPoint
 from models.specs import FinetuneSpec
 from worker.faults import Faults
 from worker.jobs import ProgressFn, rounded_timings, timed
-from worker.jobs.checkpoint import TrainState, writing
+from worker.jobs.checkpoint import (CheckpointPlace, TrainState, checkpoint_place, spec_hash, write_checkpoint_file,
+                                    writing)
 from worker.jobs.finetune import (LOG_EVERY, Prepared, Run, epoch_batches, prepare, publish_and_record,
                                   untrained_eval_loss)
 from worker.ml.features import collate
@@ -90,6 +93,9 @@ class Member:
     state: TrainState
     recent: list = field(default_factory=list)  # per-step loss tensors since the last log
     left: Optional[dict] = None  # {"failed": reason} or {"cancelled": reason}
+    checkpoints: Optional[CheckpointPlace] = None  # its job's checkpoint (None outside a job)
+    guard: Callable = contextlib.nullcontext  # fences its job's writes
+    last_save: float = field(default_factory=time.monotonic)
 
 
 def train_adapters_together(specs: Sequence[FinetuneSpec], session: Session, cache: ModelCache, home: Path, *,
@@ -140,7 +146,9 @@ def train_adapters_together(specs: Sequence[FinetuneSpec], session: Session, cac
                 optimizer, scheduler = make_optimizer(specs, co, loaded.device, prepared.total_steps)
                 rng = random.Random(lead.seed)
                 batches = epoch_batches(lead, prepared, rng)  # the same batches each point would draw alone
-                members = [Member(spec=spec, state=TrainState(batches=batches)) for spec in specs]
+                members = [Member(spec=spec, state=TrainState(batches=batches), guard=guard,
+                                  checkpoints=checkpoint_place(home, session.get(Job, job_id).uid) if job_id else None)
+                           for spec, job_id, guard in zip(specs, job_ids, guards)]
                 initial_eval = untrained_eval_loss(lead, prepared, loaded.model) if prepared.evaluation else None
             loaded.model.train()
             with timed(timings, "train_s"):
@@ -218,6 +226,8 @@ def train_together(co, members: list[Member], prepared: Prepared, optimizer, sch
             return
         if position >= len(batches):  # next epoch: the same draw a run alone makes
             batches, position = epoch_batches(lead, prepared, rng), 0
+            for member in members:
+                member.state.batches = batches
         inputs = collate(prepared.features, batches[position], prepared.pad_id, device)
         with co.rows(active):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
@@ -239,6 +249,9 @@ def train_together(co, members: list[Member], prepared: Prepared, optimizer, sch
         if step % LOG_EVERY == 0 or step == total:
             for i in active:
                 log_point(members[i], step, total, on_progress[i])
+        due = [i for i in active if not members[i].left and step < total and checkpoint_due(members[i], step)]
+        if due:
+            checkpoint_members(co, members, due, optimizer, scheduler, rng)
 
 
 def log_point(member: Member, step: int, total: int, on_progress: Optional[ProgressFn]) -> None:
@@ -263,6 +276,49 @@ def log_point(member: Member, step: int, total: int, on_progress: Optional[Progr
         member.left = {"cancelled": f"cancelled at step {step}"}
     if member.left:
         log.info("%s leaves the co-trained pass at step %s: %s", member.spec.name, step, member.left)
+
+
+def checkpoint_due(member: Member, step: int) -> bool:
+    """`finetune.checkpoint_if_due`'s rule for one point: every `checkpoint_every_steps` steps, and every
+    `checkpoint_every_minutes` since its last one."""
+    spec = member.spec
+    by_time = (spec.checkpoint_every_minutes is not None
+               and time.monotonic() - member.last_save > 60 * spec.checkpoint_every_minutes)
+    return member.checkpoints is not None and (by_time or bool(spec.checkpoint_every_steps
+                                                               and step % spec.checkpoint_every_steps == 0))
+
+
+def checkpoint_members(co, members: list[Member], due: list[int], optimizer, scheduler, rng: random.Random) -> None:
+    """Points `due` each write their job's checkpoint as its run alone would (worker/jobs/checkpoint.py), so that a
+    retry resumes it alone with `train_adapter`: its weights under the PEFT model's parameter names, its optimizer
+    group with its state renumbered from 0, its learning-rate lambda's state, the shared data position and RNGs."""
+    import torch
+
+    optimizer_state, scheduler_state = optimizer.state_dict(), scheduler.state_dict()
+    python_rng, torch_rng = rng.getstate(), torch.get_rng_state()
+    for i in due:
+        member = members[i]
+        group = optimizer_state["param_groups"][i]
+        member.state.recent = [float(loss) for loss in member.recent[-LOG_EVERY:]]
+        payload = {
+            "adapter": {peft_parameter_name(key): tensor for key, tensor in co.state_dict(i).items()},
+            "optimizer": {"state": {new: optimizer_state["state"][old] for new, old in enumerate(group["params"])
+                                    if old in optimizer_state["state"]},
+                          "param_groups": [{**group, "params": list(range(len(group["params"])))}]},
+            "scheduler": {key: [value[i]] if key in ("base_lrs", "_last_lr", "lr_lambdas") else value
+                          for key, value in scheduler_state.items()},
+            "python_rng": python_rng, "torch_rng": torch_rng, "state": asdict(member.state),
+            "spec_hash": spec_hash(member.spec)}
+        with member.guard():
+            write_checkpoint_file(member.checkpoints, payload)
+        member.last_save = time.monotonic()
+        log.info("%s: checkpoint at step %s (co-trained pass)", member.spec.name, member.state.step)
+
+
+def peft_parameter_name(saved_key: str) -> str:
+    """A saved adapter key (`...q.lora_A.weight`) as the parameter is named in a PEFT model training it alone (the
+    adapter is "default": `...q.lora_A.default.weight`)."""
+    return saved_key.removesuffix(".weight") + ".default.weight"
 
 
 def block_losses(model, inputs: dict, blocks: int, model_kind: str):
