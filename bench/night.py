@@ -6,7 +6,7 @@ LoRA on q,v, one epoch, tiny-t5 on synthetic-dialogsum, 100 test examples) run
   generation, `rouge_score`), each point printing where its time went;
 - tunequeue's way: `manage.py sweep` of the same points, one `manage.py worker --burst`, then `manage.py report`,
   the split of time read from the job rows (queued / started / finished, and the timings in each job's result);
-  once per `--cotrain` value (TUNEQUEUE_COTRAIN: 1 trains the points one by one, 8 up to 8 in one pass).
+  once per `--cotrain` value (TUNEQUEUE_COTRAIN: 8, the default, trains up to 8 points in one pass; 1 one by one).
 
 Each side runs in a fresh home of its own (tunequeue: a fresh TUNEQUEUE_HOME, SQLite database and queue name on the
 local Redis; the peers: a fresh Hugging Face cache and output folders); both read the same model folder and the
@@ -229,6 +229,18 @@ def job_split(env: dict, worker_launched: float, worker_ended: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ output
+def side_name(cotrain: int) -> str:
+    """tunequeue as installed (the worker's default TUNEQUEUE_COTRAIN) is "tunequeue"; other settings say theirs."""
+    import dataclasses
+
+    from models.settings import Settings
+
+    default = next(f.default for f in dataclasses.fields(Settings) if f.name == "cotrain")
+    if cotrain == default:
+        return "tunequeue"
+    return "tunequeue, one by one" if cotrain == 1 else f"tunequeue, co-training {cotrain}"
+
+
 def cpu_model() -> str:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -247,7 +259,7 @@ def main() -> None:
                         help="train both sides at this batch size [each side's default: the Trainer's 8, tunequeue's 16]")
     parser.add_argument("--cotrain", default="1,8",
                         help="tunequeue's TUNEQUEUE_COTRAIN values, one night each after the peers' [1,8: points "
-                             "trained one by one, then up to 8 in one pass]")
+                             "trained one by one, then up to 8 in one pass, the worker's default]")
     parser.add_argument("--show-report", action="store_true", help="print tunequeue's report on stderr")
     parser.add_argument("--keep", action="store_true", help="keep the night's folder (printed)")
     args = parser.parse_args()
@@ -269,8 +281,8 @@ def main() -> None:
              repeats="each side runs once, one after the other (a night is too long to repeat 5 times); "
                      "not interleaved pairs")
         peers = run_peers(root, model, data, points, args)
-        ours = {f"tunequeue" + (f", co-training {k}" if k > 1 else ""):
-                run_tunequeue(root, root / "model-home", model_name, points, args, cotrain=k) for k in cotrains}
+        ours = {side_name(k): run_tunequeue(root, root / "model-home", model_name, points, args, cotrain=k)
+                for k in cotrains}
         for name, side in (("peers", peers), *ours.items()):
             extra = {"jobs": side["jobs"], "commands_s": side["commands_s"],
                      "base_rouge1": side["base_rouge1"]} if name != "peers" else {}

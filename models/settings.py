@@ -237,7 +237,7 @@ class Settings:
     artifacts: str = ""  # TUNEQUEUE_ARTIFACTS, checked: '' (the home), a folder, or an fsspec URL
     artifact_cache_bytes: int | None = None  # TUNEQUEUE_ARTIFACT_CACHE_BYTES; None: the store's default
     # TUNEQUEUE_COTRAIN=K: a worker trains up to K compatible queued LoRA points of one sweep in one pass (1: off)
-    cotrain: int = 1
+    cotrain: int = 8
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -270,7 +270,7 @@ class Settings:
             api_evaluate_metrics=_flag(env, "TUNEQUEUE_API_EVALUATE"),
             artifacts=artifacts,
             artifact_cache_bytes=artifact_cache_bytes,
-            cotrain=_count(env, "TUNEQUEUE_COTRAIN", 1, high=64),
+            cotrain=_count(env, "TUNEQUEUE_COTRAIN", 8, high=64),
         )
 
     @property

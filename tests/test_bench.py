@@ -63,16 +63,17 @@ def test_bench_night_small():
         assert 0 <= side["rouge1_mean"] <= side["rouge1_max"] <= 1  # both sides produced ROUGE
         assert set(side["parts_s"]) >= {"process_start_imports", "model_load", "train", "generate", "score"}
         assert abs(side["unaccounted_s"]) < 0.05 * side["wall_s"]  # the split covers the wall time
-    assert set(sides) == {"peers", "tunequeue", "tunequeue, co-training 8"}  # --cotrain 1,8 by default
-    assert [job["kind"] for job in sides["tunequeue"]["jobs"]] == ["finetune", "finetune", "generate", "score"]
-    assert all("train_s" in job for job in sides["tunequeue"]["jobs"][:2])
-    # co-trained: one pass trains both points; the second point's time is the first job's
-    together = sides["tunequeue, co-training 8"]["jobs"]
+    assert set(sides) == {"peers", "tunequeue", "tunequeue, one by one"}  # --cotrain 1,8 by default
+    one_by_one = sides["tunequeue, one by one"]["jobs"]
+    assert [job["kind"] for job in one_by_one] == ["finetune", "finetune", "generate", "score"]
+    assert all("train_s" in job for job in one_by_one[:2])
+    # co-trained (the worker's default): one pass trains both points; the second point's time is the first job's
+    together = sides["tunequeue"]["jobs"]
     assert [job["kind"] for job in together] == ["finetune", "generate", "score", "finetune"]
     assert "train_s" in together[0] and together[-1]["co_trained_in_job"] > 0
     ratios = [line for line in lines if "ratio" in line]
-    assert [r["ratio"] for r in ratios] == ["night wall: peers / tunequeue",
-                                           "night wall: peers / tunequeue, co-training 8"]
+    assert [r["ratio"] for r in ratios] == ["night wall: peers / tunequeue, one by one",
+                                           "night wall: peers / tunequeue"]
     for ratio in ratios:
         assert ratio["value"] > 0 and ratio["runs"] == 1 and isinstance(ratio["quality_holds"], bool)
     assert lines[-1]["figure"] == "machine"

@@ -405,3 +405,32 @@ def test_a_killed_co_trained_pass_resumes_each_point_from_its_checkpoint(make_en
         for job in jobs:
             steps = session.scalars(select(LossPoint.step).where(LossPoint.job_id == job.id)).all()
             assert len(steps) == len(set(steps)) and max(steps) == 240
+
+
+def test_a_pass_leaves_idle_workers_their_share():
+    """The lead takes ⌈points / (1 + idle workers on its queue)⌉ of the queued compatible points (itself included),
+    counting only other live workers that consume the queue and run nothing."""
+    from types import SimpleNamespace
+
+    from worker.cotrain_run import fair_share, idle_peers
+
+    assert [fair_share(8, n) for n in (0, 1, 2, 3, 7, 20)] == [8, 4, 3, 2, 1, 1]
+    assert fair_share(4, 2) == 2 and fair_share(1, 0) == 1
+
+    records = [{"hostname": "me@a", "current_job": 1, "queues": ["tq"]},
+               {"hostname": "idle@b", "current_job": None, "queues": ["tq", "tq.base.x"]},
+               {"hostname": "busy@c", "current_job": 7, "queues": ["tq"]},
+               {"hostname": "elsewhere@d", "current_job": None, "queues": ["other"]},
+               {"hostname": "idle@e", "current_job": None, "queues": ["tq"]}]
+
+    class Registry:
+        def live_workers(self):
+            return records
+
+    class Down:
+        def live_workers(self):
+            raise ConnectionError("redis away")
+
+    runtime = SimpleNamespace(broker=Registry(), record=SimpleNamespace(hostname="me@a"))
+    assert idle_peers(runtime, "tq") == 2 and idle_peers(runtime, "tq.base.x") == 1 and idle_peers(runtime, None) == 0
+    assert idle_peers(SimpleNamespace(broker=Down(), record=None), "tq") == 0

@@ -1,19 +1,21 @@
 """Co-training in the worker: a sweep's LoRA point takes its compatible queued siblings into one training pass.
 
-With `TUNEQUEUE_COTRAIN=K` (K > 1), a worker starting the first attempt of a sweep's fine-tune claims up to K − 1
-other points of the same sweep that are queued, have never run and that `compatible()` accepts (the same base, data
-and schedule; their own learning rate, rank, alpha, warm-up, clipping), and trains them all at once with
+With `TUNEQUEUE_COTRAIN=K` (K > 1; 8 by default), a worker starting the first attempt of a sweep's fine-tune claims
+up to K − 1 other points of the same sweep that are queued, have never run and that `compatible()` accepts (the same
+base, data and schedule; their own learning rate, rank, alpha, warm-up, clipping), and trains them all at once with
 `train_adapters_together` (worker/jobs/cotrain.py) on its resident base: each adapter ends as it would alone, to
-float rounding. Each claimed point is an attempt of its own job: its heartbeat, its progress and cancel flag, its
-outcome recorded as a run alone records it (succeeded; failed when its loss stops being a number; cancelled), its
-children settled. Each point checkpoints into its own job's checkpoint file as a run alone does: the points of a pass
-that fails, or whose worker dies, are retried one by one, each resuming alone from its last checkpoint. Each point's own Celery message, delivered later, finds it taken and ends its task with
-the job's outcome (worker/runner.py `_not_claimed`).
+float rounding. Other workers idle on the same queue get an even share: a pass takes ⌈points / (1 + idle workers)⌉.
+Each claimed point is an attempt of its own job: its heartbeat, its progress and cancel flag, its outcome recorded
+as a run alone records it (succeeded; failed when its loss stops being a number; cancelled), its children settled.
+Each point checkpoints into its own job's checkpoint file as a run alone does: the points of a pass that fails, or
+whose worker dies, are retried one by one, each resuming alone from its last checkpoint. Each point's own Celery
+message, delivered later, finds it taken and ends its task with the job's outcome (worker/runner.py `_not_claimed`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from typing import Optional
 
@@ -53,6 +55,27 @@ def pick_siblings(session: Session, limit: int, job: Job, spec: FinetuneSpec, re
     return [candidate for candidate, _ in chosen]
 
 
+def fair_share(points: int, idle_peers: int) -> int:
+    """How many of `points` queued compatible points (the lead among them) one pass takes when `idle_peers` other
+    workers wait on the same queue: an even split, so that idle workers get points of their own to train."""
+    return max(1, math.ceil(points / (1 + max(0, idle_peers))))
+
+
+def idle_peers(runtime, queue: Optional[str]) -> int:
+    """Other live workers consuming `queue` with no job at the moment (worker/registry.py records); 0 when the
+    registry cannot be read (the pass then takes what it may)."""
+    if not queue or runtime.broker is None:
+        return 0
+    me = runtime.record.hostname if getattr(runtime, "record", None) is not None else None
+    try:
+        records = runtime.broker.live_workers()
+    except Exception as exc:
+        log.warning("co-training: the worker registry could not be read (%s); taking points as if alone", exc)
+        return 0
+    return sum(1 for record in records if record.get("hostname") != me and record.get("current_job") is None
+               and queue in (record.get("queues") or []))
+
+
 def train_with_siblings(spec: FinetuneSpec, session: Session, runtime, lease: Lease, on_progress) -> Optional[dict]:
     """The lead point's summary after a co-trained pass with the siblings it could claim; None when there are none
     (the caller trains it alone). A point that left the pass ends as its run alone would; the lead's own failure or
@@ -66,8 +89,9 @@ def train_with_siblings(spec: FinetuneSpec, session: Session, runtime, lease: Le
     lead = session.get(Job, lease.job_id)
     spec = resolve_model_kind(spec)
     host = lead.worker_host or socket.gethostname()
-    claimed = [(job, claim_sibling(session, job.id, host, lead.id))
-               for job in pick_siblings(session, settings.cotrain - 1, lead, spec, resolve_model_kind)]
+    siblings = pick_siblings(session, settings.cotrain - 1, lead, spec, resolve_model_kind)
+    siblings = siblings[:fair_share(len(siblings) + 1, idle_peers(runtime, lead.queue)) - 1]
+    claimed = [(job, claim_sibling(session, job.id, host, lead.id)) for job in siblings]
     claimed = [(job, sibling_lease) for job, sibling_lease in claimed if sibling_lease is not None]
     if not claimed:
         return None
@@ -139,7 +163,4 @@ def _settle(session: Session, runtime, job_id: int) -> None:
     from worker.lifecycle import settle_children
 
     settle_children(session, runtime.broker, job_id)
-    try:
-        notify.job_ended(runtime.settings, session, job_id)
-    except Exception as exc:
-        log.warning("job %s: notification not sent: %s", job_id, exc)
+    notify.job_ended(runtime.settings, session, job_id)  # never raises

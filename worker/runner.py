@@ -67,7 +67,7 @@ def run_job(task, runtime: WorkerRuntime, job_id: int, kind: JobKind, function) 
         with job_logging(runtime.settings, job_id, lease.attempt):
             outcome = _attempt(task, runtime, session, job, lease, function)
         if outcome.word in ("succeeded", "failed", "cancelled", "pruned"):
-            _announce(runtime, session, job_id)
+            notify.job_ended(runtime.settings, session, job_id)  # never raises
         return outcome
 
 
@@ -217,14 +217,6 @@ def _superseded(session, job_id: int, lease: Lease) -> Outcome:
         return Outcome("cancelled", job_id, f"job {job_id} was cancelled")
     return Outcome("superseded", job_id, f"job {job_id}: attempt {lease.attempt} was taken as lost; "
                                          f"the job went on as attempt {job.attempts if job else '?'}")
-
-
-def _announce(runtime: WorkerRuntime, session, job_id: int) -> None:
-    """Tell the webhook about a job that failed for good or a sweep that has finished; never fails the job."""
-    try:
-        notify.job_ended(runtime.settings, session, job_id)
-    except Exception as exc:
-        log.warning("job %s: notification not sent: %s", job_id, exc)
 
 
 def _call(function, task, runtime: WorkerRuntime, session, progress_session, job: Job, lease: Lease) -> dict:
