@@ -4,8 +4,10 @@ LoRA on q,v, one epoch, tiny-t5 on synthetic-dialogsum, 100 test examples) run
 - the peers' way (AutoTrain, LLaMA-Factory, Axolotl, H2O LLM Studio): a loop starting one fresh `python` process
   per point that runs bench/peer_recipe.py (load, `datasets.map`, `Seq2SeqTrainer.train()`, reload, `predict` with
   generation, `rouge_score`), each point printing where its time went;
-- tunequeue's way: `manage.py sweep` of the same points, one `manage.py worker --burst`, then `manage.py report`,
-  the split of time read from the job rows (queued / started / finished, and the timings in each job's result);
+- tunequeue's way: one `manage.py worker` started with the night, beside `manage.py sweep` of the same points (two
+  terminals), `manage.py jobs watch --sweep` until every job has ended, then `manage.py report`; the worker's exit
+  is not part of the night (a worker stays up between nights). The split of time is read from the job rows
+  (queued / started / finished, and the timings in each job's result);
   once per `--cotrain` value (TUNEQUEUE_COTRAIN: 8, the default, trains up to 8 points in one pass; 1 one by one).
 
 Each side runs in a fresh home of its own (tunequeue: a fresh TUNEQUEUE_HOME, SQLite database and queue name on the
@@ -38,6 +40,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -148,20 +151,28 @@ def run_tunequeue(root: Path, model_home: Path, model_name: str, points: list[di
         raise SystemExit(f"--points {len(points)} is not a whole grid; use 2, 4 or 8")
     (home / "night.yaml").write_text(json.dumps(sweep))  # JSON is YAML
     manage = [sys.executable, str(REPO / "manage.py")]
-    started = time.time()
-    enqueue = _run(manage + ["sweep", str(home / "night.yaml")], env)
-    worker_launched = time.time()
-    _run(manage + ["worker", "--burst", "--loglevel", "WARNING"], env)
-    worker_ended = time.time()
-    report = _run(manage + ["report", "--sweep", "night", "--metric", "rouge"], env)
-    ended = time.time()
+    with open(home / "worker.log", "w") as worker_log:
+        started = time.time()  # the worker starts with the night, beside the sweep command (two terminals)
+        worker = subprocess.Popen(manage + ["worker", "--loglevel", "WARNING"], env=env, cwd=REPO,
+                                  stdout=worker_log, stderr=subprocess.STDOUT)
+        try:
+            enqueue = _run(manage + ["sweep", str(home / "night.yaml")], env)
+            queued = time.time()
+            _run(manage + ["jobs", "watch", "--sweep", "night"], env)  # returns once every job has ended
+            watched = time.time()
+            report = _run(manage + ["report", "--sweep", "night", "--metric", "rouge"], env)
+            ended = time.time()
+        finally:  # a worker stays up between nights: its exit is not part of one
+            worker.send_signal(signal.SIGTERM)
+            if worker.wait(timeout=120):
+                print((home / "worker.log").read_text()[-3000:], file=sys.stderr)
     if args.show_report:
         print(report.stdout, file=sys.stderr)
-    split = job_split(env, worker_launched, worker_ended)
+    split = job_split(env, started, watched)
     parts = split.pop("parts")
-    parts["other"] += (worker_launched - started) + (ended - worker_ended)  # the sweep and report commands
+    parts["other"] += ended - watched  # the report command (the sweep command ran beside the worker's start)
     return {"wall_s": ended - started, "parts": parts, **split,
-            "commands_s": {"sweep": sig(worker_launched - started), "report": sig(ended - worker_ended)},
+            "commands_s": {"sweep": sig(queued - started), "report": sig(ended - watched)},
             "enqueue_output": enqueue.stdout.strip()}
 
 
@@ -176,10 +187,10 @@ def _epoch(moment: datetime) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()  # rows hold UTC
 
 
-def job_split(env: dict, worker_launched: float, worker_ended: float) -> dict:
+def job_split(env: dict, worker_launched: float, all_ended: float) -> dict:
     """Where the worker's time went, from the job rows: start-up until the first job, each job's parts (its result's
     timings; a score job's duration from its row), the rest of each job (claim, imports on the first job, writing
-    the outcome), the gaps between jobs and the exit after the last; and the points' ROUGE-1."""
+    the outcome), the gaps between jobs and until `jobs watch` saw the last end; and the points' ROUGE-1."""
     from sqlalchemy import select
 
     from models import make_session_factory
@@ -222,7 +233,7 @@ def job_split(env: dict, worker_launched: float, worker_ended: float) -> dict:
     # the first job's rest above the others' is the worker importing torch, transformers and peft
     parts["process_start_imports"] += max(0.0, rest[0] - typical)
     parts["other"] += sum(rest) - max(0.0, rest[0] - typical)
-    parts["queue_idle"] += worker_ended - previous_end  # the burst worker noticing the queues are empty, exiting
+    parts["queue_idle"] += all_ended - previous_end  # until `jobs watch` saw the last job end
     points = sorted((v, value) for v, value in rouge.items() if v != "base")
     return {"parts": parts, "rouge1": [value for _, value in points], "base_rouge1": rouge.get("base"),
             "jobs": jobs_out + passengers}
