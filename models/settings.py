@@ -236,7 +236,7 @@ class Settings:
     api_evaluate_metrics: bool = False
     artifacts: str = ""  # TUNEQUEUE_ARTIFACTS, checked: '' (the home), a folder, or an fsspec URL
     artifact_cache_bytes: int | None = None  # TUNEQUEUE_ARTIFACT_CACHE_BYTES; None: the store's default
-    # TUNEQUEUE_COTRAIN=K: a worker trains up to K compatible queued LoRA points of one sweep in one pass (1: off)
+    # TUNEQUEUE_COTRAIN=K: a worker trains up to K compatible queued LoRA points of one sweep in one pass (1: alone)
     cotrain: int = 8
 
     @classmethod

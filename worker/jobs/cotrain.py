@@ -305,8 +305,8 @@ def checkpoint_members(co, members: list[Member], due: list[int], optimizer, sch
             "optimizer": {"state": {new: optimizer_state["state"][old] for new, old in enumerate(group["params"])
                                     if old in optimizer_state["state"]},
                           "param_groups": [{**group, "params": list(range(len(group["params"])))}]},
-            "scheduler": {key: [value[i]] if key in ("base_lrs", "_last_lr", "lr_lambdas") else value
-                          for key, value in scheduler_state.items()},
+            "scheduler": {key: [value[i]] if isinstance(value, list) and len(value) == len(members) else value
+                          for key, value in scheduler_state.items()},  # base_lrs, _last_lr, lr_lambdas: per group
             "python_rng": python_rng, "torch_rng": torch_rng, "state": asdict(member.state),
             "spec_hash": spec_hash(member.spec)}
         with member.guard():
