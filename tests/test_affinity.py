@@ -133,7 +133,7 @@ def test_two_workers_keep_their_bases(make_env, tmp_path):
     for host, own in hosts.items():
         mine = [j for j in jobs.values() if j.worker_host == host and j.spec["model"] == own]
         assert len(mine) >= 2, ran  # the warm-up job and at least one job of the batch
-        assert all(jobs[j.id].result["model_was_loaded"] is True and jobs[j.id].result["base_loads"] == 1
+        assert all(j.result["model_was_loaded"] is True and j.result["base_loads"] == 1
                    for j in mine if j.id in batch), ran
         # a worker only takes the other base once none of its own is left queued (the other worker may be slower)
         for stolen in (j for j in jobs.values() if j.worker_host == host and j.spec["model"] != own):

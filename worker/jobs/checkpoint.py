@@ -85,18 +85,22 @@ def save_checkpoint(place: CheckpointPlace, model, optimizer, scheduler, rng: ra
                     spec_digest: str) -> None:
     """Adapter weights, optimizer, scheduler, RNG states and data position, written atomically (and put to a remote
     store, where one object replaces the last)."""
+    write_checkpoint_file(place, checkpoint_payload(trainable_state(model), optimizer.state_dict(),
+                                                    scheduler.state_dict(), rng, state, spec_digest))
+
+
+def checkpoint_payload(adapter: dict, optimizer_state: dict, scheduler_state: dict, rng: random.Random,
+                       state: TrainState, spec_digest: str) -> dict:
+    """What a checkpoint file holds (what `load_checkpoint` reads back); the torch RNG state is taken now."""
     import torch
 
-    write_checkpoint_file(place, {
-        "adapter": trainable_state(model),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": asdict(state),
-        "spec_hash": spec_digest,
-    })
+    return {"adapter": adapter, "optimizer": optimizer_state, "scheduler": scheduler_state,
+            "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": asdict(state),
+            "spec_hash": spec_digest}
 
 
 def write_checkpoint_file(place: CheckpointPlace, payload: dict) -> None:
-    """`payload` (save_checkpoint's keys) written atomically to the job's checkpoint, and put to a remote store."""
+    """`payload` (`checkpoint_payload`) written atomically to the job's checkpoint, and put to a remote store."""
     import torch
 
     staging = place.file.with_name(f"{CHECKPOINT_FILE}.tmp")

@@ -25,7 +25,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -37,8 +37,8 @@ from models.results import LossPoint
 from models.specs import FinetuneSpec
 from worker.faults import Faults
 from worker.jobs import ProgressFn, rounded_timings, timed
-from worker.jobs.checkpoint import (CheckpointPlace, TrainState, checkpoint_place, spec_hash, write_checkpoint_file,
-                                    writing)
+from worker.jobs.checkpoint import (CheckpointPlace, TrainState, checkpoint_payload, checkpoint_place, spec_hash,
+                                    write_checkpoint_file, writing)
 from worker.jobs.finetune import (LOG_EVERY, Prepared, Run, epoch_batches, prepare, publish_and_record,
                                   untrained_eval_loss)
 from worker.ml.features import collate
@@ -292,23 +292,19 @@ def checkpoint_members(co, members: list[Member], due: list[int], optimizer, sch
     """Points `due` each write their job's checkpoint as its run alone would (worker/jobs/checkpoint.py), so that a
     retry resumes it alone with `train_adapter`: its weights under the PEFT model's parameter names, its optimizer
     group with its state renumbered from 0, its learning-rate lambda's state, the shared data position and RNGs."""
-    import torch
-
     optimizer_state, scheduler_state = optimizer.state_dict(), scheduler.state_dict()
-    python_rng, torch_rng = rng.getstate(), torch.get_rng_state()
     for i in due:
         member = members[i]
         group = optimizer_state["param_groups"][i]
         member.state.recent = [float(loss) for loss in member.recent[-LOG_EVERY:]]
-        payload = {
-            "adapter": {peft_parameter_name(key): tensor for key, tensor in co.state_dict(i).items()},
-            "optimizer": {"state": {new: optimizer_state["state"][old] for new, old in enumerate(group["params"])
-                                    if old in optimizer_state["state"]},
-                          "param_groups": [{**group, "params": list(range(len(group["params"])))}]},
-            "scheduler": {key: [value[i]] if isinstance(value, list) and len(value) == len(members) else value
-                          for key, value in scheduler_state.items()},  # base_lrs, _last_lr, lr_lambdas: per group
-            "python_rng": python_rng, "torch_rng": torch_rng, "state": asdict(member.state),
-            "spec_hash": spec_hash(member.spec)}
+        payload = checkpoint_payload(
+            {peft_parameter_name(key): tensor for key, tensor in co.state_dict(i).items()},
+            {"state": {new: optimizer_state["state"][old] for new, old in enumerate(group["params"])
+                       if old in optimizer_state["state"]},
+             "param_groups": [{**group, "params": list(range(len(group["params"])))}]},
+            {key: [value[i]] if isinstance(value, list) and len(value) == len(members) else value
+             for key, value in scheduler_state.items()},  # base_lrs, _last_lr, lr_lambdas: one per group
+            rng, member.state, spec_hash(member.spec))
         with member.guard():
             write_checkpoint_file(member.checkpoints, payload)
         member.last_save = time.monotonic()
