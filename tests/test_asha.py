@@ -524,22 +524,26 @@ def test_lazy_waiting_points_survive_reconcile_and_a_killed_worker(pg_env, tmp_p
     env = {**pg_env, **FAST_REAPER}
     queued = cli(env, "sweep", sweep_file(tmp_path, "lazykill", FOUR, 12, promotion="lazy"))
     assert queued.returncode == 0, queued.stderr
-    paused = {**env, "TUNEQUEUE_FAULTS": "rung_metric_is_lr:1,rung_pause_s:5"}
+    # a 12 s pause after each rung: the reads below fall inside it even on a loaded machine
+    paused = {**env, "TUNEQUEUE_FAULTS": "rung_metric_is_lr:1,rung_pause_s:12"}
     worker = start_worker(paused, log=tmp_path / "a.log")
     try:
+        wait_until(lambda: job_has_row(env, "lazykill", 1), 240, "point 1's result", poll=0.05)
+        first = finetunes(env, "lazykill")[1]
+        (row,) = [r for r in rung_rows(env, "lazykill") if r.job_id == first.id]
+        assert (row.step, row.decision, row.value) == (4, "wait", pytest.approx(5e-3))
+        # read in point 1's pause: point 2's result, once it comes, rewrites this reason ("2nd of 2")
+        assert row.reason.startswith("waiting at step 4: eval_loss 0.005, 1st of 1 at this rung"), row.reason
+
         def held() -> bool:
             job = finetunes(env, "lazykill")[1]
             return job.status == JobStatus.queued and (job.progress or {}).get("held_at_step") == 4
         wait_until(held, 240, "point 1 back in the queue, waiting at its rung")
-        first = finetunes(env, "lazykill")[1]
-        (row,) = [r for r in rung_rows(env, "lazykill") if r.job_id == first.id]
-        assert (row.step, row.decision, row.value) == (4, "wait", pytest.approx(5e-3))
-        assert row.reason.startswith("waiting at step 4: eval_loss 0.005, 1st of 1 at this rung")
         reconciled = cli(env, "jobs", "reconcile")
         assert reconciled.returncode == 0 and "0 queued jobs re-published" in reconciled.stdout, reconciled.stdout
         listed = cli(env, "jobs", "list")
         assert "waiting at its rung (step 4)" in listed.stdout, listed.stdout
-        wait_until(lambda: job_has_row(env, "lazykill", 2), 240, "point 2's result")
+        wait_until(lambda: job_has_row(env, "lazykill", 2), 240, "point 2's result", poll=0.05)
     finally:
         kill(worker)
     second = finetunes(env, "lazykill")[2]
@@ -657,6 +661,8 @@ def test_cancel_and_retry_an_asha_sweep(pg_env, tmp_path):
         cancelled = row_record(env, "stopped")
         assert sorted((key[0], decision) for key, (_, decision, *_) in cancelled.items()) == [
             (jobs[1].id, "promote"), (jobs[2].id, "promote"), (jobs[3].id, "prune")]
+        # Optuna is told just after the point's row ends: wait for it, then the cancelled trials are still open
+        wait_until(lambda: study_trials(env, "stopped")[3].state != TrialState.RUNNING, 60, "point 3's trial told")
         assert [t.state for _, t in sorted(study_trials(env, "stopped").items())] == [
             TrialState.RUNNING, TrialState.RUNNING, TrialState.PRUNED, TrialState.RUNNING]  # open: a retry runs them
 
