@@ -242,12 +242,9 @@ def job_split(env: dict, worker_launched: float, all_ended: float) -> dict:
 # ------------------------------------------------------------------------------------------------ output
 def side_name(cotrain: int) -> str:
     """tunequeue as installed (the worker's default TUNEQUEUE_COTRAIN) is "tunequeue"; other settings say theirs."""
-    import dataclasses
-
     from models.settings import Settings
 
-    default = next(f.default for f in dataclasses.fields(Settings) if f.name == "cotrain")
-    if cotrain == default:
+    if cotrain == Settings.cotrain:  # the dataclass field's default
         return "tunequeue"
     return "tunequeue, one by one" if cotrain == 1 else f"tunequeue, co-training {cotrain}"
 

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -79,6 +80,14 @@ def forget_checkpoints(home: Path, job_uid: str) -> None:
 
 def spec_hash(spec) -> str:
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+
+
+def checkpoint_due(spec, step: int, last_save: float) -> bool:
+    """A periodic checkpoint is due at `step`: every `checkpoint_every_steps` steps, and every
+    `checkpoint_every_minutes` since the last one (`last_save`, a `time.monotonic()` value)."""
+    due_by_time = (spec.checkpoint_every_minutes is not None
+                   and time.monotonic() - last_save > 60 * spec.checkpoint_every_minutes)
+    return due_by_time or bool(spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0)
 
 
 def save_checkpoint(place: CheckpointPlace, model, optimizer, scheduler, rng: random.Random, state: TrainState,

@@ -37,8 +37,8 @@ from models.results import LossPoint
 from models.specs import FinetuneSpec
 from worker.faults import Faults
 from worker.jobs import ProgressFn, rounded_timings, timed
-from worker.jobs.checkpoint import (CheckpointPlace, TrainState, checkpoint_payload, checkpoint_place, spec_hash,
-                                    write_checkpoint_file, writing)
+from worker.jobs.checkpoint import (CheckpointPlace, TrainState, checkpoint_due, checkpoint_payload, checkpoint_place,
+                                    spec_hash, write_checkpoint_file, writing)
 from worker.jobs.finetune import (LOG_EVERY, Prepared, Run, epoch_batches, prepare, publish_and_record,
                                   untrained_eval_loss)
 from worker.ml.features import collate
@@ -249,7 +249,8 @@ def train_together(co, members: list[Member], prepared: Prepared, optimizer, sch
         if step % LOG_EVERY == 0 or step == total:
             for i in active:
                 log_point(members[i], step, total, on_progress[i])
-        due = [i for i in active if not members[i].left and step < total and checkpoint_due(members[i], step)]
+        due = [i for i in active if not members[i].left and step < total and members[i].checkpoints is not None
+               and checkpoint_due(members[i].spec, step, members[i].last_save)]
         if due:
             checkpoint_members(co, members, due, optimizer, scheduler, rng)
 
@@ -276,16 +277,6 @@ def log_point(member: Member, step: int, total: int, on_progress: Optional[Progr
         member.left = {"cancelled": f"cancelled at step {step}"}
     if member.left:
         log.info("%s leaves the co-trained pass at step %s: %s", member.spec.name, step, member.left)
-
-
-def checkpoint_due(member: Member, step: int) -> bool:
-    """`finetune.checkpoint_if_due`'s rule for one point: every `checkpoint_every_steps` steps, and every
-    `checkpoint_every_minutes` since its last one."""
-    spec = member.spec
-    by_time = (spec.checkpoint_every_minutes is not None
-               and time.monotonic() - member.last_save > 60 * spec.checkpoint_every_minutes)
-    return member.checkpoints is not None and (by_time or bool(spec.checkpoint_every_steps
-                                                               and step % spec.checkpoint_every_steps == 0))
 
 
 def checkpoint_members(co, members: list[Member], due: list[int], optimizer, scheduler, rng: random.Random) -> None:

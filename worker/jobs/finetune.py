@@ -35,8 +35,8 @@ from models.specs import FinetuneSpec
 from worker.data.examples import examples_for
 from worker.faults import Faults
 from worker.jobs import ProgressFn, rounded_timings, timed
-from worker.jobs.checkpoint import (CheckpointPlace, TrainState, checkpoint_place, load_checkpoint, save_checkpoint,
-                                    spec_hash, trainable_state, writing)
+from worker.jobs.checkpoint import (CheckpointPlace, TrainState, checkpoint_due, checkpoint_place, load_checkpoint,
+                                    save_checkpoint, spec_hash, trainable_state, writing)
 from worker.ml.features import cached_encode, collate, label_tokens
 from worker.ml.kinds import resolve_model_kind
 from worker.ml.methods import (base_for, check_method_supported, classification_labels, parameter_counts, save_output,
@@ -395,11 +395,7 @@ def report(run: Run) -> None:
 
 def checkpoint_if_due(run: Run) -> None:
     """A checkpoint every `checkpoint_every_steps` steps, and every `checkpoint_every_minutes` since the last one."""
-    spec = run.spec
-    due_by_time = (spec.checkpoint_every_minutes is not None
-                   and time.monotonic() - run.last_save > 60 * spec.checkpoint_every_minutes)
-    due_by_step = spec.checkpoint_every_steps and run.state.step % spec.checkpoint_every_steps == 0
-    if run.checkpoints and (due_by_step or due_by_time):
+    if run.checkpoints and checkpoint_due(run.spec, run.state.step, run.last_save):
         write_checkpoint(run, "periodic")
         run.last_save = time.monotonic()
 
