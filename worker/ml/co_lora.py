@@ -43,7 +43,11 @@ def resolved_config(config, model):
     from peft.tuners.tuners_utils import (MIN_TARGET_MODULES_FOR_OPTIMIZATION, _find_minimal_target_modules,
                                           _maybe_include_all_linear_layers)
 
-    config = copy.deepcopy(config)
+    original, config = config, copy.deepcopy(config)
+    if isinstance(original.target_modules, set):
+        # a deep copy re-inserts a set's names, which can change their order when two collide in the hash table;
+        # set(s) copies the table as it is, so adapter_config.json lists them as PEFT's own save would
+        config.target_modules = set(original.target_modules)
     config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None
     config = _maybe_include_all_linear_layers(config, model)
     targets = config.target_modules
